@@ -1,0 +1,41 @@
+# Two entry points: `make demo` (the main job) and `make test` (the test suite).
+# Both bootstrap a project-local venv from nothing but python3.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: venv test demo bench clean
+
+venv: $(STAMP)
+
+# On a machine whose system python already has a CUDA torch, reuse it (system site packages);
+# otherwise install the CPU build of torch 2.13.0 before anything else can pull a CUDA wheel.
+$(BIN)/python:
+	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then \
+		echo "[refrag] CUDA torch found in $(PY): venv reuses it"; \
+		$(PY) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PY) -m venv $(VENV); \
+	fi
+
+$(STAMP): $(BIN)/python pyproject.toml
+	@$(BIN)/python -c "import torch" >/dev/null 2>&1 || $(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+# pytest exits 5 when it collects nothing: that is a failure here, never a pass.
+test: $(STAMP)
+	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+demo: $(STAMP)
+	$(BIN)/python -m refrag.demo
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest bench/ --benchmark-only --benchmark-json=bench/results/latest.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Kernel stages and helpers shared by several ops."""

@@ -1,0 +1,61 @@
+"""Input validation shared by every op: each failure is a ValueError naming the problem."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    """Raise unless `t` is a floating tensor of a supported dtype."""
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be fp16, bf16, fp32 or fp64, got {t.dtype}")
+
+
+def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
+    """Raise unless `t.shape == shape`."""
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
+    """Raise unless every non-None tensor lives on the same device."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n}: {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, length: int) -> None:
+    """Validate varlen offsets for a packed row of `length` tokens.
+
+    cu_seqlens: (N+1,) integer, starts at 0, non-decreasing (zero-length sequences
+    allowed), last entry <= length (tokens past it are padding). Requires batch == 1.
+    """
+    if batch != 1:
+        raise ValueError(f"cu_seqlens requires batch size 1 (one packed row), got batch {batch}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
+    if any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError("cu_seqlens must be non-decreasing")
+    if cu[-1] > length:
+        raise ValueError(f"cu_seqlens ends at {cu[-1]} but the row has only {length} tokens")
+
+
+def check_doc_ids(doc_ids: torch.Tensor, batch: int, length: int) -> None:
+    """Validate per-token document ids: integer (b, l) or (l,), non-negative."""
+    if doc_ids.dtype.is_floating_point or doc_ids.dtype == torch.bool:
+        raise ValueError(f"doc_ids must be an integer tensor, got {doc_ids.dtype}")
+    if doc_ids.dim() == 1:
+        doc_ids = doc_ids.unsqueeze(0)
+    if tuple(doc_ids.shape) != (batch, length):
+        raise ValueError(f"doc_ids must have shape {(batch, length)} or ({length},), got {tuple(doc_ids.shape)}")
+    if doc_ids.numel() and int(doc_ids.min()) < 0:
+        raise ValueError("doc_ids must be non-negative (0 = shared text, k >= 1 = k-th document)")

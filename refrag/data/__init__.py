@@ -1,0 +1,1 @@
+"""refrag.data"""

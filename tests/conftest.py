@@ -1,0 +1,28 @@
+"""Test configuration: on machines without CUDA, Triton kernels run under the interpreter.
+
+TRITON_INTERPRET must be set before `triton.jit` decorates anything, i.e. before
+`kernels` is imported, so it is set here at collection start.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device():
+    """The device kernels are tested on: CUDA when present, else CPU (Triton interpreter)."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
