@@ -54,6 +54,14 @@ def segments(doc_row: Optional[List[int]], start: int, end: int) -> List[Tuple[i
     return runs
 
 
+def live_tokens(cu_seqlens: Optional[torch.Tensor], batch: int, length: int, device=None) -> torch.Tensor:
+    """(b, l) bool: True for tokens inside a sequence, False for padding past cu_seqlens[-1]."""
+    live = torch.ones(batch, length, dtype=torch.bool, device=device)
+    if cu_seqlens is not None:
+        live[:, int(cu_seqlens[-1]):] = False
+    return live
+
+
 def _expand_groups(t: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
     """Repeat grouped B/C along `dim` so that head h uses group h // (heads // g)."""
     groups = t.shape[dim]
@@ -89,11 +97,11 @@ def _ssd_inputs(x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     return x.to(cdt), dt, A.to(cdt), B, C, D, z
 
 
-def _ssd_output(y, x, D, z, out_dtype):
+def _ssd_output(y, x, D, z, out_dtype, live):
     y = y + _skip_term(x, D)
     if z is not None:
         y = y * F.silu(z)
-    return y.to(out_dtype)
+    return torch.where(live[:, :, None, None], y, torch.zeros_like(y)).to(out_dtype)
 
 
 def _initial_state(initial_states, row: int, seq: int, shape, cdt, device, varlen: bool):
@@ -140,8 +148,8 @@ def ssd_scan_sequential(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_soft
                 ys[t] = torch.einsum("hpn,hn->hp", read, C[row, t])
                 prev_doc = doc
             finals.append(state)
-        rows.append(torch.stack(ys))
-    y = _ssd_output(torch.stack(rows), x, D, z, out_dtype)
+        rows.append(torch.stack(ys) if ys else x.new_zeros(0, h, p))
+    y = _ssd_output(torch.stack(rows), x, D, z, out_dtype, live_tokens(cu_seqlens, b, l, x.device))
     if not return_final_states:
         return y
     return y, torch.stack(finals).float() if x.dtype != torch.float64 else torch.stack(finals)
@@ -216,7 +224,7 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_
             covered = e
         pieces.append(x.new_zeros(l - covered, h, p))
         rows.append(torch.cat(pieces))
-    y = _ssd_output(torch.stack(rows), x, D, z, out_dtype)
+    y = _ssd_output(torch.stack(rows), x, D, z, out_dtype, live_tokens(cu_seqlens, b, l, x.device))
     if not return_final_states:
         return y
     return y, torch.stack(finals).float() if x.dtype != torch.float64 else torch.stack(finals)
@@ -274,13 +282,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                     + (delta[row, :, t] * u[row, :, t])[:, None] * B[row, :, :, t]
                 ys[t] = (state * C[row, :, :, t]).sum(-1)
             lasts.append(state)
-        rows.append(torch.stack(ys, dim=-1))
+        rows.append(torch.stack(ys, dim=-1) if ys else u.new_zeros(d, 0))
     y = torch.stack(rows)
     if D is not None:
         y = y + D.to(cdt)[:, None] * u
     if z is not None:
         y = y * F.silu(z.to(cdt))
-    y = y.to(out_dtype)
+    y = torch.where(live_tokens(cu_seqlens, b, l, u.device)[:, None, :], y, torch.zeros_like(y)).to(out_dtype)
     if not return_last_state:
         return y
     return y, torch.stack(lasts).float() if cdt != torch.float64 else torch.stack(lasts)
