@@ -1,0 +1,149 @@
+"""Shared benchmark machinery: timing, peak memory, provenance stamps, baseline ratios.
+
+Conventions (Liger / fla): CUDA-synchronized timing with triton's do_bench (warm-up
+and autotune excluded: the first call happens before timing), median with 20/80
+quantiles, peak memory per case, and every case measured against its baselines in
+the same run so ratios are meaningful. On CPU (smoke mode) times are wall-clock
+medians of tiny shapes under the Triton interpreter: they test the suite, not speed.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import os
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+SMOKE = not HAS_CUDA or os.environ.get("REFRAG_BENCH_SMOKE") == "1"
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+QUANTILES = (0.5, 0.2, 0.8)
+
+
+@functools.lru_cache(maxsize=None)
+def device_name() -> str:
+    """Name used to key result folders: the GPU name, or 'cpu-smoke'."""
+    return torch.cuda.get_device_name(0) if HAS_CUDA else "cpu-smoke"
+
+
+@functools.lru_cache(maxsize=None)
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def stamp() -> Dict[str, str]:
+    """Provenance recorded on every benchmark row."""
+    return {"device": device_name(), "commit": git_commit(),
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "smoke": SMOKE}
+
+
+@dataclass
+class Timing:
+    """Median and 20/80 quantiles in milliseconds."""
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+
+
+def time_fn(fn: Callable[[], object], warmup: int = 3, rep: int = 20) -> Timing:
+    """Time `fn` excluding warm-up (which also triggers compilation and autotune)."""
+    if HAS_CUDA:
+        import triton.testing
+
+        fn()
+        torch.cuda.synchronize()
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=list(QUANTILES))
+        return Timing(med, p20, p80)
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(rep):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(samples, n=10)
+    return Timing(statistics.median(samples), q[1], q[7])
+
+
+def peak_memory_bytes(fn: Callable[[], object]) -> Optional[int]:
+    """Peak CUDA memory allocated while running `fn` once, above what was live before (None on CPU)."""
+    if not HAS_CUDA:
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@dataclass
+class Case:
+    """One provider's runnable for a benchmark case plus its cost model."""
+    fn: Callable[[], object]
+    flops: float = 0.0
+    bytes: float = 0.0
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+def run_case(benchmark, ours: Case, baselines: Dict[str, Optional[Case]], tokens: int, **info) -> None:
+    """Time `ours` with pytest-benchmark, time every available baseline in the same run,
+    and store throughput, TFLOP/s, GB/s, peak memory and ratios in extra_info."""
+    ours.fn()  # compile / autotune outside the timed region
+    timing = time_fn(ours.fn)
+    benchmark.pedantic(ours.fn, rounds=3 if SMOKE else 10, iterations=1, warmup_rounds=1)
+    seconds = timing.median_ms / 1e3
+    extra = benchmark.extra_info
+    extra.update(stamp())
+    extra.update(info)
+    extra.update({
+        "median_ms": timing.median_ms, "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms,
+        "tokens_per_s": tokens / seconds,
+        "tflops": ours.flops / seconds / 1e12 if ours.flops else None,
+        "gbps": ours.bytes / seconds / 1e9 if ours.bytes else None,
+        "peak_mem_bytes": peak_memory_bytes(ours.fn),
+    })
+    extra.update(ours.extra)
+    for name, case in baselines.items():
+        if case is None:
+            extra[f"{name}_median_ms"] = None
+            continue
+        try:
+            case.fn()
+            base = time_fn(case.fn)
+            extra[f"{name}_median_ms"] = base.median_ms
+            extra[f"speedup_vs_{name}"] = base.median_ms / timing.median_ms
+            extra[f"{name}_peak_mem_bytes"] = peak_memory_bytes(case.fn)
+        except torch.cuda.OutOfMemoryError:
+            extra[f"{name}_median_ms"] = "OOM"
+            torch.cuda.empty_cache()
+
+
+def fwd_bwd(forward: Callable[[], torch.Tensor], inputs) -> Callable[[], None]:
+    """A callable running forward + backward with a fixed upstream gradient."""
+    def step():
+        for t in inputs:
+            t.grad = None
+        out = forward()
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(torch.ones_like(out))
+    return step
+
+
+def optional_import(module: str, attr: str):
+    """Return module.attr if the (optional, GPU-only) baseline is installed and importable, else None."""
+    try:
+        mod = __import__(module, fromlist=[attr])
+        return getattr(mod, attr)
+    except Exception:  # noqa: BLE001 - baselines fail to import in many ways (missing CUDA build)
+        return None
