@@ -1,0 +1,527 @@
+"""DocLayout: per-token example / document metadata of a packed row, built once per batch.
+
+A packed row of L tokens holds N examples (sequences). Per token we know ``seq_idx`` (its
+example) and ``doc_ids`` (0 = shared text of the example; k >= 1 = the k-th retrieved document
+of that example, its ``[DOC_k]``..``[/DOC_k]`` markers included). Doc ids are per example and
+each document is one contiguous span. As a guard against misaligned ``cu_seqlens``, the last
+token of an example and the first token of the next may not carry the same nonzero doc id.
+
+Attention rule (``dense_mask``, ``tile_summary``): query i sees key j iff ``j <= i`` (when
+causal), both are in the same example, and ``doc_i == 0 or doc_j == 0 or doc_i == doc_j``.
+
+Worked example: two examples of lengths 6 and 3; the first holds documents at [1, 3) and
+[3, 5) (relative to its start)::
+
+    layout = DocLayout.from_examples([(6, [(1, 3), (3, 5)]), (3, [])])
+    layout.cu_seqlens                          # [0, 6, 9]
+    layout.seq_idx                             # [0, 0, 0, 0, 0, 0, 1, 1, 1]
+    layout.doc_ids                             # [0, 1, 1, 2, 2, 0, 0, 0, 0]
+    layout.position_ids()                      # [0, 1, 2, 3, 4, 5, 0, 1, 2]
+    layout.position_ids(per_document=True)     # [0, 0, 1, 0, 1, 5, 0, 1, 2]
+
+Token 4 (doc 2) sees keys 0 (shared) and 3, 4 (its own document); token 5 (shared) sees 0..5.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
+
+import torch
+
+from kernels.common.index import (
+    prepare_chunk_indices,
+    prepare_chunk_offsets,
+    prepare_lens,
+    prepare_seq_idx,
+)
+
+INT32_MAX = 2**31 - 1
+
+
+class ChunkTable(NamedTuple):
+    """Chunks of a varlen chunked scan; chunks restart at each sequence start.
+
+    indices: int32 (NT, 2), (sequence index, chunk index within the sequence) per chunk.
+    offsets: int32 (N+1,), sequence n owns chunks [offsets[n], offsets[n+1]).
+    """
+
+    indices: torch.Tensor
+    offsets: torch.Tensor
+
+
+class TileSummary(NamedTuple):
+    """Visibility of the (block_m x block_n) tiles of the L x L attention mask, in CSR form.
+
+    Query block m visits key blocks ``kv_indices[kv_indptr[m]:kv_indptr[m+1]]`` (increasing);
+    ``kv_full`` marks tiles where every pair (i, j) with i, j < L is visible, so the kernel may
+    skip mask math there. A tile is listed iff at least one of its pairs is visible. The
+    transpose (for the backward pass) lists, for each key block n, the query blocks that see it:
+    ``q_indices[q_indptr[n]:q_indptr[n+1]]`` with ``q_full``. Index tensors are int32, flags bool.
+    """
+
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor
+    kv_full: torch.Tensor
+    q_indptr: torch.Tensor
+    q_indices: torch.Tensor
+    q_full: torch.Tensor
+    block_m: int
+    block_n: int
+    causal: bool
+
+
+def _as_int(value, what: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be an int, got bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{what} must be an int, got {type(value).__name__} {value!r}") from None
+
+
+def _as_pair(value, what: str) -> tuple:
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"{what} must be a pair, got {type(value).__name__} {value!r}")
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise ValueError(f"{what} must be a pair, got {type(value).__name__} {value!r}") from None
+    if len(items) != 2:
+        raise ValueError(f"{what} must be a pair, got {len(items)} items: {value!r}")
+    return items
+
+
+def _check_positive(value, what: str) -> int:
+    number = _as_int(value, what)
+    if number < 1:
+        raise ValueError(f"{what} must be positive, got {number}")
+    return number
+
+
+def _check_index_tensor(t, name: str) -> None:
+    """1-D integer tensor with values that fit in int32."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype == torch.bool or t.dtype.is_floating_point or t.dtype.is_complex:
+        raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if t.numel() and int(t.max()) > INT32_MAX:
+        raise ValueError(f"{name} has values above the int32 maximum {INT32_MAX}")
+
+
+def _check_same_device(a, a_name: str, b, b_name: str) -> None:
+    """Both are tensors (b may be None) on one device."""
+    for t, name in ((a, a_name), (b, b_name)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if b is not None and a.device != b.device:
+        raise ValueError(f"{a_name} ({a.device}) and {b_name} ({b.device}) must be on one device")
+
+
+def _first_true(mask: torch.Tensor) -> int:
+    return int(mask.nonzero()[0, 0])
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int | None) -> None:
+    _check_index_tensor(cu_seqlens, "cu_seqlens")
+    if cu_seqlens.numel() == 0:
+        raise ValueError("cu_seqlens must have at least one entry (the leading 0)")
+    if int(cu_seqlens[0]) != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {int(cu_seqlens[0])}")
+    decreasing = cu_seqlens[1:] < cu_seqlens[:-1]
+    if bool(decreasing.any()):
+        n = _first_true(decreasing)
+        raise ValueError(
+            f"cu_seqlens must be non-decreasing, got {int(cu_seqlens[n])} then "
+            f"{int(cu_seqlens[n + 1])} at entries {n}, {n + 1}"
+        )
+    if total is not None and int(cu_seqlens[-1]) != total:
+        raise ValueError(
+            f"cu_seqlens must end at the token count {total}, got {int(cu_seqlens[-1])}"
+        )
+
+
+def _check_seq_ids(seq_ids: torch.Tensor) -> None:
+    _check_index_tensor(seq_ids, "seq_ids")
+    if seq_ids.numel() == 0:
+        return
+    if int(seq_ids[0]) != 0:
+        raise ValueError(f"seq_ids must start at 0, got {int(seq_ids[0])}")
+    steps = seq_ids[1:].long() - seq_ids[:-1].long()
+    if bool((steps < 0).any()):
+        i = _first_true(steps < 0) + 1
+        raise ValueError(f"seq_ids decrease at token {i}: {int(seq_ids[i - 1])} -> {int(seq_ids[i])}")
+    if bool((steps > 1).any()):
+        i = _first_true(steps > 1) + 1
+        raise ValueError(
+            f"seq_ids must be contiguous (step 0 or 1), got {int(seq_ids[i - 1])} -> "
+            f"{int(seq_ids[i])} at token {i}; use from_cu_seqlens for empty sequences"
+        )
+
+
+def _run_start_mask(seq_idx: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+    """bool (L,): token starts a maximal run of equal (example, doc id)."""
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[1:] = (seq_idx[1:] != seq_idx[:-1]) | (doc_ids[1:] != doc_ids[:-1])
+    return starts
+
+
+def _check_doc_ids(seq_idx: torch.Tensor, doc_ids: torch.Tensor) -> None:
+    """Doc ids are >= 0, never continue across an example boundary, one span per document."""
+    if bool((doc_ids < 0).any()):
+        i = _first_true(doc_ids < 0)
+        raise ValueError(f"doc_ids must be >= 0, got {int(doc_ids[i])} at token {i}")
+    crossing = (seq_idx[1:] != seq_idx[:-1]) & (doc_ids[1:] == doc_ids[:-1]) & (doc_ids[1:] != 0)
+    if bool(crossing.any()):
+        i = _first_true(crossing) + 1
+        raise ValueError(
+            f"document {int(doc_ids[i])} crosses the boundary between example "
+            f"{int(seq_idx[i - 1])} and example {int(seq_idx[i])} at token {i}"
+        )
+    starts = _run_start_mask(seq_idx, doc_ids) & (doc_ids != 0)
+    run_seq, run_doc = seq_idx[starts].long(), doc_ids[starts].long()
+    keys, _ = torch.sort(run_seq * (INT32_MAX + 1) + run_doc)
+    repeated = keys[1:] == keys[:-1]
+    if bool(repeated.any()):
+        key = int(keys[_first_true(repeated)])
+        seq, doc = divmod(key, INT32_MAX + 1)
+        spans = int((keys == key).sum())
+        raise ValueError(
+            f"document {doc} of example {seq} is not contiguous: it appears in {spans} separate spans"
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class DocLayout:
+    """Example / document metadata of one packed row of L tokens, shared by every layer.
+
+    Build it with ``from_examples``, ``from_ids`` or ``from_cu_seqlens`` (they validate).
+
+    cu_seqlens: int32 (N+1,), example n is tokens [cu_seqlens[n], cu_seqlens[n+1]).
+    seq_idx:    int32 (L,), example of each token.
+    doc_ids:    int32 (L,), 0 = shared text, k >= 1 = k-th document of the token's example.
+    max_seqlen: longest example, in tokens.
+    has_documents: whether any token belongs to a document.
+    """
+
+    cu_seqlens: torch.Tensor
+    seq_idx: torch.Tensor
+    doc_ids: torch.Tensor
+    max_seqlen: int
+    has_documents: bool
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_cu_seqlens(
+        cls, cu_seqlens: torch.Tensor, doc_ids: torch.Tensor | None = None, total: int | None = None
+    ) -> "DocLayout":
+        """Layout from cu_seqlens (N+1,) and optional per-token doc_ids (L,) on the same device.
+
+        Zero-length examples are allowed. ``total`` (= L) is checked against cu_seqlens[-1] and
+        len(doc_ids); without doc_ids every token is shared text.
+        """
+        if total is not None:
+            total = _as_int(total, "total")
+        _check_same_device(cu_seqlens, "cu_seqlens", doc_ids, "doc_ids")
+        _check_cu_seqlens(cu_seqlens, total)
+        if doc_ids is None:
+            doc_ids = torch.zeros(int(cu_seqlens[-1]), dtype=torch.int32, device=cu_seqlens.device)
+        _check_index_tensor(doc_ids, "doc_ids")
+        if total is not None and doc_ids.numel() != total:
+            raise ValueError(f"doc_ids has {doc_ids.numel()} tokens, expected total={total}")
+        if int(cu_seqlens[-1]) != doc_ids.numel():
+            raise ValueError(
+                f"cu_seqlens must end at the token count {doc_ids.numel()} (len(doc_ids)), "
+                f"got {int(cu_seqlens[-1])}"
+            )
+        return cls._build(cu_seqlens.to(torch.int32), doc_ids.to(torch.int32))
+
+    @classmethod
+    def from_ids(cls, seq_ids: torch.Tensor, doc_ids: torch.Tensor) -> "DocLayout":
+        """Layout from per-token example ids and doc ids, both integer tensors (L,) on one device.
+
+        seq_ids start at 0 and step by 0 or 1 (so no example is empty; use from_cu_seqlens for
+        empty examples). Example: seq_ids [0, 0, 0, 1], doc_ids [0, 1, 1, 0].
+        """
+        _check_same_device(seq_ids, "seq_ids", doc_ids, "doc_ids")
+        _check_seq_ids(seq_ids)
+        _check_index_tensor(doc_ids, "doc_ids")
+        if seq_ids.numel() != doc_ids.numel():
+            raise ValueError(f"seq_ids has {seq_ids.numel()} tokens but doc_ids has {doc_ids.numel()}")
+        num_seqs = int(seq_ids[-1]) + 1 if seq_ids.numel() else 0
+        counts = torch.bincount(seq_ids.long(), minlength=num_seqs)
+        cu_seqlens = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+        return cls._build(cu_seqlens, doc_ids.to(torch.int32))
+
+    @classmethod
+    def from_examples(cls, examples: Sequence, device: torch.device | str | None = None) -> "DocLayout":
+        """Layout from a list of ``(length, [(doc_start, doc_end), ...])``, one per example.
+
+        Spans are half-open, relative to the example start, non-empty, non-overlapping and in
+        increasing order; the k-th span is document k. Example: ``[(6, [(1, 3), (3, 5)]), (3, [])]``.
+        """
+        try:
+            examples = list(examples)
+        except TypeError:
+            raise ValueError(f"examples must be a sequence, got {type(examples).__name__}") from None
+        lengths, starts, ends, ids = [], [], [], []
+        offset = 0
+        for n, example in enumerate(examples):
+            length, spans = _as_pair(example, f"example {n}")
+            length = _as_int(length, f"example {n} length")
+            if length < 0:
+                raise ValueError(f"example {n} length must be >= 0, got {length}")
+            for k, (start, end) in enumerate(_example_spans(spans, length, n), start=1):
+                starts.append(offset + start)
+                ends.append(offset + end)
+                ids.append(k)
+            lengths.append(length)
+            offset += length
+        if offset > INT32_MAX:
+            raise ValueError(f"total length {offset} exceeds the int32 maximum {INT32_MAX}")
+        lengths_t = torch.tensor(lengths, dtype=torch.int64, device=device)
+        cu_seqlens = torch.cat([lengths_t.new_zeros(1), lengths_t.cumsum(0)]).to(torch.int32)
+        delta = torch.zeros(offset + 1, dtype=torch.int64, device=device)
+        ids_t = torch.tensor(ids, dtype=torch.int64, device=device)
+        delta.index_add_(0, torch.tensor(starts, dtype=torch.int64, device=device), ids_t)
+        delta.index_add_(0, torch.tensor(ends, dtype=torch.int64, device=device), -ids_t)
+        doc_ids = delta.cumsum(0)[:offset].to(torch.int32)
+        return cls._build(cu_seqlens, doc_ids)
+
+    @classmethod
+    def _build(cls, cu_seqlens: torch.Tensor, doc_ids: torch.Tensor) -> "DocLayout":
+        """cu_seqlens int32 (N+1,) already validated; doc_ids int32 (L,) validated here."""
+        seq_idx = prepare_seq_idx(cu_seqlens, doc_ids.numel())
+        _check_doc_ids(seq_idx, doc_ids)
+        lens = prepare_lens(cu_seqlens)
+        return cls(
+            cu_seqlens=cu_seqlens,
+            seq_idx=seq_idx,
+            doc_ids=doc_ids,
+            max_seqlen=int(lens.max()) if lens.numel() else 0,
+            has_documents=bool((doc_ids != 0).any()),
+        )
+
+    @property
+    def num_seqs(self) -> int:
+        """Number of examples N (empty ones included)."""
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def total_tokens(self) -> int:
+        """Number of tokens L in the row."""
+        return self.doc_ids.numel()
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the layout's tensors."""
+        return self.doc_ids.device
+
+    def to(self, device: torch.device | str) -> "DocLayout":
+        """The same layout with its tensors on ``device`` (cached tables are rebuilt lazily)."""
+        return DocLayout(
+            cu_seqlens=self.cu_seqlens.to(device),
+            seq_idx=self.seq_idx.to(device),
+            doc_ids=self.doc_ids.to(device),
+            max_seqlen=self.max_seqlen,
+            has_documents=self.has_documents,
+        )
+
+    def _runs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Maximal runs of equal (example, doc id): run of each token (L,), run starts, run ends."""
+        if "runs" not in self._cache:
+            is_start = _run_start_mask(self.seq_idx, self.doc_ids)
+            run_of_token = is_start.long().cumsum(0) - 1
+            run_starts = is_start.nonzero().flatten()
+            run_ends = _ends_of(run_starts, self.total_tokens)
+            self._cache["runs"] = (run_of_token, run_starts, run_ends)
+        return self._cache["runs"]
+
+    def position_ids(self, per_document: bool = False) -> torch.Tensor:
+        """Token positions, int64 (L,), restarting at 0 at each example.
+
+        With ``per_document=True`` document tokens count from 0 at their document's first token
+        (so a document's positions do not depend on what precedes it) and shared tokens keep
+        their position in the example (counting every document token before them).
+        """
+        tokens = torch.arange(self.total_tokens, device=self.device)
+        positions = tokens - self.cu_seqlens.long()[self.seq_idx.long()]
+        if not per_document:
+            return positions
+        run_of_token, run_starts, _ = self._runs()
+        in_document = tokens - run_starts[run_of_token]
+        return torch.where(self.doc_ids != 0, in_document, positions)
+
+    def chunk_table(self, chunk_size: int) -> ChunkTable:
+        """Chunk indices (NT, 2) and offsets (N+1,) for varlen chunked scans (cached per size)."""
+        key = ("chunks", chunk_size)
+        if key not in self._cache:
+            self._cache[key] = ChunkTable(
+                indices=prepare_chunk_indices(self.cu_seqlens, chunk_size),
+                offsets=prepare_chunk_offsets(self.cu_seqlens, chunk_size),
+            )
+        return self._cache[key]
+
+    def _document_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Example, start and end (absolute, half-open) of every document, in token order."""
+        _, run_starts, run_ends = self._runs()
+        is_document = self.doc_ids[run_starts] != 0
+        starts, ends = run_starts[is_document], run_ends[is_document]
+        return self.seq_idx[starts], starts, ends
+
+    def _spans_per_example(self, seqs, starts, ends) -> list[list[tuple[int, int]]]:
+        spans = [[] for _ in range(self.num_seqs)]
+        example_starts = self.cu_seqlens.tolist()
+        for seq, start, end in zip(seqs.tolist(), starts.tolist(), ends.tolist()):
+            spans[seq].append((start - example_starts[seq], end - example_starts[seq]))
+        return spans
+
+    def doc_spans(self) -> list[list[tuple[int, int]]]:
+        """For each example, its documents' (start, end) spans relative to the example start.
+
+        Spans are half-open and in token order, the input format of ``from_examples``; with doc
+        ids numbered 1, 2, ... in token order (the convention) the k-th span is document k.
+        """
+        return self._spans_per_example(*self._document_table())
+
+    def retrieval_blocks(self) -> list[list[tuple[int, int]]]:
+        """For each example, the (start, end) spans, relative to the example start, of its
+        retrieval blocks: maximal runs of consecutive documents with no shared token between."""
+        is_doc = self.doc_ids != 0
+        block_start = is_doc.clone()
+        block_start[1:] &= ~is_doc[:-1] | (self.seq_idx[1:] != self.seq_idx[:-1])
+        block_end = is_doc.clone()
+        block_end[:-1] &= ~is_doc[1:] | (self.seq_idx[1:] != self.seq_idx[:-1])
+        starts = block_start.nonzero().flatten()
+        ends = block_end.nonzero().flatten() + 1
+        return self._spans_per_example(self.seq_idx[starts], starts, ends)
+
+    def dense_mask(self, causal: bool = True) -> torch.Tensor:
+        """bool (L, L), [i, j] = query i sees key j. O(L^2) memory: tests and references only."""
+        seq, doc = self.seq_idx, self.doc_ids
+        visible = seq[:, None] == seq[None, :]
+        visible &= (doc[:, None] == 0) | (doc[None, :] == 0) | (doc[:, None] == doc[None, :])
+        if causal:
+            tokens = torch.arange(self.total_tokens, device=self.device)
+            visible &= tokens[None, :] <= tokens[:, None]
+        return visible
+
+    def tile_summary(self, block_m: int, block_n: int, causal: bool = True) -> TileSummary:
+        """Exact per-tile visibility of the attention mask for (block_m x block_n) tiles, cached.
+
+        See ``TileSummary``. Computed without the L x L mask: the queries of a query block are
+        split into pieces of equal (example, doc id); over a piece, visible key sets grow with
+        the query index, so the union (any pair visible) and the intersection (all pairs
+        visible) of a piece are given by its last and first query.
+        """
+        block_m = _check_positive(block_m, "block_m")
+        block_n = _check_positive(block_n, "block_n")
+        causal = bool(causal)
+        key = ("tiles", block_m, block_n, causal)
+        if key not in self._cache:
+            any_tile, full_tile = self._tile_visibility(block_m, block_n, causal)
+            kv_indptr, kv_indices, kv_full = _to_csr(any_tile, full_tile)
+            q_indptr, q_indices, q_full = _to_csr(any_tile.t(), full_tile.t())
+            self._cache[key] = TileSummary(
+                kv_indptr, kv_indices, kv_full, q_indptr, q_indices, q_full, block_m, block_n, causal
+            )
+        return self._cache[key]
+
+    def _tile_visibility(self, block_m: int, block_n: int, causal: bool):
+        """bool (n_q_blocks, n_k_blocks) twice: some pair visible, every valid pair visible."""
+        L, device = self.total_tokens, self.device
+        n_q_blocks, n_k_blocks = -(-L // block_m), -(-L // block_n)
+        if L == 0:
+            empty = torch.zeros(0, 0, dtype=torch.bool, device=device)
+            return empty, empty
+        tokens = torch.arange(L, device=device)
+        run_of_token, run_starts, run_ends = self._runs()
+        # Pieces: runs of equal (example, doc id), cut at query block boundaries; columns (P, 1).
+        piece_mask = _run_start_mask(self.seq_idx, self.doc_ids) | (tokens % block_m == 0)
+        p_first = piece_mask.nonzero().flatten()
+        seq = self.seq_idx[p_first].long()
+        is_doc = (self.doc_ids[p_first] != 0)[:, None]
+        seq_start = self.cu_seqlens.long()[seq][:, None]
+        seq_end = self.cu_seqlens.long()[seq + 1]
+        doc_start = run_starts[run_of_token[p_first]][:, None]
+        doc_end = run_ends[run_of_token[p_first]][:, None]
+        # Queries see keys below hi: i + 1 when causal, else the example end.
+        hi_union = (_ends_of(p_first, L) if causal else seq_end)[:, None]
+        hi_inter = (p_first + 1 if causal else seq_end)[:, None]
+
+        # A piece only meets the key blocks from its example start to its last visible key.
+        kb_first, kb_last = seq_start // block_n, (hi_union - 1) // block_n
+        width = int((kb_last - kb_first).max()) + 1
+        k_block = kb_first + torch.arange(width, device=device)  # (P, W)
+        in_window = k_block <= kb_last
+        k_block = torch.minimum(k_block, kb_last)
+        k_lo = k_block * block_n
+        k_hi = torch.clamp(k_lo + block_n, max=L)
+        shared_before = torch.cat([tokens.new_zeros(1), (self.doc_ids == 0).long().cumsum(0)])
+        block_edges = torch.clamp(torch.arange(n_k_blocks + 1, device=device) * block_n, max=L)
+        doc_tokens_per_block = block_edges.diff() - shared_before[block_edges].diff()
+
+        lo = torch.maximum(seq_start, k_lo)
+        hi = torch.minimum(hi_union, k_hi)
+        some_in_example = hi > lo
+        some_shared = shared_before[torch.maximum(hi, lo)] - shared_before[lo] > 0
+        own_doc_in_block = torch.minimum(doc_end, k_hi) - torch.maximum(doc_start, k_lo)
+        some_own_doc = torch.minimum(own_doc_in_block, hi_union - torch.maximum(doc_start, k_lo)) > 0
+        piece_any = torch.where(is_doc, some_shared | some_own_doc, some_in_example)
+
+        block_in_range = (k_lo >= seq_start) & (k_hi <= hi_inter)
+        only_own_doc = doc_tokens_per_block[k_block] == own_doc_in_block.clamp(min=0)
+        piece_full = block_in_range & (~is_doc | only_own_doc)
+
+        p_block = p_first // block_m
+        tile = (p_block[:, None] * n_k_blocks + k_block)[in_window]
+        any_count = torch.zeros(n_q_blocks * n_k_blocks, dtype=torch.int64, device=device)
+        full_count = torch.zeros_like(any_count)
+        any_count.index_add_(0, tile, piece_any[in_window].long())
+        full_count.index_add_(0, tile, piece_full[in_window].long())
+        pieces_per_block = torch.bincount(p_block, minlength=n_q_blocks)[:, None]
+        any_tile = any_count.view(n_q_blocks, n_k_blocks) > 0
+        return any_tile, full_count.view(n_q_blocks, n_k_blocks) == pieces_per_block
+
+
+def _example_spans(spans, length: int, n: int) -> list[tuple[int, int]]:
+    """Validated (start, end) document spans of example n of the given length."""
+    if isinstance(spans, (str, bytes)):
+        raise ValueError(f"example {n} documents must be a sequence of (start, end) spans, got {spans!r}")
+    try:
+        spans = list(spans)
+    except TypeError:
+        raise ValueError(f"example {n} documents must be a sequence of (start, end) spans") from None
+    checked, previous_end = [], 0
+    for k, span in enumerate(spans, start=1):
+        start, end = _as_pair(span, f"example {n} document {k} span")
+        start = _as_int(start, f"example {n} document {k} start")
+        end = _as_int(end, f"example {n} document {k} end")
+        if not 0 <= start < end <= length:
+            raise ValueError(
+                f"example {n} document {k} span ({start}, {end}) must satisfy "
+                f"0 <= start < end <= length {length}"
+            )
+        if start < previous_end:
+            raise ValueError(
+                f"example {n} document {k} span ({start}, {end}) overlaps or precedes the "
+                f"previous document, which ends at {previous_end}"
+            )
+        checked.append((start, end))
+        previous_end = end
+    return checked
+
+
+def _ends_of(starts: torch.Tensor, total: int) -> torch.Tensor:
+    """Ends of consecutive segments that start at ``starts`` (sorted) and cover [starts[0], total)."""
+    return torch.cat([starts, starts.new_full((1,), total)])[1:]
+
+
+def _to_csr(any_tile: torch.Tensor, full_tile: torch.Tensor):
+    """Row-wise CSR (indptr int32 (R+1,), indices int32 (nnz,), full bool (nnz,)) of a bool matrix."""
+    rows, cols = any_tile.nonzero(as_tuple=True)
+    counts = any_tile.sum(1)
+    indptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    return indptr, cols.to(torch.int32), full_tile[rows, cols]
