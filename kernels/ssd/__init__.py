@@ -1,0 +1,172 @@
+"""Chunked selective scan (Mamba-2 SSD) in Triton, forward and backward, varlen and doc_mode.
+
+Mapping onto a chunked linear-attention scan (as flash-linear-attention's simple GLA):
+q = C, k = B, v = x * dt, per-token log-decay dt * A (scalar per head). Stages:
+
+1. `chunks.build_chunk_table`: chunks that never straddle a sequence (or, in doc_mode,
+   a document) boundary; `chunks.chunk_decay_cumsum`: chunk-local cumsum g of dt * A.
+2. `chunk_h.chunk_fwd_h`: state entering every chunk (two states in doc_mode).
+3. `chunk_o.chunk_fwd_o`: outputs from the entering state plus the causal intra-chunk part.
+4. Backward: `chunk_bwd_dh` (reverse state recurrence), `chunk_bwd_dqk` (dC, dB, dg),
+   `chunk_bwd_dv` (dx and the dt-through-v part), `chunk_decay_grad` (dg -> d(dt * A)).
+
+The dt preprocessing (dt_bias, softplus), the D skip term and the z gate are torch
+elementwise ops around the Triton core, so autograd covers their gradients.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from kernels import reference
+from kernels.common.checks import check_cu_seqlens, check_doc_ids, check_float, check_same_device, check_shape
+from kernels.common.dispatch import use_triton
+from kernels.ssd.chunk_h import chunk_bwd_dh, chunk_fwd_h
+from kernels.ssd.chunk_o import chunk_bwd_dqk, chunk_bwd_dv, chunk_fwd_o
+from kernels.ssd.chunks import ChunkTable, build_chunk_table, chunk_decay_cumsum, chunk_decay_grad
+from kernels.ssd.tuning import CONFIGS, dot_precision
+
+__all__ = ["ssd_scan", "ssd_scan_triton", "CONFIGS"]
+
+
+class ChunkScanFunction(torch.autograd.Function):
+    """The Triton core: packed tokens, no D/z terms, dt already processed."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, initial_states, table: ChunkTable, doc_mode: bool,
+                config: Optional[triton.Config]):
+        precision = dot_precision(x.dtype)
+        g = chunk_decay_cumsum(dt, A, table)
+        h, hc, final = chunk_fwd_h(x, dt, g, B, initial_states, table, doc_mode, precision, config)
+        y = chunk_fwd_o(x, dt, g, C, B, h, table, precision, config)
+        ctx.save_for_backward(x, dt, A, B, C, g, h, hc)
+        ctx.table, ctx.doc_mode, ctx.config = table, doc_mode, config
+        ctx.has_initial_states = initial_states is not None
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, dt, A, B, C, g, h, hc = ctx.saved_tensors
+        table, config = ctx.table, ctx.config
+        precision = dot_precision(x.dtype)
+        dy = dy.contiguous()
+        dfinal = None if dfinal is None else dfinal.contiguous()
+        dh, dh0, dg_last = chunk_bwd_dh(C, g, dy, h, hc, dfinal, table, ctx.doc_mode, precision, config)
+        dC, dB, dg = chunk_bwd_dqk(x, dt, g, C, B, h, dy, dh, table, precision, config)
+        dx, ddt = chunk_bwd_dv(x, dt, g, C, B, dy, dh, table, precision, config)
+        da = chunk_decay_grad(dg, dg_last, table)
+        ddt = ddt + da * A
+        dA = (da * dt).sum(0)
+        dh0 = dh0 if ctx.has_initial_states else None
+        return dx, ddt, dA, dB, dC, dh0, None, None, None
+
+
+def _packed(t: torch.Tensor, *tail: int) -> torch.Tensor:
+    """(b, l, *tail) -> contiguous (b * l, *tail)."""
+    return t.reshape(-1, *tail).contiguous()
+
+
+def _live_mask(cu_seqlens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """(b, l, 1, 1) bool, False on padding tokens past cu_seqlens[-1]."""
+    pos = torch.arange(length, device=cu_seqlens.device)
+    return (pos < cu_seqlens[-1]).expand(batch, length)[:, :, None, None]
+
+
+def ssd_scan_triton(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_softplus=False,
+                    initial_states=None, cu_seqlens=None, doc_ids=None, doc_mode=False,
+                    return_final_states=False, config: Optional[triton.Config] = None):
+    """`ssd_scan` on the Triton kernels without input validation; `config` (one of CONFIGS)
+    pins every kernel's launch (None: autotune on CUDA, CONFIGS[0] under the interpreter)."""
+    b, l, h, p = x.shape
+    g, n = B.shape[2:]
+    if cu_seqlens is None:
+        cu_seqlens = torch.arange(b + 1, device=x.device, dtype=torch.int32) * l
+    docs = doc_ids.reshape(-1) if doc_mode else None
+    table = build_chunk_table(cu_seqlens, docs, chunk_size)
+    dt_f = dt.float() if dt_bias is None else dt.float() + dt_bias.float()
+    dt_f = F.softplus(dt_f) if dt_softplus else dt_f
+    h0 = None if initial_states is None else initial_states.float().contiguous()
+    y, final = ChunkScanFunction.apply(_packed(x, h, p), _packed(dt_f, h), A.float().contiguous(),
+                                       _packed(B, g, n), _packed(C, g, n), h0, table, doc_mode, config)
+    y = y.view(b, l, h, p)
+    if D is not None:
+        y = y + x.float() * (D.float()[:, None] if D.dim() == 1 else D.float())
+    if z is not None:
+        y = y * F.silu(z.float())
+    y = torch.where(_live_mask(cu_seqlens, b, l), y, torch.zeros_like(y)).to(x.dtype)
+    return (y, final) if return_final_states else y
+
+
+def _check_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, doc_ids, doc_mode):
+    named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states)
+    for name, t in named.items():
+        if t is not None:
+            check_float(name, t)
+    check_same_device(**named, cu_seqlens=cu_seqlens, doc_ids=doc_ids)
+    if x.dim() != 4:
+        raise ValueError(f"x must be (b, l, h, p), got shape {tuple(x.shape)}")
+    b, l, h, p = x.shape
+    if B.dim() != 4 or B.shape[:2] != (b, l):
+        raise ValueError(f"B must be (b, l, g, n) = ({b}, {l}, g, n), got shape {tuple(B.shape)}")
+    g, n = B.shape[2:]
+    if g == 0 or h % g:
+        raise ValueError(f"number of heads {h} must be a multiple of the number of groups {g}")
+    check_shape("C", C, B.shape)
+    check_shape("dt", dt, (b, l, h))
+    check_shape("A", A, (h,))
+    if D is not None and tuple(D.shape) not in ((h,), (h, p)):
+        raise ValueError(f"D must have shape ({h},) or ({h}, {p}), got {tuple(D.shape)}")
+    if z is not None:
+        check_shape("z", z, x.shape)
+    if dt_bias is not None:
+        check_shape("dt_bias", dt_bias, (h,))
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 16 \
+            or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size!r}")
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, b, l)
+    num_states = b if cu_seqlens is None else cu_seqlens.numel() - 1
+    if initial_states is not None:
+        check_shape("initial_states", initial_states, (num_states, h, p, n))
+    if doc_mode and doc_ids is None:
+        raise ValueError("doc_mode=True needs doc_ids")
+    if doc_ids is not None:
+        check_doc_ids(doc_ids, b, l)
+
+
+def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_softplus=False,
+             initial_states=None, cu_seqlens=None, doc_ids=None, doc_mode=False, return_final_states=False):
+    """Chunked Mamba-2 selective scan (SSD), document-aware; same semantics as mamba_ssm's
+    `mamba_chunk_scan_combined`.
+
+    Recurrence per sequence and head (dt after dt_bias and optional softplus):
+        h_t = exp(dt_t * A) h_{t-1} + dt_t x_t B_t^T ;  y_t = h_t C_t + D x_t ;  y_t *= silu(z_t)
+
+    x (b, l, h, p); dt (b, l, h); A (h,); B, C (b, l, g, n) with h % g == 0; D (h,) or (h, p);
+    z (b, l, h, p); dt_bias (h,); chunk_size a power of two >= 16.
+    Varlen: b == 1 and cu_seqlens (N+1,) int; tokens past cu_seqlens[-1] are padding (y = 0).
+    initial_states and the returned final states are (N | b, h, p, n) fp32.
+    doc_mode with doc_ids (b, l) or (l,): a document token (doc id > 0) reads the state entering
+    its retrieval block plus its own document only; the carried (final) state still runs over
+    every token. Returns y (b, l, h, p) in x's dtype, or (y, final_states).
+
+    Example (two packed sequences of lengths 5 and 3, the first with a document at [1, 4))::
+
+        cu = torch.tensor([0, 5, 8], dtype=torch.int32, device="cuda")
+        docs = torch.tensor([0, 1, 1, 1, 0, 0, 0, 0], device="cuda")
+        y, final = ssd_scan(x, dt, A, B, C, cu_seqlens=cu, doc_ids=docs, doc_mode=True,
+                            return_final_states=True)   # x (1, 8, h, p); final (2, h, p, n)
+    """
+    _check_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, doc_ids, doc_mode)
+    kwargs = dict(chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                  initial_states=initial_states, cu_seqlens=cu_seqlens, doc_ids=doc_ids, doc_mode=doc_mode,
+                  return_final_states=return_final_states)
+    if not use_triton(x, dt, A, B, C, D, z, dt_bias, initial_states, cu_seqlens, doc_ids):
+        return reference.ssd_scan(x, dt, A, B, C, **kwargs)
+    if x.dtype == torch.float64:
+        raise ValueError("the Triton ssd_scan computes in fp32: pass fp16, bf16 or fp32 inputs (fp64 runs only "
+                         "through kernels.reference.ssd_scan)")
+    return ssd_scan_triton(x, dt, A, B, C, **kwargs)
