@@ -305,7 +305,7 @@ def conv_window_starts(batch: int, length: int, cu_seqlens=None, doc_ids=None, d
     """
     pos = torch.arange(length, device=device).expand(batch, length)
     is_start = torch.zeros(batch, length, dtype=torch.bool, device=device)
-    is_start[:, 0] = True
+    is_start[:, :1] = True  # a zero-length row has no token 0
     if cu_seqlens is not None:
         starts = cu_seqlens[:-1].to(torch.int64)
         is_start[:, starts[starts < length]] = True

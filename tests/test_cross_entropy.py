@@ -1,0 +1,192 @@
+"""fused_linear_cross_entropy (chunked, Triton) against kernels.reference: loss and both gradients."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import fused_linear_cross_entropy, reference
+from kernels.cross_entropy import CROSS_ENTROPY_CONFIGS, LOGITS_BUDGET, logits_chunk_size
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def assert_within_rule(out, ref64, ref_lowp, atol, what):
+    """Kernel error vs fp64 <= 2x the error of plain PyTorch in the kernel's dtype + atol (relative to
+    the reference's magnitude)."""
+    err = (out.double() - ref64).abs().max().item()
+    base = (ref_lowp.double() - ref64).abs().max().item()
+    scale = max(1.0, ref64.abs().max().item())
+    assert err <= 2 * base + atol * scale, f"{what}: error {err:.3g} > 2 * {base:.3g} + {atol * scale:g}"
+
+
+def plain_linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="mean", z_loss=0.0):
+    """What plain PyTorch does in the input dtype: logits from a low-precision GEMM, the loss in fp32."""
+    logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight.t()).float()
+    tgt = targets.reshape(-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    valid = tgt != ignore_index
+    per_token = F.cross_entropy(logits, tgt.long(), ignore_index=ignore_index, reduction="none")
+    per_token = per_token + torch.where(valid, z_loss * lse.square(), torch.zeros_like(lse))
+    if reduction == "none":
+        return per_token.reshape(targets.shape)
+    return per_token.sum() / (valid.sum().clamp(min=1) if reduction == "mean" else 1)
+
+
+def make_inputs(device, lead_shape, H, V, dtype, ignore_frac=0.3, ignore_index=-100, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*lead_shape, H, generator=gen).to(device, dtype)
+    weight = (torch.randn(V, H, generator=gen) * H ** -0.5 * 3).to(device, dtype)
+    targets = torch.randint(0, V, lead_shape, generator=gen)
+    targets[torch.rand(lead_shape, generator=gen) < ignore_frac] = ignore_index
+    return hidden, weight, targets.to(device)
+
+
+def loss_and_grads(fn, hidden, weight, targets, dtype=None, grad_out=None, **kwargs):
+    h = hidden.detach().to(dtype or hidden.dtype).requires_grad_()
+    w = weight.detach().to(dtype or weight.dtype).requires_grad_()
+    loss = fn(h, w, targets, **kwargs)
+    loss.backward(torch.ones_like(loss) if grad_out is None else grad_out.to(loss.dtype))
+    return loss, h.grad, w.grad
+
+
+def check_against_reference(hidden, weight, targets, grad_out=None, chunk_size=None, config=None, **kwargs):
+    out = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, grad_out=grad_out,
+                         chunk_size=chunk_size, config=config, **kwargs)
+    ref64 = loss_and_grads(reference.fused_linear_cross_entropy, hidden, weight, targets,
+                           dtype=torch.float64, grad_out=grad_out, **kwargs)
+    plain = loss_and_grads(plain_linear_cross_entropy, hidden, weight, targets, grad_out=grad_out, **kwargs)
+    for name, o, r64, rlp in zip(("loss", "grad_hidden", "grad_weight"), out, ref64, plain):
+        assert o.shape == rlp.shape and o.dtype == rlp.dtype, name
+        assert_within_rule(o, r64, rlp, ATOL[hidden.dtype], name)
+    return out
+
+
+CASES = [
+    pytest.param((2, 33), 16, 257, "mean", 0.0, None, id="B2-L33-V257-mean"),
+    pytest.param((63,), 32, 1000, "sum", 0.0, 7, id="T63-V1000-sum-chunk7"),
+    pytest.param((2, 20), 16, 1000, "none", 0.0, 16, id="B2-L20-V1000-none-chunk16"),
+    pytest.param((1, 45), 8, 257, "mean", 0.1, 8, id="L45-V257-zloss-chunk8"),
+    pytest.param((1,), 8, 3, "mean", 0.0, None, id="T1-V3"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("lead_shape, H, V, reduction, z_loss, chunk_size", CASES)
+def test_matches_reference(device, lead_shape, H, V, reduction, z_loss, chunk_size, dtype):
+    hidden, weight, targets = make_inputs(device, lead_shape, H, V, dtype)
+    grad_out = None
+    if reduction == "none":
+        grad_out = torch.randn(lead_shape, generator=torch.Generator().manual_seed(3)).to(device)
+    check_against_reference(hidden, weight, targets, grad_out=grad_out, chunk_size=chunk_size,
+                            reduction=reduction, z_loss=z_loss)
+
+
+@pytest.mark.parametrize("config", CROSS_ENTROPY_CONFIGS, ids=[str(c.kwargs) for c in CROSS_ENTROPY_CONFIGS])
+def test_every_config(device, config):
+    """V = 5000 spans several BV blocks for all but the largest config (online logsumexp)."""
+    hidden, weight, targets = make_inputs(device, (9,), 8, 5000, torch.float32)
+    check_against_reference(hidden, weight, targets, chunk_size=4, config=config, z_loss=0.01)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_tokens_ignored(device, reduction):
+    hidden, weight, targets = make_inputs(device, (2, 5), 8, 257, torch.float32, ignore_frac=1.0)
+    loss, grad_hidden, grad_weight = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets,
+                                                    reduction=reduction)
+    assert torch.count_nonzero(loss) == 0
+    assert torch.count_nonzero(grad_hidden) == 0 and torch.count_nonzero(grad_weight) == 0
+
+
+def test_custom_ignore_index(device):
+    hidden, weight, targets = make_inputs(device, (30,), 8, 257, torch.float32, ignore_index=5)
+    check_against_reference(hidden, weight, targets, ignore_index=5, chunk_size=8)
+
+
+def test_ignored_tokens_have_zero_grad(device):
+    hidden, weight, targets = make_inputs(device, (40,), 8, 257, torch.float32, ignore_frac=0.5)
+    _, grad_hidden, _ = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, chunk_size=16)
+    ignored = targets == -100
+    assert ignored.any() and (~ignored).any()
+    assert torch.count_nonzero(grad_hidden[ignored]) == 0
+    assert torch.count_nonzero(grad_hidden[~ignored].abs().sum(-1)) == int((~ignored).sum())
+
+
+def test_frozen_weight_and_int32_targets(device):
+    hidden, weight, targets = make_inputs(device, (2, 9), 8, 257, torch.float32)
+    h = hidden.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, weight, targets.to(torch.int32), chunk_size=5)
+    loss.backward()
+    h_ref = hidden.double().requires_grad_()
+    reference.fused_linear_cross_entropy(h_ref, weight.double(), targets).backward()
+    torch.testing.assert_close(h.grad.double(), h_ref.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_only_without_grad(device, reduction):
+    """Under no_grad (evaluation) only the loss is computed; it matches the reference."""
+    hidden, weight, targets = make_inputs(device, (3, 7), 8, 257, torch.float32)
+    with torch.no_grad():
+        loss = fused_linear_cross_entropy(hidden.requires_grad_(), weight, targets, reduction=reduction,
+                                          z_loss=0.01, chunk_size=4)
+    expected = reference.fused_linear_cross_entropy(hidden.double(), weight.double(), targets,
+                                                    reduction=reduction, z_loss=0.01)
+    assert loss.shape == expected.shape and not loss.requires_grad
+    torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_autocast_keeps_input_dtype(device):
+    """Callers choose the GEMM dtype by casting hidden and weight; autocast does not change it."""
+    hidden, weight, targets = make_inputs(device, (2, 9), 8, 257, torch.float32)
+    expected = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, chunk_size=4)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        got = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, chunk_size=4)
+    for name, g, e in zip(("loss", "grad_hidden", "grad_weight"), got, expected):
+        assert g.dtype == torch.float32, name
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
+
+
+def test_chunk_size_respects_budget():
+    for vocab in (257, 32000, 50257, 128256):
+        chunk = logits_chunk_size(10 ** 6, vocab)
+        assert chunk * vocab <= LOGITS_BUDGET and 2 * chunk * vocab > LOGITS_BUDGET
+    assert logits_chunk_size(3, 1000) == 3
+    assert logits_chunk_size(100, 1000, chunk_size=7) == 7
+
+
+def _bad_calls(device):
+    h = torch.randn(4, 8, device=device)
+    w = torch.randn(10, 8, device=device)
+    t = torch.zeros(4, dtype=torch.long, device=device)
+    return [
+        ((h, torch.randn(10, 7, device=device), t), {}, "disagree"),
+        ((h, w.double(), t), {}, "share a dtype"),
+        ((h.to(torch.int32), w, t), {}, "hidden must be fp16"),
+        ((h, w, t.float()), {}, "integer tensor"),
+        ((h, w, t[:3]), {}, "targets must have shape"),
+        ((h, w, t), {"reduction": "avg"}, "reduction"),
+        ((h, w, t), {"z_loss": -1.0}, "z_loss"),
+        ((h, w, torch.tensor([0, 1, 10, 2], device=device)), {}, r"\[0, 10\)"),
+        ((h, w, torch.tensor([0, -1, 3, 2], device=device)), {}, r"\[0, 10\)"),
+        ((h, w.to("meta"), t), {}, "one device"),
+    ]
+
+
+def test_bad_inputs_raise(device):
+    for args, kwargs, match in _bad_calls(device):
+        with pytest.raises(ValueError, match=match):
+            fused_linear_cross_entropy(*args, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lead_shape, H, V, reduction, z_loss, chunk_size", CASES)
+def test_bf16_matches_reference(device, lead_shape, H, V, reduction, z_loss, chunk_size):
+    hidden, weight, targets = make_inputs(device, lead_shape, H, V, torch.bfloat16)
+    grad_out = torch.randn(lead_shape, device=device) if reduction == "none" else None
+    check_against_reference(hidden, weight, targets, grad_out=grad_out, chunk_size=chunk_size,
+                            reduction=reduction, z_loss=z_loss)
+
+
+@pytest.mark.gpu
+def test_large_vocab_bf16(device):
+    """A realistic LM head: V = 128256, several chunks; the loss matches the reference."""
+    hidden, weight, targets = make_inputs(device, (2, 600), 256, 128256, torch.bfloat16)
+    check_against_reference(hidden, weight, targets, chunk_size=256)
