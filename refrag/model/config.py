@@ -1,0 +1,224 @@
+"""Model configuration: `ModelConfig`, `MambaConfig`, the block pattern parser and depth presets."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+
+BLOCK_LETTERS = ("T", "M")
+MLP_KINDS = ("relu2", "swiglu")
+_REPEAT = re.compile(r"^(?P<body>.+?)\*(?P<count>\d+)$")
+
+
+@dataclass
+class MambaConfig:
+    """Mamba-2 block settings: state size n, head dim p, expansion, conv width, B/C groups."""
+
+    d_state: int = 64
+    headdim: int = 64
+    expand: int = 2
+    d_conv: int = 4
+    ngroups: int = 1
+    chunk_size: int = 64
+    doc_mode: bool = True
+
+    def __post_init__(self):
+        for name in ("d_state", "headdim", "expand", "d_conv", "ngroups", "chunk_size"):
+            _require_positive_int(f"mamba.{name}", getattr(self, name))
+        if self.chunk_size < 16 or self.chunk_size & (self.chunk_size - 1):
+            raise ValueError(f"mamba.chunk_size must be a power of two >= 16 (SSD kernel tiles), got {self.chunk_size}")
+        if self.d_conv < 2:
+            raise ValueError(f"mamba.d_conv must be at least 2, got {self.d_conv}")
+
+
+@dataclass
+class ModelConfig:
+    """HybridLM settings. `block_pattern` has one letter per layer: T attention, M Mamba-2.
+
+    head_dim defaults to d_model // n_head; n_kv_head < n_head gives grouped-query attention.
+    MLP (after each attention block): "relu2" (hidden mlp_ratio * d_model) or "swiglu"
+    (hidden 2/3 of that, rounded up to a multiple of 8).
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layer: int
+    block_pattern: str
+    n_head: int = 4
+    n_kv_head: int | None = None
+    head_dim: int | None = None
+    mamba: MambaConfig = field(default_factory=MambaConfig)
+    mlp: str = "relu2"
+    mlp_ratio: int = 4
+    rope_theta: float = 10000.0
+    qk_norm: bool = True
+    tie_embeddings: bool = False
+    grad_checkpoint: bool = False
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if isinstance(self.mamba, dict):
+            self.mamba = _from_dict(MambaConfig, self.mamba, prefix="mamba.")
+        if not isinstance(self.mamba, MambaConfig):
+            raise ValueError(f"mamba must be a MambaConfig or a dict, got {type(self.mamba).__name__}")
+        for name in ("vocab_size", "d_model", "n_layer", "n_head", "mlp_ratio"):
+            _require_positive_int(name, getattr(self, name))
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            self.head_dim = self.d_model // self.n_head
+        _require_positive_int("n_kv_head", self.n_kv_head)
+        _require_positive_int("head_dim", self.head_dim)
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.mlp not in MLP_KINDS:
+            raise ValueError(f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
+        if self.d_inner % self.mamba.headdim:
+            raise ValueError(
+                f"mamba d_inner = expand * d_model = {self.d_inner} must be a multiple of "
+                f"mamba.headdim {self.mamba.headdim}"
+            )
+        if self.mamba_heads % self.mamba.ngroups:
+            raise ValueError(
+                f"mamba heads {self.mamba_heads} must be a multiple of mamba.ngroups {self.mamba.ngroups}"
+            )
+        layers = parse_block_pattern(self.block_pattern)
+        if len(layers) != self.n_layer:
+            raise ValueError(
+                f"block_pattern {self.block_pattern!r} has {len(layers)} blocks but n_layer is {self.n_layer}"
+            )
+
+    @property
+    def layers(self) -> list[str]:
+        """One letter per layer, "T" or "M"."""
+        return parse_block_pattern(self.block_pattern)
+
+    @property
+    def d_inner(self) -> int:
+        """Mamba inner width (expand * d_model)."""
+        return self.mamba.expand * self.d_model
+
+    @property
+    def mamba_heads(self) -> int:
+        """Number of SSD heads h = d_inner / headdim."""
+        return self.d_inner // self.mamba.headdim
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Hidden width of the MLP after each attention block."""
+        hidden = self.mlp_ratio * self.d_model
+        if self.mlp == "swiglu":
+            hidden = 8 * math.ceil(2 * hidden / 3 / 8)
+        return hidden
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        """Config from a plain dict (mamba may be a nested dict); unknown keys raise ValueError."""
+        return _from_dict(cls, values, prefix="")
+
+    def to_dict(self) -> dict:
+        """Plain nested dict that `from_dict` reads back."""
+        return dataclasses.asdict(self)
+
+
+def _from_dict(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"{prefix or 'config'} must be a dict, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        names = [repr(prefix + key) for key in unknown]
+        raise ValueError(
+            f"unknown config key {names[0]}"
+            + (f" (and {', '.join(names[1:])})" if len(names) > 1 else "")
+            + f"; valid keys: {', '.join(sorted(prefix + key for key in known))}"
+        )
+    try:
+        return cls(**values)
+    except TypeError as err:  # a required field is missing
+        raise ValueError(f"bad {cls.__name__}: {err}") from None
+
+
+def _require_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def parse_block_pattern(pattern: str) -> list[str]:
+    """Expand a block pattern into one letter per layer.
+
+    Grammar: terms joined by "+"; a term is a letter list "T,M,T" optionally in brackets,
+    each optionally repeated with "*count". Examples: "M*12", "T,T,M", "[T,M]*3",
+    "T*8+[T,M]*2+M*8" (20 layers). Letters: T (attention), M (Mamba-2).
+    """
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise ValueError(f"block_pattern must be a non-empty string, got {pattern!r}")
+    layers = []
+    for term in pattern.replace(" ", "").split("+"):
+        layers.extend(_parse_term(term, pattern))
+    return layers
+
+
+def _parse_term(term: str, pattern: str) -> list[str]:
+    if not term:
+        raise ValueError(f"block_pattern {pattern!r} has an empty term (check the '+' signs)")
+    count = 1
+    match = _REPEAT.match(term)
+    if match:
+        term, count = match["body"], int(match["count"])
+        if count < 1:
+            raise ValueError(f"block_pattern {pattern!r}: repeat count must be at least 1, got {count}")
+    if term.startswith("[") != term.endswith("]"):
+        raise ValueError(f"block_pattern {pattern!r}: unbalanced brackets in term {term!r}")
+    if term.startswith("["):
+        term = term[1:-1]
+    letters = term.split(",")
+    for letter in letters:
+        if letter not in BLOCK_LETTERS:
+            raise ValueError(
+                f"block_pattern {pattern!r}: unknown block {letter!r}; use T (attention) or M (Mamba-2), "
+                "terms like 'M*4' or '[T,M]*2' joined by '+'"
+            )
+    return letters * count
+
+
+PRESET_DEPTHS = {"d12": 12, "d16": 16, "d20": 20}
+
+
+def preset(name: str, vocab_size: int, **overrides) -> ModelConfig:
+    """Config preset by name; keyword overrides replace fields (e.g. block_pattern="M*12"), a
+    `mamba` dict of overrides updates the preset's Mamba settings (e.g. mamba={"doc_mode": False}).
+
+    "dN" (d12, d16, d20), nanochat's width-from-depth rule: d_model = 64 * N, heads of
+    dim 128 (n_head = ceil(d_model / 128)), pattern T*(N/2-2)+[T,M]*2+M*(N/2-2)
+    (d20 gives the seed's T*8+[T,M]*2+M*8). "tiny": d_model 128, 4 layers T,M,T,M, for
+    the 2-core CPU demo.
+    """
+    if name == "tiny":
+        values = dict(
+            vocab_size=vocab_size, d_model=128, n_layer=4, block_pattern="T,M,T,M", n_head=4,
+            mamba=dict(d_state=32, headdim=32, chunk_size=32),
+        )
+    elif name in PRESET_DEPTHS:
+        depth = PRESET_DEPTHS[name]
+        d_model = 64 * depth
+        side = depth // 2 - 2
+        values = dict(
+            vocab_size=vocab_size, d_model=d_model, n_layer=depth,
+            block_pattern=f"T*{side}+[T,M]*2+M*{side}", n_head=math.ceil(d_model / 128), mamba={},
+        )
+    else:
+        raise ValueError(f"unknown preset {name!r}; choose one of tiny, {', '.join(PRESET_DEPTHS)}")
+    mamba_overrides = overrides.pop("mamba", {})
+    if isinstance(mamba_overrides, MambaConfig):
+        mamba_overrides = dataclasses.asdict(mamba_overrides)
+    if not isinstance(mamba_overrides, dict):
+        raise ValueError(f"mamba overrides must be a dict, got {type(mamba_overrides).__name__}")
+    values.update(overrides)
+    values["mamba"] = {**values["mamba"], **mamba_overrides}
+    if "block_pattern" in overrides and "n_layer" not in overrides:
+        values["n_layer"] = len(parse_block_pattern(overrides["block_pattern"]))
+    return ModelConfig.from_dict(values)

@@ -1,0 +1,70 @@
+"""Small layers shared by the blocks: gated RMSNorm, rotary embeddings, the MLP, weight init."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class GatedRMSNorm(nn.Module):
+    """Mamba-2's output norm: rmsnorm(y * silu(z)) * weight over the last dim (norm after gate),
+    computed in fp32 and returned in y's dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y, z (..., dim) -> (..., dim)."""
+        gated = y.float() * F.silu(z.float())
+        return F.rms_norm(gated, (gated.shape[-1],), self.weight.float(), self.eps).to(y.dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (..., head_dim // 2) fp32 for integer positions (...)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate halves of x (b, l, heads, d) by cos, sin (b|1, l, d/2); computed in fp32."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return rotated.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """Position-wise MLP: "relu2" (down(relu(up x)^2)) or "swiglu" (down(silu(gate x) * up x))."""
+
+    def __init__(self, d_model: int, hidden: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.up = nn.Linear(d_model, hidden * (2 if kind == "swiglu" else 1), bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., d_model) -> (..., d_model)."""
+        if self.kind == "swiglu":
+            gate, up = self.up(x).chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
+        return self.down(F.relu(self.up(x)).square())
+
+
+def init_input_linear(linear: nn.Linear) -> None:
+    """Uniform init with std 1/sqrt(fan_in) (nanochat), zero bias."""
+    bound = math.sqrt(3.0 / linear.in_features)
+    nn.init.uniform_(linear.weight, -bound, bound)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
+def init_output_linear(linear: nn.Linear) -> None:
+    """Residual-branch output projections start at zero, so every block starts as the identity."""
+    nn.init.zeros_(linear.weight)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
