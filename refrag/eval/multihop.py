@@ -1,0 +1,135 @@
+"""Multi-hop evaluation: EM / F1 through the REFRAG loop, hops used, abstention, vs single-shot RAG.
+
+Each question of a split runs through `refrag.infer.multihop.run_multihop` with greedy
+decoding (no gold documents inserted). An answer is scored with `refrag.eval.answers`
+(`score_answer`, hallucination judged against every document retrieved over all hops); a
+trajectory without a final answer (truncated, empty, out of hops) scores as the empty answer.
+On top of `aggregate`'s metrics: ``hops`` (mean retrievals per question) and the share of each
+outcome (``answered``, ``abstained``, ``max_hops``, ``truncated``, ``empty``).
+
+CLI (one command, one table)::
+
+    python -m refrag.eval.multihop --checkpoint out/refrag/rl/checkpoints \\
+        [--rag-checkpoint out/sft/checkpoints] [--split test] [--max-hops 3] [--top-k 3]
+
+The optional single-shot column evaluates an SFT-RAG checkpoint with
+`refrag.eval.evaluate.evaluate_model` (one retrieval, seed format 3.1) on the same questions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from refrag.data import EMBEDDED_KB_DIR, RagTokenizer, load_queries
+from refrag.eval.answers import aggregate, format_table, score_answer
+from refrag.eval.evaluate import evaluate_model, load_trained_model
+from refrag.infer import Engine
+from refrag.infer.multihop import STATUSES, run_multihop
+from refrag.retrieval import RetrievalManager
+from refrag.retrieval.documents import document_text
+from refrag.train.checkpoint import CheckpointError, latest_checkpoint
+
+
+def retrieved_texts(messages: Sequence[dict]) -> list[str]:
+    """Texts of every document in a conversation's retrieval messages."""
+    return [document_text(d) for m in messages if m["role"] == "retrieval" for d in m["documents"]]
+
+
+def evaluate_multihop(generator, tokenizer: RagTokenizer, retriever, records: Sequence[dict], *,
+                      max_hops: int = 3, top_k: int = 3, max_new_tokens: int = 32, max_doc_tokens: int = 256,
+                      batch_size: int = 32) -> dict:
+    """Metrics of `aggregate` plus ``hops``, one rate per outcome and ``predictions``.
+
+    generator: `Engine(model)` of a model in eval mode (or a `CachedEngine`; anything with
+    Engine.generate's signature), decoding greedily; records: query records {id, question,
+    answer, type, gold_doc_ids}; questions run through the loop `batch_size` at a time.
+    """
+    if not records:
+        raise ValueError("evaluate_multihop needs at least one question record")
+    traces = []
+    for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
+        traces += run_multihop(generator, tokenizer, retriever, [r["question"] for r in batch], max_hops=max_hops,
+                               top_k=top_k, max_new_tokens=max_new_tokens, max_doc_tokens=max_doc_tokens)
+    scored, predictions = [], []
+    for record, trace in zip(records, traces):
+        score = score_answer(trace.answer or "", record["answer"], record["type"], retrieved_texts(trace.messages))
+        scored.append(score)
+        predictions.append({"id": record["id"], "type": record["type"], "question": record["question"],
+                            "gold": record["answer"], "prediction": trace.answer, "status": trace.status,
+                            "queries": [h["query"] for h in trace.hops],
+                            "retrieved": trace.retrieved_doc_ids, **score})
+    n = len(traces)
+    outcomes = {status: sum(t.status == status for t in traces) / n for status in STATUSES}
+    return {**aggregate(scored), "hops": sum(t.num_hops for t in traces) / n, **outcomes,
+            "predictions": predictions}
+
+
+def format_comparison(results: dict[str, dict]) -> str:
+    """`format_table` of the runs plus rows for mean hops and outcome rates (multi-hop runs only)."""
+    table = format_table(results)
+    widths = [max(len(name), 6) for name in results]  # format_table's column widths
+    label_width = len(table.splitlines()[0]) - sum(w + 1 for w in widths)
+    lines = [table]
+    for key in ("hops",) + STATUSES:
+        cells = [("-" if key not in m else f"{m[key]:.3f}").rjust(w) for m, w in zip(results.values(), widths)]
+        lines.append(" ".join([key.ljust(label_width)] + cells))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m refrag.eval.multihop",
+                                     description="Multi-hop (REFRAG) answer evaluation vs single-shot RAG.")
+    parser.add_argument("--checkpoint", required=True, help="REFRAG checkpoint (step dir or checkpoints/ dir)")
+    parser.add_argument("--rag-checkpoint", help="single-shot SFT-RAG checkpoint of the same model size")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--max-hops", type=int, default=3)
+    parser.add_argument("--top-k", type=int, default=None, help="documents per hop (default: the training top_k)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="also write metrics and predictions to this file")
+    return parser
+
+
+def main_multihop(argv: list[str] | None = None) -> dict:
+    """Entry point: evaluate the REFRAG checkpoint (and the single-shot one), print one table."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_hops < 1:
+        parser.error(f"--max-hops must be at least 1, got {args.max_hops}")
+    try:
+        model, tokenizer, train_cfg = load_trained_model(latest_checkpoint(args.checkpoint) or args.checkpoint,
+                                                         args.device)
+    except CheckpointError as err:
+        parser.exit(2, f"error: {err}\n")
+    kb_source = train_cfg["kb_source"] or EMBEDDED_KB_DIR
+    top_k = args.top_k or train_cfg["top_k"]
+    manager = RetrievalManager(train_cfg["retriever"], knowledge_base=train_cfg["kb_dir"])
+    records = load_queries(args.split, kb_source)[:args.limit]
+    results = {"refrag": evaluate_multihop(Engine(model, tokenizer), tokenizer, manager, records,
+                                           max_hops=args.max_hops, top_k=top_k, max_new_tokens=args.max_new_tokens,
+                                           batch_size=args.batch_size)}
+    if args.rag_checkpoint:
+        try:
+            rag_model, rag_tokenizer, _ = load_trained_model(
+                latest_checkpoint(args.rag_checkpoint) or args.rag_checkpoint, args.device)
+        except CheckpointError as err:
+            parser.exit(2, f"error: {err}\n")
+        results["single_shot"] = evaluate_model(rag_model, rag_tokenizer, manager, args.split, top_k,
+                                                args.max_new_tokens, kb_source=kb_source,
+                                                batch_size=args.batch_size, limit=args.limit)
+    print(f"split {args.split}, {len(records)} questions, max_hops {args.max_hops}, top_k {top_k}")
+    print(format_comparison(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main_multihop()

@@ -1,0 +1,532 @@
+"""Per-document prefill cache: encode each retrieved document once, compose cached documents.
+
+In doc_mode every layer's outputs on a document's tokens depend only on the shared text
+before its retrieval block and on the document itself (DESIGN.md), so a document can be
+encoded once from the prefix state and reused. Per document and layer the cache keeps:
+
+- attention blocks: the document's keys and values (after QK-norm and RoPE);
+- Mamba blocks: the final SSD state ``s_i`` started from the block-entry state ``h0``, the
+  total decay ``D_i = exp(sum_t dt_t * A)`` per head, and the last ``d_conv - 1`` raw conv
+  inputs (xBC) of the document.
+
+A retrieval block of documents 1..K is composed instead of re-run: keys and values are
+appended in order, the SSD state carried past the block is
+``h = P h0 + sum_i (prod_{j>i} D_j) (s_i - D_i h0)`` with ``P = prod_i D_i`` (evaluated as
+the recurrence ``h <- D_i h + (s_i - D_i h0)``), and the conv window of the next shared
+token is the last ``d_conv - 1`` raw inputs of prefix + documents. Only the shared tokens
+are run through the model.
+
+Cache keys are (sha256 of the document's token ids, sha256 of the prefix tokens and their
+document ids, the document's first RoPE position or None for attention-free models). The
+position is part of the key because a model whose document positions depend on the
+preceding sibling documents (`HybridLM` with ``layout.position_ids()``) gives a document
+different keys at a different offset; with sibling-independent positions
+(``position_ids(per_document=True)``) the position is always 0 and any order of the same
+documents hits. Each entry stores the model version it was computed with; an entry from
+another version is never used (dropped, counted in ``stats.stale``).
+
+Example::
+
+    cache = DocumentCache(max_bytes=2 << 30)
+    engine = CachedEngine(model, cache)                      # version: weight fingerprint
+    logits, hybrid_cache = engine.prefill([prefix_ids, [doc_a_ids, doc_b_ids], suffix_ids])
+    outputs = engine.generate([prompt_ids], 32, doc_ids=[prompt_doc_ids])   # Engine's signature
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from kernels import DocLayout, causal_conv1d, ssd_scan
+from refrag.infer.engine import sample_next_token
+from refrag.model import AttentionCache, HybridCache, HybridLM, MambaCache
+from refrag.model.blocks import AttentionBlock, MambaBlock
+
+Segment = Union[Sequence[int], Sequence[Sequence[int]]]
+
+
+@dataclass
+class AttentionDocState:
+    """One attention block's keys and values of a document, k, v (n, n_kv_head, head_dim)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+@dataclass
+class MambaDocState:
+    """One Mamba block's summary of a document encoded from the block-entry state h0.
+
+    final (h, p, n) fp32: SSD state after the document; log_decay (h,) fp32: sum_t dt_t * A;
+    conv_tail (t, conv_dim), t = min(n_tokens, d_conv - 1): the document's last raw conv inputs.
+    """
+
+    final: torch.Tensor
+    log_decay: torch.Tensor
+    conv_tail: torch.Tensor
+
+
+@dataclass
+class DocumentEntry:
+    """Everything a composition needs about one document, for one model version."""
+
+    layers: list
+    num_tokens: int
+    model_version: str
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for layer in self.layers for t in vars(layer).values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class CacheStats:
+    """Counters of a DocumentCache: hits, misses, stale (other model version) rejections,
+    evictions (LRU, memory budget) and entries too large to store at all."""
+
+    hits: int = 0
+    misses: int = 0
+    stale: int = 0
+    evictions: int = 0
+    too_large: int = 0
+
+
+@dataclass
+class DocumentCache:
+    """LRU map key -> DocumentEntry bounded by `max_bytes` of tensor memory."""
+
+    max_bytes: int
+    stats: CacheStats = field(default_factory=CacheStats)
+    _entries: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _nbytes: int = field(default=0, repr=False)
+
+    def __post_init__(self):
+        if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int) or self.max_bytes < 0:
+            raise ValueError(f"max_bytes must be a non-negative int, got {self.max_bytes!r}")
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Tensor bytes held by the cached entries."""
+        return self._nbytes
+
+    def get(self, key: tuple, model_version: str) -> DocumentEntry | None:
+        """The entry for `key` computed by `model_version`, else None (a miss).
+
+        An entry from another model version is removed and counted in `stats.stale`.
+        """
+        entry = self._entries.get(key)
+        if entry is not None and entry.model_version != model_version:
+            self._remove(key)
+            self.stats.stale += 1
+            entry = None
+        if entry is None:
+            self.stats.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.stats.hits += 1
+        return entry
+
+    def put(self, key: tuple, entry: DocumentEntry) -> None:
+        """Store `entry`, evicting least recently used entries to stay within max_bytes."""
+        if key in self._entries:
+            self._remove(key)
+        size = entry.nbytes
+        if size > self.max_bytes:
+            self.stats.too_large += 1
+            return
+        while self._nbytes + size > self.max_bytes:
+            oldest = next(iter(self._entries))
+            self._remove(oldest)
+            self.stats.evictions += 1
+        self._entries[key] = entry
+        self._nbytes += size
+
+    def clear(self) -> None:
+        """Drop every entry (counters are kept)."""
+        self._entries.clear()
+        self._nbytes = 0
+
+    def _remove(self, key: tuple) -> None:
+        self._nbytes -= self._entries.pop(key).nbytes
+
+
+def token_digest(token_ids: Sequence[int], doc_ids: Sequence[int] | None = None) -> str:
+    """sha256 hex digest of token ids (and optionally their document ids)."""
+    h = hashlib.sha256(torch.tensor(list(token_ids), dtype=torch.int64).numpy().tobytes())
+    if doc_ids is not None:
+        h.update(b"|docs|")
+        h.update(torch.tensor(list(doc_ids), dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the model's parameters and buffers (names, shapes, dtypes, bytes)."""
+    h = hashlib.sha256()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        data = t.detach().contiguous().cpu()
+        h.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
+        h.update(data.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class WeightsVersion:
+    """Model version string that follows in-place weight updates.
+
+    The fingerprint is recomputed only when a parameter's autograd version counter moved
+    (optimizer steps, load_state_dict); writes through ``param.data`` bypass the counter,
+    so pass an explicit version to CachedEngine when weights change that way.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self._counters = None
+        self._digest = ""
+
+    def __call__(self) -> str:
+        counters = tuple((id(p), p._version) for p in self.model.parameters())
+        if counters != self._counters:
+            self._digest = weights_fingerprint(self.model)
+            self._counters = counters
+        return self._digest
+
+
+class CachedEngine:
+    """Prefill with per-document caching and generation on top of a HybridLM.
+
+    model_version: a string naming the weights (e.g. checkpoint path + step); default
+    `WeightsVersion(model)`, recomputed when the weights change in place.
+    """
+
+    def __init__(self, model: HybridLM, cache: DocumentCache, model_version: str | None = None):
+        if not isinstance(model, HybridLM):
+            raise ValueError(f"model must be a HybridLM, got {type(model).__name__}")
+        if not isinstance(cache, DocumentCache):
+            raise ValueError(f"cache must be a DocumentCache, got {type(cache).__name__}")
+        self.model = model
+        self.cache = cache
+        self._version = (lambda: model_version) if model_version is not None else WeightsVersion(model)
+        self._positional = any(isinstance(b, AttentionBlock) for b in model.blocks)
+
+    @property
+    def model_version(self) -> str:
+        return self._version()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed.weight.device
+
+    # ------------------------------------------------------------------ prefill
+
+    @torch.no_grad()
+    def prefill(self, segments: Sequence[Segment], capacity: int | None = None) -> tuple[torch.Tensor, HybridCache]:
+        """Prefill one prompt given as segments; returns last-token logits (1, vocab) fp32 and its cache.
+
+        segments alternate shared text (a list of token ids) and retrieval blocks (a list of
+        documents, each a non-empty list of token ids); the prompt must end with shared text.
+        The result equals `model.prefill(ids, doc_ids)` of the concatenated prompt with
+        documents numbered 1, 2, ... in order. capacity: KV slots to preallocate (default the
+        prompt length).
+        """
+        parts = _normalize_segments(segments)
+        ids, doc_ids = _flatten(parts)
+        if doc_ids[-1] != 0:
+            raise ValueError("the prompt must end with shared text (e.g. [ASST]), not inside a retrieval block")
+        layout = DocLayout.from_cu_seqlens(
+            torch.tensor([0, len(ids)], dtype=torch.int32, device=self.device),
+            torch.tensor(doc_ids, dtype=torch.int32, device=self.device))
+        ids_t = torch.tensor(ids, dtype=torch.int64, device=self.device)[None]
+        self.model._check_input(ids_t, layout)
+        rope = self.model._context(ids_t, layout)
+        cache = _empty_cache(self.model, max(len(ids), capacity or 0), self.device)
+        version = self.model_version
+        start, hidden = 0, None
+        for kind, value in parts:
+            if kind == "shared":
+                stop = start + len(value)
+                hidden = _run_shared(self.model, cache, ids_t[:, start:stop], rope.cos[:, start:stop],
+                                     rope.sin[:, start:stop])
+            else:
+                stop = start + sum(len(d) for d in value)
+                entries = self._documents(cache, ids, doc_ids, start, value, rope, version)
+                _compose(cache, entries)
+            start = stop
+        logits = self.model.lm_head(self.model.norm(hidden[:, -1])).float()
+        return logits, cache
+
+    def _documents(self, cache: HybridCache, ids: list, doc_ids: list, start: int, documents: list,
+                   rope, version: str) -> list[DocumentEntry]:
+        """Cached or freshly encoded entries of a retrieval block starting at token `start`."""
+        prefix_key = token_digest(ids[:start], doc_ids[:start])
+        shared = torch.tensor([d == 0 for d in doc_ids[:start]], dtype=torch.bool, device=self.device)
+        entries, offset = [], start
+        for doc in documents:
+            first_position = int(rope.positions[0, offset]) if self._positional else None
+            key = (token_digest(doc), prefix_key, first_position)
+            entry = self.cache.get(key, version)
+            if entry is None:
+                stop = offset + len(doc)
+                entry = _encode_document(self.model, cache, shared, torch.tensor(doc, device=self.device)[None],
+                                         rope.cos[:, offset:stop], rope.sin[:, offset:stop], version)
+                self.cache.put(key, entry)
+            entries.append(entry)
+            offset += len(doc)
+        return entries
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, stop_token_ids: Sequence[int] = (),
+                 doc_ids: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
+        """`refrag.infer.Engine.generate` with cached document prefill; same arguments and result.
+
+        doc_ids (per prompt, per token; 0 shared, k >= 1 document k) delimit the documents
+        whose encodings are looked up in (and added to) the cache.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty; pass at least one prompt")
+        if doc_ids is None:
+            doc_ids = [[0] * len(p) for p in prompt_ids]
+        if len(doc_ids) != len(prompt_ids):
+            raise ValueError(f"doc_ids has {len(doc_ids)} rows for {len(prompt_ids)} prompts")
+        outputs = [[] for _ in prompt_ids]
+        if max_new_tokens == 0:
+            return outputs
+        prefilled = [self.prefill(segments_from_doc_ids(p, d), capacity=len(p) + max_new_tokens)
+                     for p, d in zip(prompt_ids, doc_ids)]
+        logits = torch.cat([logit for logit, _ in prefilled])
+        cache = stack_caches([c for _, c in prefilled])
+        generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
+        stops = {int(t) for t in stop_token_ids}
+        done = [False] * len(prompt_ids)
+        for step in range(max_new_tokens):
+            tokens = sample_next_token(logits, temperature, top_p, generator)
+            for row, token in enumerate(tokens.tolist()):
+                if not done[row]:
+                    outputs[row].append(token)
+                    done[row] = token in stops
+            if all(done) or step == max_new_tokens - 1:
+                break
+            logits = self.model.step(tokens, cache)
+        return outputs
+
+
+# ---------------------------------------------------------------------- segments
+
+
+def _normalize_segments(segments: Sequence[Segment]) -> list[tuple[str, list]]:
+    """[("shared", ids) | ("docs", [ids, ...])], validated; adjacent shared parts stay separate."""
+    if not segments:
+        raise ValueError("segments is empty; pass at least one shared-text segment")
+    parts = []
+    for i, seg in enumerate(segments):
+        seg = list(seg)
+        if not seg:
+            raise ValueError(f"segment {i} is empty")
+        if all(isinstance(t, int) for t in seg):
+            parts.append(("shared", seg))
+        elif all(isinstance(d, (list, tuple)) for d in seg):
+            docs = [list(d) for d in seg]
+            for j, d in enumerate(docs):
+                if not d or not all(isinstance(t, int) for t in d):
+                    raise ValueError(f"segment {i} document {j} must be a non-empty list of token ids")
+            parts.append(("docs", docs))
+        else:
+            raise ValueError(f"segment {i} must be a list of token ids or a list of documents (lists of ids)")
+    return parts
+
+
+def _flatten(parts: list[tuple[str, list]]) -> tuple[list[int], list[int]]:
+    """Concatenated token ids and per-token document ids (documents numbered 1, 2, ...)."""
+    ids, doc_ids, k = [], [], 0
+    for kind, value in parts:
+        if kind == "shared":
+            ids += value
+            doc_ids += [0] * len(value)
+        else:
+            for doc in value:
+                k += 1
+                ids += doc
+                doc_ids += [k] * len(doc)
+    return ids, doc_ids
+
+
+def segments_from_doc_ids(token_ids: Sequence[int], doc_ids: Sequence[int]) -> list:
+    """Split a prompt into segments: runs of shared tokens and retrieval blocks of documents.
+
+    token_ids, doc_ids: per-token lists of equal length (doc 0 = shared, k >= 1 document k).
+    """
+    token_ids, doc_ids = list(token_ids), list(doc_ids)
+    if len(token_ids) != len(doc_ids):
+        raise ValueError(f"doc_ids has {len(doc_ids)} entries for {len(token_ids)} tokens")
+    segments, t = [], 0
+    while t < len(token_ids):
+        if doc_ids[t] == 0:
+            end = t
+            while end < len(token_ids) and doc_ids[end] == 0:
+                end += 1
+            segments.append(token_ids[t:end])
+        else:
+            block, end = [], t
+            while end < len(token_ids) and doc_ids[end] != 0:
+                run = end
+                while end < len(token_ids) and doc_ids[end] == doc_ids[run]:
+                    end += 1
+                block.append(token_ids[run:end])
+            segments.append(block)
+        t = end
+    return segments
+
+
+# ---------------------------------------------------------------------- caches
+
+
+def _empty_cache(model: HybridLM, capacity: int, device: torch.device) -> HybridCache:
+    """A one-row HybridCache holding no tokens."""
+    layers = []
+    for block in model.blocks:
+        if isinstance(block, AttentionBlock):
+            k = torch.zeros(1, capacity, block.n_kv_head, block.head_dim, device=device,
+                            dtype=block.qkv.weight.dtype)
+            layers.append(AttentionCache(k, torch.zeros_like(k)))
+        else:
+            width = block.conv_weight.shape[1] - 1
+            conv = torch.zeros(1, block.conv_dim, width, device=device, dtype=block.in_proj.weight.dtype)
+            ssm = torch.zeros(1, block.n_heads, block.headdim, block.d_state, device=device, dtype=torch.float32)
+            layers.append(MambaCache(conv, ssm))
+    return HybridCache(layers, torch.zeros(1, dtype=torch.int64, device=device))
+
+
+def stack_caches(caches: Sequence[HybridCache]) -> HybridCache:
+    """One HybridCache whose rows are the rows of `caches` (KV capacities padded to the largest)."""
+    capacity = max((layer.capacity for c in caches for layer in c.layers if isinstance(layer, AttentionCache)),
+                   default=0)
+    layers = []
+    for per_cache in zip(*(c.layers for c in caches)):
+        if isinstance(per_cache[0], AttentionCache):
+            for layer in per_cache:
+                layer.grow(capacity)
+            layers.append(AttentionCache(torch.cat([l.k for l in per_cache]), torch.cat([l.v for l in per_cache])))
+        else:
+            layers.append(MambaCache(torch.cat([l.conv_state for l in per_cache]),
+                                     torch.cat([l.ssm_state for l in per_cache])))
+    return HybridCache(layers, torch.cat([c.lengths for c in caches]))
+
+
+# ---------------------------------------------------------------------- block math
+
+
+def _attend(block: AttentionBlock, x: torch.Tensor, layer: AttentionCache, visible_cached: torch.Tensor,
+            cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """New tokens x (1, n, d_model) attend to the cached keys where visible_cached (cached,) bool
+    is set and causally to each other.
+
+    Returns the block output (1, n, d_model) and the new keys and values (n, n_kv_head, head_dim).
+    """
+    q, k, v = block._qkv(x, cos, sin)
+    n, cached = x.shape[1], visible_cached.shape[0]
+    keys = torch.cat([layer.k[0, :cached].to(k.dtype), k[0]])  # (cached + n, n_kv_head, hd)
+    values = torch.cat([layer.v[0, :cached].to(v.dtype), v[0]])
+    causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+    visible = torch.cat([visible_cached[None].expand(n, cached), causal], dim=1)  # (n, cached + n)
+    groups = block.n_head // block.n_kv_head
+    keys = keys.repeat_interleave(groups, dim=1).transpose(0, 1)[None]  # (1, n_head, cached + n, hd)
+    values = values.repeat_interleave(groups, dim=1).transpose(0, 1)[None]
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible)  # (1, n_head, n, hd)
+    return block._attend_and_mlp(x, o.transpose(1, 2)), k[0], v[0]
+
+
+def _scan(block: MambaBlock, x: torch.Tensor, conv_history: torch.Tensor, h0: torch.Tensor):
+    """Mamba mixer over new tokens x (1, n, d_model) from conv history (1, conv_dim, w) and SSD state h0.
+
+    Returns (output (1, n, d_model), raw conv inputs (n, conv_dim), final state (h, p, n) fp32,
+    log total decay (h,) fp32).
+    """
+    n, width = x.shape[1], conv_history.shape[-1]
+    z, xBC_raw, dt = block._split(block.in_proj(block.norm(x)))
+    window = torch.cat([conv_history.transpose(1, 2).to(xBC_raw.dtype), xBC_raw], dim=1)
+    xBC = causal_conv1d(window, block.conv_weight, block.conv_bias, activation="silu")[:, width:]
+    xs, B, C = block._split_xbc(xBC)
+    A = -torch.exp(block.A_log.float())
+    y, final = ssd_scan(xs, dt, A, B, C, chunk_size=block.chunk_size, D=block.D, dt_bias=block.dt_bias,
+                        dt_softplus=True, initial_states=h0, return_final_states=True)
+    out = x + block.out_proj(block.out_norm(y.reshape(1, n, block.d_inner), z))
+    log_decay = (F.softplus(dt[0].float() + block.dt_bias.float()) * A).sum(0)
+    return out, xBC_raw[0], final[0].float(), log_decay
+
+
+def _last_rows(history: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
+    """Conv state (1, conv_dim, width): the last `width` of history (1, conv_dim, w) then rows (t, conv_dim)."""
+    joined = torch.cat([history, rows.t()[None].to(history.dtype)], dim=-1)
+    return joined[:, :, -width:].contiguous()
+
+
+def _run_shared(model: HybridLM, cache: HybridCache, ids: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+    """Append shared tokens ids (1, n) to the cache; returns the last block's output (1, n, d_model)."""
+    cached, n = int(cache.lengths[0]), ids.shape[1]
+    cache.reserve(n)
+    every_key = torch.ones(cached, dtype=torch.bool, device=ids.device)
+    x = model.embed(ids)
+    for block, layer in zip(model.blocks, cache.layers):
+        if isinstance(block, AttentionBlock):
+            x, k, v = _attend(block, x, layer, every_key, cos, sin)
+            layer.k[0, cached:cached + n] = k.to(layer.k.dtype)
+            layer.v[0, cached:cached + n] = v.to(layer.v.dtype)
+        else:
+            x, raw, final, _ = _scan(block, x, layer.conv_state, layer.ssm_state)
+            layer.conv_state = _last_rows(layer.conv_state, raw, layer.conv_state.shape[-1])
+            layer.ssm_state = final[None]
+    cache.lengths += n
+    return x
+
+
+def _encode_document(model: HybridLM, cache: HybridCache, shared: torch.Tensor, ids: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, version: str) -> DocumentEntry:
+    """Encode one document ids (1, n) from the cache's state (the block entry), doc_mode semantics:
+    attention sees the cached shared tokens (shared (cached,) bool; documents of earlier blocks
+    are hidden) and the document, the conv window starts at the document, the SSD scan starts
+    from the block-entry state. The cache is not modified."""
+    x = model.embed(ids)
+    layers = []
+    for block, layer in zip(model.blocks, cache.layers):
+        if isinstance(block, AttentionBlock):
+            x, k, v = _attend(block, x, layer, shared, cos, sin)
+            layers.append(AttentionDocState(k.to(layer.k.dtype), v.to(layer.v.dtype)))
+        else:
+            x, raw, final, log_decay = _scan(block, x, torch.zeros_like(layer.conv_state), layer.ssm_state)
+            tail = raw[-layer.conv_state.shape[-1]:].to(layer.conv_state.dtype)
+            layers.append(MambaDocState(final, log_decay, tail))
+    return DocumentEntry(layers, ids.shape[1], version)
+
+
+def _compose(cache: HybridCache, entries: Sequence[DocumentEntry]) -> None:
+    """Append a retrieval block of encoded documents to the cache (DESIGN's state composition)."""
+    total = sum(e.num_tokens for e in entries)
+    cache.reserve(total)
+    cached = int(cache.lengths[0])
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, AttentionCache):
+            layer.k[0, cached:cached + total] = torch.cat([e.layers[i].k for e in entries])
+            layer.v[0, cached:cached + total] = torch.cat([e.layers[i].v for e in entries])
+        else:
+            h0 = layer.ssm_state[0]
+            h = h0
+            for e in entries:
+                decay = e.layers[i].log_decay.exp()[:, None, None]  # (h, 1, 1)
+                h = decay * h + (e.layers[i].final - decay * h0)
+            layer.ssm_state = h[None].contiguous()
+            tails = torch.cat([e.layers[i].conv_tail for e in entries])
+            layer.conv_state = _last_rows(layer.conv_state, tails, layer.conv_state.shape[-1])
+    cache.lengths += total

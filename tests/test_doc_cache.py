@@ -1,0 +1,198 @@
+"""Per-document prefill cache: cached composition equals the full doc_mode prefill; LRU, versions, bad input.
+
+Most cases run the ops' PyTorch references on CPU (the composition, not the kernels, is under
+test here, and the Triton interpreter is slow); `test_cached_prefill_matches_on_the_kernel_path`
+runs the Triton kernels (interpreter on CPU, compiled on CUDA).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels.common.dispatch as dispatch
+from model_utils import VOCAB, tiny_model, tolerance
+from refrag.infer import Engine
+from refrag.infer.doc_cache import CachedEngine, DocumentCache, segments_from_doc_ids, weights_fingerprint
+
+PATTERNS = [pytest.param("M,M", id="pure-M"), pytest.param("T,M", id="hybrid"), pytest.param("T,T", id="pure-T")]
+
+
+@pytest.fixture
+def reference_ops(device, monkeypatch):
+    """Run kernels through their references on CPU (CUDA always runs the Triton kernels)."""
+    monkeypatch.setattr(dispatch, "INTERPRET", False)
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+# prefix, three documents (7 tokens, a one-token document, 2 tokens: shorter than the conv window), suffix
+PREFIX, SUFFIX = tokens(5, 1), tokens(4, 2)
+DOCS = {"a": tokens(7, 3), "b": tokens(1, 4), "c": tokens(2, 5)}
+
+
+def flat(segments) -> tuple[list[int], list[int]]:
+    """Concatenated ids and doc ids (documents numbered 1, 2, ... in order)."""
+    ids, doc_ids, k = [], [], 0
+    for seg in segments:
+        if isinstance(seg[0], int):
+            ids += seg
+            doc_ids += [0] * len(seg)
+        else:
+            for d in seg:
+                k += 1
+                ids += d
+                doc_ids += [k] * len(d)
+    return ids, doc_ids
+
+
+def full_prefill(model, segments):
+    ids, doc_ids = flat(segments)
+    return model.prefill(torch.tensor([ids], device=model.embed.weight.device),
+                         torch.tensor([doc_ids], device=model.embed.weight.device))
+
+
+def assert_same_generation(model, engine, segments, max_new_tokens=6):
+    ids, doc_ids = flat(segments)
+    expected = Engine(model).generate([ids], max_new_tokens, doc_ids=[doc_ids])
+    assert engine.generate([ids], max_new_tokens, doc_ids=[doc_ids]) == expected
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_cached_prefill_equals_full_prefill_for_any_document_order(pattern, device, reference_ops):
+    model = tiny_model(pattern, device)
+    engine = CachedEngine(model, DocumentCache(max_bytes=1 << 30))
+    for order in ("abc", "cab", "bca", "abc"):
+        segments = [PREFIX, [DOCS[k] for k in order], SUFFIX]
+        expected, expected_cache = full_prefill(model, segments)
+        logits, cache = engine.prefill(segments)
+        torch.testing.assert_close(logits, expected, **tolerance(device))
+        for got, want in zip(cache.layers, expected_cache.layers):
+            for name, tensor in vars(want).items():
+                n = int(cache.lengths[0]) if name in ("k", "v") else None
+                torch.testing.assert_close(getattr(got, name)[:, :n], tensor[:, :n], **tolerance(device))
+        assert_same_generation(model, engine, segments)
+    stats = engine.cache.stats
+    if pattern == "M,M":  # no positions: every reordering reuses the three encodings
+        assert (stats.misses, stats.hits) == (3, 4 * 2 * 3 - 3)  # 4 orders x (prefill + generate) x 3 docs
+    else:  # the key holds the document's first RoPE position: a new offset in the block is a miss
+        assert stats.hits >= 4 * 3  # at least: each generate reuses the encodings of its prefill
+
+
+def test_cached_prefill_composes_several_retrieval_blocks(device, reference_ops):
+    model = tiny_model("T,M,M", device)
+    engine = CachedEngine(model, DocumentCache(max_bytes=1 << 30))
+    segments = [PREFIX, [DOCS["a"], DOCS["b"]], tokens(3, 6), [DOCS["c"], DOCS["a"]], SUFFIX]
+    expected, _ = full_prefill(model, segments)
+    logits, _ = engine.prefill(segments)
+    torch.testing.assert_close(logits, expected, **tolerance(device))
+    assert_same_generation(model, engine, segments)
+    assert engine.cache.stats.hits == 4  # generate re-ran the four documents from the cache
+
+
+def test_cached_prefill_matches_on_the_kernel_path(device):
+    model = tiny_model("T,M", device)
+    engine = CachedEngine(model, DocumentCache(max_bytes=1 << 30))
+    segments = [PREFIX, [DOCS["c"], DOCS["a"]], SUFFIX]
+    expected, _ = full_prefill(model, segments)
+    logits, _ = engine.prefill(segments)
+    torch.testing.assert_close(logits, expected, **tolerance(device))
+
+
+def test_batched_generate_matches_engine(device, reference_ops):
+    model = tiny_model("T,M", device)
+    engine = CachedEngine(model, DocumentCache(max_bytes=1 << 30))
+    prompts = [flat([PREFIX, [DOCS["a"], DOCS["b"]], SUFFIX]), flat([tokens(2, 7), [DOCS["c"]], tokens(9, 8)])]
+    ids, doc_ids = [p[0] for p in prompts], [p[1] for p in prompts]
+    expected = Engine(model).generate(ids, 5, doc_ids=doc_ids)
+    assert engine.generate(ids, 5, doc_ids=doc_ids) == expected
+
+
+def test_entries_of_another_model_version_are_never_used(device, reference_ops):
+    model = tiny_model("T,M", device)
+    cache = DocumentCache(max_bytes=1 << 30)
+    segments = [PREFIX, [DOCS["a"], DOCS["c"]], SUFFIX]
+    CachedEngine(model, cache, model_version="step-1").prefill(segments)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    expected, _ = full_prefill(model, segments)
+    logits, _ = CachedEngine(model, cache, model_version="step-2").prefill(segments)
+    assert cache.stats.stale == 2 and cache.stats.hits == 0
+    torch.testing.assert_close(logits, expected, **tolerance(device))
+
+
+def test_default_version_follows_in_place_weight_updates(device, reference_ops):
+    model = tiny_model("M", device)
+    engine = CachedEngine(model, DocumentCache(max_bytes=1 << 30))
+    segments = [PREFIX, [DOCS["a"]], SUFFIX]
+    engine.prefill(segments)
+    version = engine.model_version
+    assert version == weights_fingerprint(model)
+    with torch.no_grad():
+        model.blocks[0].D.add_(0.5)
+    assert engine.model_version != version
+    expected, _ = full_prefill(model, segments)
+    logits, _ = engine.prefill(segments)
+    assert engine.cache.stats.stale == 1
+    torch.testing.assert_close(logits, expected, **tolerance(device))
+
+
+def test_lru_keeps_within_the_memory_budget(device, reference_ops):
+    model = tiny_model("M", device)
+    probe = CachedEngine(model, DocumentCache(max_bytes=1 << 30))
+    docs = [tokens(4, 10 + i) for i in range(3)]  # equal lengths: equal entry sizes
+    probe.prefill([PREFIX, [docs[0]], SUFFIX])
+    one_entry = probe.cache.nbytes
+    cache = DocumentCache(max_bytes=2 * one_entry)
+    engine = CachedEngine(model, cache)
+    for doc in docs:
+        engine.prefill([PREFIX, [doc], SUFFIX])
+    assert len(cache) == 2 and cache.nbytes <= cache.max_bytes and cache.stats.evictions == 1
+    engine.prefill([PREFIX, [docs[2]], SUFFIX])
+    engine.prefill([PREFIX, [docs[0]], SUFFIX])  # evicted first (least recently used)
+    assert (cache.stats.hits, cache.stats.misses) == (1, 4)
+    tiny = CachedEngine(model, DocumentCache(max_bytes=one_entry - 1))
+    tiny.prefill([PREFIX, [docs[0]], SUFFIX])
+    assert len(tiny.cache) == 0 and tiny.cache.stats.too_large == 1
+
+
+def test_bad_input_is_rejected(device):
+    model = tiny_model("M", device)
+    engine = CachedEngine(model, DocumentCache(max_bytes=1 << 20))
+    with pytest.raises(ValueError, match="end with shared text"):
+        engine.prefill([PREFIX, [DOCS["a"]]])
+    with pytest.raises(ValueError, match="segment 1 is empty"):
+        engine.prefill([PREFIX, [], SUFFIX])
+    with pytest.raises(ValueError, match="max_bytes"):
+        DocumentCache(max_bytes=-1)
+    with pytest.raises(ValueError, match="DocumentCache"):
+        CachedEngine(model, {})
+
+
+def test_segments_from_doc_ids_round_trip():
+    segments = [PREFIX, [DOCS["a"], DOCS["b"]], tokens(3, 6), [DOCS["c"]], SUFFIX]
+    ids, doc_ids = flat(segments)
+    assert segments_from_doc_ids(ids, doc_ids) == segments
+    with pytest.raises(ValueError, match="doc_ids"):
+        segments_from_doc_ids(ids, doc_ids[:-1])
+
+
+def test_multihop_loop_gives_the_same_traces_with_the_cached_engine(reference_ops):
+    from refrag.data import load_tokenizer
+    from refrag.infer.multihop import run_multihop
+    from test_multihop import Q1, Q2, FakeRetriever, doc
+
+    tok = load_tokenizer()
+    model = tiny_model("T,M", "cpu", vocab_size=tok.vocab_size)
+    retriever = FakeRetriever({Q1: [doc("d1", "The Folding Sextant was invented by Synstyl Merkstesk."),
+                                    doc("d2", "Pulbys is a port city.")],
+                               Q2: [doc("d3", "The Ferro River flows through Gindvrask.")]})
+    kwargs = dict(max_hops=2, max_new_tokens=5, temperature=1.0, seed=3)
+    expected = run_multihop(Engine(model), tok, retriever, [Q1, Q2], **kwargs)
+    engine = CachedEngine(model, DocumentCache(max_bytes=1 << 30))
+    for _ in range(2):  # the second run hits the cache
+        got = run_multihop(engine, tok, retriever, [Q1, Q2], **kwargs)
+        assert [t.input_ids for t in got] == [t.input_ids for t in expected]
+    assert engine.cache.stats.hits >= 3
