@@ -11,7 +11,11 @@ the state is carried from chunk to chunk. The forward stores the state entering 
 (N_chunks, d, n) so the backward recomputes h chunk by chunk (memory O(l d n / BT), never
 O(l d n)) while a reverse scan over the same chunks yields dh. Blocks never straddle a B/C
 group, so B/C tiles are read once per block without expanding grouped B/C, and dB/dC are
-reduced over the block's channels in registers before one atomic add per block.
+reduced over the block's channels in registers. Those block sums are combined either with one
+atomic add per block (default: run-to-run float order varies on GPU) or, with
+``deterministic=True``, stored per block and reduced by a fixed-order torch sum (bitwise
+reproducible, extra memory; see `selective_scan`). Every other backward reduction (dA, dD,
+ddelta_bias over sequences) goes through per-sequence partials and a torch sum already.
 """
 from __future__ import annotations
 
@@ -42,6 +46,10 @@ BWD_CONFIGS = [
     triton.Config({"BD": 8}, num_warps=8),
 ]
 TUNE_KEY = ["DIM", "N", "CPG", "BT", "ACC"]
+# The deterministic backward runs this one config instead of autotuning: the block width BD
+# and the warp layout set the float summation order, and the autotuner's pick can differ
+# between processes. BD 8 halves the partial-sum buffers against BD 4.
+DETERMINISTIC_BWD_CONFIG = triton.Config({"BD": 8}, num_warps=8)
 
 
 def default_chunk_size(n: int) -> int:
@@ -229,13 +237,13 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, cu_s
 @triton.jit
 def selective_scan_bwd_kernel(
     u, delta, A, B, C, D, z, delta_bias, states, dy, dht, cu_seqlens, chunk_offsets,
-    du, ddelta, dz, dB, dC, dA_part, dD_part, ddelta_bias_part, dh0,
+    du, ddelta, dz, dB, dC, dA_part, dD_part, ddelta_bias_part, dh0, stride_part_dbc,
     stride_b_u, stride_d_u, stride_b_delta, stride_d_delta, stride_b_z, stride_d_z,
     stride_b_bc, stride_g_bc, stride_n_bc,
     L, DIM: tl.constexpr, N: tl.constexpr, CPG: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr,
     DELTA_SOFTPLUS: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_DELTA_BIAS: tl.constexpr, HAS_DHT: tl.constexpr,
+    HAS_DELTA_BIAS: tl.constexpr, HAS_DHT: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
     i_s, i_gd = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     NDB = tl.cdiv(CPG, BD)
@@ -331,10 +339,15 @@ def selective_scan_bwd_kernel(
 
         tl.store(du + o_out, b_du.to(du.dtype.element_ty), mask=m_td)
         tl.store(ddelta + o_out, b_ddt.to(ddelta.dtype.element_ty), mask=m_td)
-        # every channel block of the group adds into the same dB/dC rows
         o_dbc = (i_b * (DIM // CPG) + i_g) * N * L + o_n[None, :] * L + o_tok[:, None]
-        tl.atomic_add(dB + o_dbc, b_dB, mask=m_tn)
-        tl.atomic_add(dC + o_dbc, b_dC, mask=m_tn)
+        if DETERMINISTIC:
+            # this block's sums go to its own slot i_db of the (blocks, b, g, n, l) partials
+            tl.store(dB + i_db * stride_part_dbc + o_dbc, b_dB, mask=m_tn)
+            tl.store(dC + i_db * stride_part_dbc + o_dbc, b_dC, mask=m_tn)
+        else:
+            # every channel block of the group adds into the same dB/dC rows
+            tl.atomic_add(dB + o_dbc, b_dB, mask=m_tn)
+            tl.atomic_add(dC + o_dbc, b_dC, mask=m_tn)
 
     tl.store(dh0 + i_s * DIM * N + o_dn, b_carry.to(dh0.dtype.element_ty), mask=m_dn)
     tl.store(dA_part + i_s * DIM * N + o_dn, b_dA, mask=m_dn)
@@ -342,15 +355,29 @@ def selective_scan_bwd_kernel(
     tl.store(ddelta_bias_part + i_s * DIM + o_d, b_dbias, mask=m_d)
 
 
+def _bc_grad_buffers(u, B, varlen: bool, blocks: Optional[int]):
+    """Zeroed (b,g,n,l) dB and dC accumulators for the atomic path (blocks None), else
+    (blocks,b,g,n,l) buffers for per-block partial sums, all in the compute dtype."""
+    shape = tuple(B.shape[:3]) + (u.shape[2],)
+    # without varlen every block writes its whole slot; varlen padding tokens stay unwritten
+    new = torch.zeros if blocks is None or varlen else torch.empty
+    if blocks is not None:
+        shape = (blocks,) + shape
+    return tuple(new(shape, dtype=_compute_dtype(u), device=u.device) for _ in range(2))
+
+
 def selective_scan_bwd(dy, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, cu_seqlens,
-                       states, chunk_offsets, chunk_size: int, config: Optional[triton.Config] = None):
+                       states, chunk_offsets, chunk_size: int, config: Optional[triton.Config] = None,
+                       deterministic: bool = False):
     """Launch the backward scan; inputs as for `selective_scan_fwd` plus its saved states.
 
     dy (b,d,l) gradient of y; dlast (N|b,d,n) gradient of the last state or None.
     Returns du, ddelta (raw delta, before bias/softplus), dA, dB (b,g,n,l), dC, dD, dz,
-    ddelta_bias, dinitial_state (N|b,d,n); entries are None for absent inputs. dB and dC are
-    accumulated with atomics (fp32, fp64 for fp64 inputs) over channel blocks, in no fixed order.
-    `config` forces one entry of BWD_CONFIGS instead of autotuning.
+    ddelta_bias, dinitial_state (N|b,d,n); entries are None for absent inputs. dB and dC
+    (fp32, fp64 for fp64 inputs) sum over channel blocks: by atomics in no fixed order, or,
+    when `deterministic`, through (d/g/BD, b, g, n, l) partial buffers and a fixed-order sum.
+    `config` forces one entry of BWD_CONFIGS instead of autotuning (deterministic default:
+    DETERMINISTIC_BWD_CONFIG).
     """
     b, d, l = u.shape
     g, n = B.shape[1], B.shape[2]
@@ -361,8 +388,10 @@ def selective_scan_bwd(dy, dlast, u, delta, A, B, C, D, z, delta_bias, delta_sof
     du = new(b, d, l, dtype=u.dtype, device=device)
     ddelta = new(b, d, l, dtype=delta.dtype, device=device)
     dz = None if z is None else new(b, d, l, dtype=z.dtype, device=device)
-    dB = torch.zeros(b, g, n, l, dtype=acc, device=device)
-    dC = torch.zeros(b, g, n, l, dtype=acc, device=device)
+    if deterministic and config is None:
+        config = DETERMINISTIC_BWD_CONFIG
+    blocks = triton.cdiv(d // g, config.kwargs["BD"]) if deterministic else None
+    dB, dC = _bc_grad_buffers(u, B, cu_seqlens is not None, blocks)
     dA_part = torch.empty(num_seqs, d, n, dtype=acc, device=device)
     dD_part = torch.empty(num_seqs, d, dtype=acc, device=device)
     ddelta_bias_part = torch.empty(num_seqs, d, dtype=acc, device=device)
@@ -372,7 +401,10 @@ def selective_scan_bwd(dy, dlast, u, delta, A, B, C, D, z, delta_bias, delta_sof
            u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, states=states, dy=dy, dht=dlast,
            cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets, du=du, ddelta=ddelta, dz=dz, dB=dB, dC=dC,
            dA_part=dA_part, dD_part=dD_part, ddelta_bias_part=ddelta_bias_part, dh0=dh0,
+           stride_part_dbc=b * g * n * l, DETERMINISTIC=deterministic,
            **_shape_args(u, delta, z, B, delta_softplus, chunk_size))
+    if deterministic:
+        dB, dC = dB.sum(0), dC.sum(0)
     dD = None if D is None else dD_part.sum(0)
     ddelta_bias = None if delta_bias is None else ddelta_bias_part.sum(0)
     return du, ddelta, dA_part.sum(0), dB, dC, dD, dz, ddelta_bias, dh0
@@ -382,12 +414,13 @@ class SelectiveScanFunction(torch.autograd.Function):
     """Autograd wrapper around the Triton forward / backward launchers (inputs already validated)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, cu_seqlens, initial_state):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, cu_seqlens, initial_state,
+                deterministic):
         y, last, states, chunk_offsets, chunk_size = selective_scan_fwd(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, cu_seqlens, initial_state,
             save_states=any(ctx.needs_input_grad))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states, cu_seqlens, chunk_offsets)
-        ctx.delta_softplus, ctx.chunk_size = delta_softplus, chunk_size
+        ctx.delta_softplus, ctx.chunk_size, ctx.deterministic = delta_softplus, chunk_size, deterministic
         ctx.initial_state_dtype = None if initial_state is None else initial_state.dtype
         ctx.set_materialize_grads(False)
         return y, last
@@ -399,11 +432,12 @@ class SelectiveScanFunction(torch.autograd.Function):
             dy = torch.zeros_like(u)
         du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0 = selective_scan_bwd(
             dy.contiguous(), None if dlast is None else dlast.contiguous(), u, delta, A, B, C, D, z,
-            delta_bias, ctx.delta_softplus, cu_seqlens, states, chunk_offsets, ctx.chunk_size)
+            delta_bias, ctx.delta_softplus, cu_seqlens, states, chunk_offsets, ctx.chunk_size,
+            deterministic=ctx.deterministic)
         dinit = None if ctx.initial_state_dtype is None else dh0.to(ctx.initial_state_dtype)
         return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
                 None if dD is None else dD.to(D.dtype), dz,
-                None if ddelta_bias is None else ddelta_bias.to(delta_bias.dtype), None, None, dinit)
+                None if ddelta_bias is None else ddelta_bias.to(delta_bias.dtype), None, None, dinit, None)
 
 
 def _unit_stride_last(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -444,7 +478,7 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, initial_state):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   cu_seqlens=None, initial_state=None, return_last_state=False):
+                   cu_seqlens=None, initial_state=None, return_last_state=False, *, deterministic=False):
     """Mamba-1 selective scan (chunked Triton kernel; differentiable in every tensor input).
 
     u, delta, z: (b, d, l). A: (d, n) real. B, C: (b, n, l) or grouped (b, g, n, l), d % g == 0.
@@ -454,6 +488,18 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     at each sequence start and tokens past cu_seqlens[-1] are padding (y = 0, zero grads).
     initial_state: (N|b, d, n) state before each sequence. Returns y (b, d, l) in u's dtype, and
     with return_last_state also the last state (N|b, d, n) in fp32 (fp64 for fp64 inputs).
+
+    deterministic: bitwise reproducible gradients. The backward sums dB and dC over blocks of
+    channels; by default with atomic adds into (b, g, n, l) fp32 buffers, whose float order
+    (and so the low bits of dB/dC) varies from run to run on GPU. With deterministic=True each
+    block of 8 channels stores its sums in its own slot of two (ceil(d / g / 8), b, g, n, l)
+    buffers, reduced by a fixed-order torch sum: 2 * ceil(d / g / 8) * b * g * n * l * 4 bytes
+    (8 for fp64 inputs) of extra memory during the backward, about d / 8 times the atomic
+    path's buffers; e.g. d = 4096, g = 1, n = 16 and b * l = 8192 tokens need 512 MiB instead
+    of 1 MiB. Its launch config is fixed (DETERMINISTIC_BWD_CONFIG, no autotuning), so the bits
+    also repeat across processes on the same GPU model and software versions. Every other
+    gradient is written by one program per element and summed over sequences by torch, so it
+    repeats run to run in both modes; the reference path (no Triton) ignores the flag.
 
     Varlen example, sequences of 3 and 5 tokens packed in one row of 8::
 
@@ -472,5 +518,5 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     y, last = SelectiveScanFunction.apply(
         u, delta, A.contiguous(), B4, C4, None if D is None else D.contiguous(), z,
         None if delta_bias is None else delta_bias.contiguous(), bool(delta_softplus), cu_seqlens,
-        None if initial_state is None else initial_state.contiguous())
+        None if initial_state is None else initial_state.contiguous(), bool(deterministic))
     return (y, last) if return_last_state else y

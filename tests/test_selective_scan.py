@@ -3,12 +3,15 @@
 Tolerance rule: the kernel's error against the fp64 reference is at most 2x the error of the
 same reference run in the kernel's dtype, plus a small atol relative to the tensor's scale.
 """
+from functools import partial
+
 import pytest
 import torch
 
 from kernels import reference
 from kernels.selective_scan import (
     BWD_CONFIGS,
+    DETERMINISTIC_BWD_CONFIG,
     FWD_CONFIGS,
     selective_scan,
     selective_scan_bwd,
@@ -112,11 +115,11 @@ def assert_close(name, kernel, low, exact, dtype):
         f"{name}: kernel error {err_kernel:.3g} > {bound:.3g} (reference in {dtype}: {err_low:.3g})")
 
 
-def compare_to_reference(case, dtype, device, seed=0):
+def compare_to_reference(case, dtype, device, seed=0, kernel=selective_scan):
     b, d, n, l, groups, cu, options = case
     inputs, flags = make_inputs(b, d, n, l, groups, cu, options, seed)
     runs = {}
-    for label, fn, dt, dev in (("kernel", selective_scan, dtype, device),
+    for label, fn, dt, dev in (("kernel", kernel, dtype, device),
                                ("low", reference.selective_scan, dtype, torch.device("cpu")),
                                ("exact", reference.selective_scan, F64, torch.device("cpu"))):
         runs[label] = forward_and_grads(fn, cast(inputs, dt, dev), flags, make_seeds(options), dev)
@@ -241,6 +244,59 @@ def test_no_grad_forward_returns_y_only(device):
     assert isinstance(y, torch.Tensor) and torch.allclose(y.cpu(), y_ref, rtol=1e-4, atol=1e-5)
 
 
+# Several deterministic channel blocks per B/C group, the last one partial (d/g not a multiple of BD).
+DET_BD = DETERMINISTIC_BWD_CONFIG.kwargs["BD"]
+DET_CASES = [
+    pytest.param((1, DET_BD + 1, 3, 19, None, None, ALL), id="L19-2blocks"),
+    pytest.param((1, 2 * DET_BD + 2, 4, 20, 2, [0, 1, 1, 17], ALL), id="varlen-g2-2blocks-pad3"),
+]
+
+
+@pytest.mark.parametrize("case", DET_CASES)
+def test_deterministic_matches_reference(case, device):
+    compare_to_reference(case, torch.float32, device, kernel=partial(selective_scan, deterministic=True))
+
+
+def test_deterministic_matches_atomic(device):
+    """Only the dB/dC summation differs: same forward bits, gradients equal up to fp32 rounding."""
+    case = DET_CASES[0].values[0]
+    inputs, flags = make_inputs(*case)
+    runs = [forward_and_grads(partial(selective_scan, deterministic=det), cast(inputs, torch.float32, device),
+                              flags, make_seeds(case[-1]), device) for det in (True, False)]
+    (y_det, last_det, g_det), (y_atomic, last_atomic, g_atomic) = runs
+    assert torch.equal(y_det, y_atomic) and torch.equal(last_det, last_atomic)
+    assert set(g_det) == set(g_atomic)
+    for name in g_det:
+        scale = max(g_atomic[name].abs().max().item(), 1.0)
+        assert torch.allclose(g_det[name], g_atomic[name], rtol=1e-5, atol=1e-6 * scale), name
+
+
+def backward_runs(case, device, runs: int, deterministic: bool, dtype=torch.float32):
+    """Gradients of `runs` backward passes through one forward graph, one dict per pass."""
+    inputs, flags = make_inputs(*case)
+    leaves = cast(inputs, dtype, device)
+    cu = flags["cu_seqlens"]
+    y, last = selective_scan(**leaves, **dict(flags, cu_seqlens=None if cu is None else cu.to(device)),
+                             return_last_state=True, deterministic=deterministic)
+    gy, glast = make_seeds(case[-1])(y, last)
+    loss = (y.double() * gy).sum() + (0 if glast is None else (last.double() * glast).sum())
+    names = [k for k in GRAD_NAMES if leaves[k] is not None]
+    return [dict(zip(names, torch.autograd.grad(loss, [leaves[k] for k in names], retain_graph=True)))
+            for _ in range(runs)]
+
+
+def assert_bitwise_repeatable(grad_runs):
+    first = grad_runs[0]
+    for run in grad_runs[1:]:
+        for name, grad in first.items():
+            assert torch.equal(run[name], grad), f"d{name} changed between backward runs"
+
+
+def test_deterministic_backward_is_bitwise_repeatable(device):
+    case = (1, DET_BD + 1, 4, 16, None, [0, 13], ALL)  # two blocks; 3 padding tokens
+    assert_bitwise_repeatable(backward_runs(case, device, runs=5, deterministic=True))
+
+
 def base_inputs():
     return dict(u=torch.randn(1, 4, 10), delta=torch.rand(1, 4, 10), A=-torch.rand(4, 3),
                 B=torch.randn(1, 3, 10), C=torch.randn(1, 3, 10))
@@ -287,6 +343,14 @@ def test_bf16_matches_reference(case):
 def test_large_shape_matches_reference(dtype):
     case = (1, 256, 16, 3000, 4, [0, 1000, 1001, 2999], ALL)
     compare_to_reference(case, dtype, torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_deterministic_backward_is_bitwise_repeatable_on_gpu(dtype):
+    """128 channel blocks per group add into the same dB/dC rows: atomics would reorder them."""
+    case = (1, 2048, 16, 3000, 2, [0, 1000, 1001, 2999], ALL)
+    assert_bitwise_repeatable(backward_runs(case, torch.device("cuda"), runs=5, deterministic=True, dtype=dtype))
 
 
 @pytest.mark.gpu
