@@ -17,9 +17,11 @@ Worked example: two examples of lengths 6 and 3; the first holds documents at [1
     layout.seq_idx                             # [0, 0, 0, 0, 0, 0, 1, 1, 1]
     layout.doc_ids                             # [0, 1, 1, 2, 2, 0, 0, 0, 0]
     layout.position_ids()                      # [0, 1, 2, 3, 4, 5, 0, 1, 2]
-    layout.position_ids(per_document=True)     # [0, 0, 1, 0, 1, 5, 0, 1, 2]
+    layout.position_ids(per_document=True)     # [0, 1, 2, 1, 2, 5, 0, 1, 2]
 
 Token 4 (doc 2) sees keys 0 (shared) and 3, 4 (its own document); token 5 (shared) sees 0..5.
+With ``per_document=True`` both documents start at position 1, where their retrieval block
+starts, so a document's positions do not depend on its siblings.
 """
 from __future__ import annotations
 
@@ -342,17 +344,25 @@ class DocLayout:
     def position_ids(self, per_document: bool = False) -> torch.Tensor:
         """Token positions, int64 (L,), restarting at 0 at each example.
 
-        With ``per_document=True`` document tokens count from 0 at their document's first token
-        (so a document's positions do not depend on what precedes it) and shared tokens keep
-        their position in the example (counting every document token before them).
+        With ``per_document=True`` every document of a retrieval block (a maximal run of
+        consecutive documents, see ``retrieval_blocks``) starts at the position of the block's
+        first token: a document token's position is ``block_start + offset_in_document``, so it
+        does not depend on the sibling documents before it. Shared tokens keep their position
+        in the example (counting every earlier token), so they stay unique and increasing.
         """
         tokens = torch.arange(self.total_tokens, device=self.device)
         positions = tokens - self.cu_seqlens.long()[self.seq_idx.long()]
         if not per_document:
             return positions
         run_of_token, run_starts, _ = self._runs()
-        in_document = tokens - run_starts[run_of_token]
-        return torch.where(self.doc_ids != 0, in_document, positions)
+        offset_in_document = tokens - run_starts[run_of_token]
+        is_doc = self.doc_ids != 0
+        opens_block = is_doc.clone()
+        opens_block[1:] &= ~is_doc[:-1] | (self.seq_idx[1:] != self.seq_idx[:-1])
+        # Every document token has its block's first token at or before it, so the running
+        # maximum over block-opening token indices is that first token.
+        block_first = torch.where(opens_block, tokens, torch.zeros_like(tokens)).cummax(0).values
+        return torch.where(is_doc, positions[block_first] + offset_in_document, positions)
 
     def chunk_table(self, chunk_size: int) -> ChunkTable:
         """Chunk indices (NT, 2) and offsets (N+1,) for varlen chunked scans (cached per size)."""

@@ -59,29 +59,60 @@ def assert_same_generation(model, engine, segments, max_new_tokens=6):
     assert engine.generate([ids], max_new_tokens, doc_ids=[doc_ids]) == expected
 
 
+def assert_cached_prefill_equals_full_prefill(model, engine, segments):
+    """Logits and every cached tensor (KV up to the prompt length) equal the full prefill's."""
+    device = model.embed.weight.device
+    expected, expected_cache = full_prefill(model, segments)
+    logits, cache = engine.prefill(segments)
+    torch.testing.assert_close(logits, expected, **tolerance(device))
+    for got, want in zip(cache.layers, expected_cache.layers):
+        for name, tensor in vars(want).items():
+            n = int(cache.lengths[0]) if name in ("k", "v") else None
+            torch.testing.assert_close(getattr(got, name)[:, :n], tensor[:, :n], **tolerance(device))
+
+
+DOC_POSITIONS = [pytest.param("block", id="block-pos"), pytest.param("sequential", id="seq-pos")]
+
+
+@pytest.mark.parametrize("doc_positions", DOC_POSITIONS)
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_cached_prefill_equals_full_prefill_for_any_document_order(pattern, device, reference_ops):
-    model = tiny_model(pattern, device)
+def test_cached_prefill_equals_full_prefill_for_any_document_order(pattern, doc_positions, device, reference_ops):
+    model = tiny_model(pattern, device, doc_positions=doc_positions)
     engine = CachedEngine(model, DocumentCache(max_bytes=1 << 30))
     for order in ("abc", "cab", "bca", "abc"):
         segments = [PREFIX, [DOCS[k] for k in order], SUFFIX]
-        expected, expected_cache = full_prefill(model, segments)
-        logits, cache = engine.prefill(segments)
-        torch.testing.assert_close(logits, expected, **tolerance(device))
-        for got, want in zip(cache.layers, expected_cache.layers):
-            for name, tensor in vars(want).items():
-                n = int(cache.lengths[0]) if name in ("k", "v") else None
-                torch.testing.assert_close(getattr(got, name)[:, :n], tensor[:, :n], **tolerance(device))
+        assert_cached_prefill_equals_full_prefill(model, engine, segments)
         assert_same_generation(model, engine, segments)
     stats = engine.cache.stats
-    if pattern == "M,M":  # no positions: every reordering reuses the three encodings
+    if pattern == "M,M" or doc_positions == "block":  # positions independent of siblings: any order reuses
         assert (stats.misses, stats.hits) == (3, 4 * 2 * 3 - 3)  # 4 orders x (prefill + generate) x 3 docs
-    else:  # the key holds the document's first RoPE position: a new offset in the block is a miss
-        assert stats.hits >= 4 * 3  # at least: each generate reuses the encodings of its prefill
+    else:  # the key holds the first RoPE position: abc, cab, bca place every document at a new offset
+        assert (stats.misses, stats.hits) == (9, 4 * 2 * 3 - 9)
 
 
-def test_cached_prefill_composes_several_retrieval_blocks(device, reference_ops):
-    model = tiny_model("T,M,M", device)
+def marked(body: list[int], slot: int) -> list[int]:
+    """A document as rendered in slot `slot`: ids 1, 2 stand for [DOC_1], [DOC_2], id 0 for its closer."""
+    return [slot] + body + [0]
+
+
+@pytest.mark.parametrize("doc_positions", DOC_POSITIONS)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_document_in_the_same_slot_after_other_siblings(pattern, doc_positions, device, reference_ops):
+    """The slot-2 document keeps its marked tokens and prefix while the slot-1 sibling before it
+    changes length: with block positions (or no attention) its entry is a hit, with sequential
+    positions it moved and is a miss; either way the composition equals the full prefill."""
+    model = tiny_model(pattern, device, doc_positions=doc_positions)
+    engine = CachedEngine(model, DocumentCache(max_bytes=1 << 30))
+    second = marked(DOCS["c"], slot=2)
+    for first in (DOCS["a"], DOCS["b"]):
+        assert_cached_prefill_equals_full_prefill(model, engine, [PREFIX, [marked(first, slot=1), second], SUFFIX])
+    reused = pattern == "M,M" or doc_positions == "block"
+    assert (engine.cache.stats.hits, engine.cache.stats.misses) == ((1, 3) if reused else (0, 4))
+
+
+@pytest.mark.parametrize("doc_positions", DOC_POSITIONS)
+def test_cached_prefill_composes_several_retrieval_blocks(doc_positions, device, reference_ops):
+    model = tiny_model("T,M,M", device, doc_positions=doc_positions)
     engine = CachedEngine(model, DocumentCache(max_bytes=1 << 30))
     segments = [PREFIX, [DOCS["a"], DOCS["b"]], tokens(3, 6), [DOCS["c"], DOCS["a"]], SUFFIX]
     expected, _ = full_prefill(model, segments)

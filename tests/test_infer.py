@@ -50,10 +50,14 @@ CASES = [
 ]
 
 
+DOC_POSITIONS = [pytest.param("block", id="block-pos"), pytest.param("sequential", id="seq-pos")]
+
+
+@pytest.mark.parametrize("doc_positions", DOC_POSITIONS)
 @pytest.mark.parametrize("pattern, overrides", VARIANTS)
 @pytest.mark.parametrize("prompt, doc_ids", CASES)
-def test_decoding_reproduces_full_forward(pattern, overrides, prompt, doc_ids, device):
-    model = tiny_model(pattern, device, **overrides)
+def test_decoding_reproduces_full_forward(pattern, overrides, prompt, doc_ids, doc_positions, device):
+    model = tiny_model(pattern, device, doc_positions=doc_positions, **overrides)
     generated = Engine(model).generate([prompt], max_new_tokens=9, doc_ids=None if doc_ids is None else [doc_ids])[0]
     assert len(generated) == 9
     decoded = _decode_logits(model, prompt, doc_ids, generated[:-1])  # default capacity: the cache grows
@@ -70,9 +74,10 @@ def test_decoding_on_triton_ops_reproduces_full_forward(device, triton_ops):
     torch.testing.assert_close(decoded, _forward_logits(model, prompt, doc_ids, new_tokens), **tolerance(device))
 
 
+@pytest.mark.parametrize("doc_positions", DOC_POSITIONS)
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_batched_prefill_matches_single_prompts(pattern, device):
-    model = tiny_model(pattern, device)
+def test_batched_prefill_matches_single_prompts(pattern, doc_positions, device):
+    model = tiny_model(pattern, device, doc_positions=doc_positions)
     ids = torch.randint(0, VOCAB, (3, 6), device=device)
     docs = torch.tensor([[0, 1, 1, 2, 0, 0], [0] * 6, [1, 1, 2, 2, 2, 2]], device=device)
     logits, cache = model.prefill(ids, docs)

@@ -45,17 +45,21 @@ def loop_doc_ids(examples):
 
 
 def loop_positions(lengths, doc_ids, per_document):
+    """Example positions; per_document: a document token sits at its retrieval block's first
+    position plus its offset in the document (sibling documents share the block's start)."""
     positions, t = [], 0
     for length in lengths:
-        doc_start = None
+        block_start = doc_start = None
         for p in range(length):
             doc = doc_ids[t]
             if doc == 0 or not per_document:
                 positions.append(p)
             else:
+                if p == 0 or doc_ids[t - 1] == 0:
+                    block_start = p
                 if p == 0 or doc_ids[t - 1] != doc:
                     doc_start = p
-                positions.append(p - doc_start)
+                positions.append(block_start + p - doc_start)
             t += 1
     return positions
 
@@ -211,7 +215,7 @@ def test_module_docstring_example():
     assert layout.seq_idx.tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 1]
     assert layout.doc_ids.tolist() == [0, 1, 1, 2, 2, 0, 0, 0, 0]
     assert layout.position_ids().tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2]
-    assert layout.position_ids(per_document=True).tolist() == [0, 0, 1, 0, 1, 5, 0, 1, 2]
+    assert layout.position_ids(per_document=True).tolist() == [0, 1, 2, 1, 2, 5, 0, 1, 2]
     assert layout.dense_mask()[4].tolist() == [True, False, False, True, True] + [False] * 4
     assert layout.doc_spans() == [[(1, 3), (3, 5)], []]
     assert layout.retrieval_blocks() == [[(1, 5)], []]
@@ -276,6 +280,23 @@ def test_retrieval_blocks():
     )
     assert layout.retrieval_blocks() == [[(1, 4), (5, 6), (7, 8)], [(0, 1)]]
     assert layout.doc_spans() == [[(1, 2), (2, 4), (5, 6), (7, 8)], [(0, 1)]]
+
+
+def test_per_document_positions_start_at_their_retrieval_block():
+    layout = DocLayout.from_cu_seqlens(
+        torch.tensor([0, 8, 11]), torch.tensor([0, 1, 2, 2, 0, 3, 0, 4, 5, 0, 0])
+    )
+    assert layout.position_ids(per_document=True).tolist() == [0, 1, 1, 2, 4, 5, 6, 7, 0, 1, 2]
+
+
+def test_per_document_positions_do_not_depend_on_sibling_documents():
+    """Swapping two documents of different lengths moves neither's positions; shared text after
+    the block keeps its example position."""
+    ab = DocLayout.from_examples([(12, [(2, 5), (5, 10)])]).position_ids(per_document=True)
+    ba = DocLayout.from_examples([(12, [(2, 7), (7, 10)])]).position_ids(per_document=True)
+    assert ab[2:5].tolist() == ba[7:10].tolist() == [2, 3, 4]
+    assert ab[5:10].tolist() == ba[2:7].tolist() == [2, 3, 4, 5, 6]
+    assert ab[10:].tolist() == ba[10:].tolist() == [10, 11]
 
 
 def test_to_device_keeps_tables():

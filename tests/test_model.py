@@ -74,6 +74,7 @@ def test_config_round_trips_through_dict():
         pytest.param("block_pattern", "T,Q", "unknown block 'Q'", id="bad-letter"),
         pytest.param("d_model", 0, "d_model must be a positive int", id="zero-width"),
         pytest.param("mamba", {"headdim": 48}, "multiple of mamba.headdim", id="mamba-heads"),
+        pytest.param("doc_positions", "per_doc", "doc_positions must be one of", id="doc-positions"),
     ],
 )
 def test_config_rejects(key, value, message):
@@ -173,9 +174,18 @@ def test_bf16_autocast_loss_is_close_to_fp32(device):
 # ----------------------------------------------------------------------------- packed-row semantics
 
 
+DOC_POSITIONS = [pytest.param("block", id="block-pos"), pytest.param("sequential", id="seq-pos")]
+
+
+def test_doc_positions_default_to_block():
+    assert tiny_config("T,M").doc_positions == "block"
+    assert ModelConfig.from_dict(tiny_config("T,M", doc_positions="sequential").to_dict()).doc_positions == "sequential"
+
+
+@pytest.mark.parametrize("doc_positions", DOC_POSITIONS)
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_packed_examples_match_running_each_alone(pattern, device):
-    model = tiny_model(pattern, device)
+def test_packed_examples_match_running_each_alone(pattern, doc_positions, device):
+    model = tiny_model(pattern, device, doc_positions=doc_positions)
     examples = [(9, [(2, 4), (4, 7)]), (1, []), (7, [(0, 1)])]  # a one-token example and document
     layout = DocLayout.from_examples(examples, device=device)
     ids = torch.randint(0, VOCAB, (1, layout.total_tokens), device=device)
@@ -212,6 +222,33 @@ def test_doc_mode_makes_documents_independent_of_siblings(pattern, device):
     torch.testing.assert_close(before[:, 8:13], after[:, 8:13], **tolerance(device))  # doc2 unaffected
     torch.testing.assert_close(before[:, :3], after[:, :3], **tolerance(device))
     assert not torch.allclose(before[:, 13:], after[:, 13:], atol=1e-3)  # shared suffix reads both
+
+
+def _second_document_after_siblings_of_two_lengths(pattern, device, doc_positions):
+    """Hidden states of doc2 (4 tokens) in rows [shared 3 | doc1 | doc2 | shared 2] whose doc1
+    has 5 tokens, then 2 tokens; doc2 and the first shared tokens are the same in both rows."""
+    model = tiny_model(pattern, device, doc_positions=doc_positions)
+    prefix, doc2, suffix = (torch.randint(0, VOCAB, (1, n), device=device) for n in (3, 4, 2))
+    states = []
+    for doc1_len in (5, 2):
+        doc1 = torch.randint(0, VOCAB, (1, doc1_len), device=device)
+        ids = torch.cat([prefix, doc1, doc2, suffix], dim=1)
+        layout = DocLayout.from_examples([(ids.shape[1], [(3, 3 + doc1_len), (3 + doc1_len, 7 + doc1_len)])],
+                                         device=device)
+        states.append(model.hidden_states(ids, layout=layout)[:, 3 + doc1_len:7 + doc1_len])
+    return states
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_block_positions_make_a_document_independent_of_sibling_lengths(pattern, device):
+    first, second = _second_document_after_siblings_of_two_lengths(pattern, device, "block")
+    torch.testing.assert_close(first, second, **tolerance(device))
+
+
+@pytest.mark.parametrize("pattern", [pytest.param("T,T", id="attention"), pytest.param("T,M,T", id="hybrid")])
+def test_sequential_positions_shift_a_document_after_a_longer_sibling(pattern, device):
+    first, second = _second_document_after_siblings_of_two_lengths(pattern, device, "sequential")
+    assert not torch.allclose(first, second, atol=1e-3)
 
 
 def test_without_doc_mode_mamba_documents_see_their_siblings(device):

@@ -17,13 +17,22 @@ token is the last ``d_conv - 1`` raw inputs of prefix + documents. Only the shar
 are run through the model.
 
 Cache keys are (sha256 of the document's token ids, sha256 of the prefix tokens and their
-document ids, the document's first RoPE position or None for attention-free models). The
-position is part of the key because a model whose document positions depend on the
-preceding sibling documents (`HybridLM` with ``layout.position_ids()``) gives a document
-different keys at a different offset; with sibling-independent positions
-(``position_ids(per_document=True)``) the position is always 0 and any order of the same
-documents hits. Each entry stores the model version it was computed with; an entry from
-another version is never used (dropped, counted in ``stats.stale``).
+document ids, a position part). The position part is None for attention-free models (Mamba
+state does not see positions). With ``config.doc_positions == "block"`` (the default) every
+document of a retrieval block starts at the block's first RoPE position, which the prefix
+fixes, so the position part is the constant "block" and a document's entry is reused
+whatever sibling documents come before it, in any order. With "sequential" positions a
+document's keys depend on the length of the siblings before it, so the position part is the
+document's first RoPE position and a new offset in the block is a miss. KV cache slots are
+token indices (positions repeat across the documents of a block), so composition only
+appends entries in order.
+
+The key holds the document's exact token ids. A rendered document carries its slot marker
+(``[DOC_k]``..``[/DOC_k]``, k = its index in the block), so the same passage in another slot
+is another key: reordering hits for a document that keeps its slot (same marked tokens, same
+prefix, different siblings before it), and for documents given without per-slot markers.
+Each entry stores the model version it was computed with; an entry from another version is
+never used (dropped, counted in ``stats.stale``).
 
 Example::
 
@@ -214,7 +223,7 @@ class CachedEngine:
         self.model = model
         self.cache = cache
         self._version = (lambda: model_version) if model_version is not None else WeightsVersion(model)
-        self._positional = any(isinstance(b, AttentionBlock) for b in model.blocks)
+        self._has_attention = any(isinstance(b, AttentionBlock) for b in model.blocks)
 
     @property
     def model_version(self) -> str:
@@ -269,8 +278,7 @@ class CachedEngine:
         shared = torch.tensor([d == 0 for d in doc_ids[:start]], dtype=torch.bool, device=self.device)
         entries, offset = [], start
         for doc in documents:
-            first_position = int(rope.positions[0, offset]) if self._positional else None
-            key = (token_digest(doc), prefix_key, first_position)
+            key = (token_digest(doc), prefix_key, self._position_key(rope, offset))
             entry = self.cache.get(key, version)
             if entry is None:
                 stop = offset + len(doc)
@@ -280,6 +288,14 @@ class CachedEngine:
             entries.append(entry)
             offset += len(doc)
         return entries
+
+    def _position_key(self, rope, offset: int) -> int | str | None:
+        """Position part of the cache key of a document starting at token `offset` (see the module doc)."""
+        if not self._has_attention:
+            return None
+        if self.model.config.doc_positions == "block":
+            return "block"
+        return int(rope.positions[0, offset])
 
     # ------------------------------------------------------------------ generation
 

@@ -27,8 +27,10 @@ HybridCache.lengths (b,) counts the tokens of each row.
 
 Targets use IGNORE_INDEX = -100 (loss only on assistant tokens). Under autocast the loss runs
 in the autocast dtype. A_log, dt_bias and D carry `_no_weight_decay = True` (Mamba-2 convention). With a layout, RoPE positions
-restart per example, attention follows the document rule of DESIGN.md, and Mamba blocks use
-doc_mode when `config.mamba.doc_mode`.
+restart per example (documents of a retrieval block all start at the block's first position
+unless `config.doc_positions == "sequential"`), attention follows the document rule of
+DESIGN.md, and Mamba blocks use doc_mode when `config.mamba.doc_mode`. KV cache slots are
+token indices, never RoPE positions.
 """
 from refrag.model.cache import AttentionCache, HybridCache, MambaCache
 from refrag.model.config import MambaConfig, ModelConfig, parse_block_pattern, preset

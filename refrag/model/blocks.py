@@ -30,8 +30,10 @@ class SequenceContext:
     """Per-batch metadata every block reads; built once per forward by HybridLM.
 
     cu_seqlens (N+1,) int32 or None (then each of the b rows is one example);
-    doc_ids (L,) int32 or None (no documents); positions (1|b, L) int64 RoPE positions;
-    cos, sin (1|b, L, head_dim/2) fp32; seq_idx (L,) example of each token or None.
+    doc_ids (L,) int32 or None (no documents); positions (1|b, L) int64 RoPE positions (with
+    block document positions they repeat across the documents of a retrieval block, so they
+    never index the KV cache); cos, sin (1|b, L, head_dim/2) fp32; seq_idx (L,) example of
+    each token or None.
     """
 
     cu_seqlens: torch.Tensor | None
@@ -89,21 +91,27 @@ class AttentionBlock(nn.Module):
         return self._attend_and_mlp(x, o)
 
     def prefill(self, x: torch.Tensor, ctx: SequenceContext, capacity: int):
-        """Packed row x (1, L, d_model) -> (output, AttentionCache with one row per example)."""
+        """Packed row x (1, L, d_model) -> (output, AttentionCache with one row per example).
+
+        Cache slot of a token = its index in its example (not its RoPE position).
+        """
         q, k, v = self._qkv(x, ctx.cos, ctx.sin)
         o = doc_attention(q, k, v, cu_seqlens=ctx.cu_seqlens, doc_ids=ctx.doc_ids, causal=True)
         n_seqs = ctx.cu_seqlens.numel() - 1
         cache_k = k.new_zeros(n_seqs, capacity, self.n_kv_head, self.head_dim)
         cache_v = torch.zeros_like(cache_k)
-        rows, slots = ctx.seq_idx.long(), ctx.positions[0]
+        rows = ctx.seq_idx.long()
+        slots = torch.arange(x.shape[1], device=x.device) - ctx.cu_seqlens.long()[rows]
         cache_k[rows, slots] = k[0]
         cache_v[rows, slots] = v[0]
         return self._attend_and_mlp(x, o), AttentionCache(cache_k, cache_v)
 
     def step(self, x: torch.Tensor, cache: AttentionCache, lengths: torch.Tensor) -> torch.Tensor:
-        """One token per row: x (b, d_model) at positions lengths (b,) -> (b, d_model).
+        """One token per row: x (b, d_model) after lengths (b,) cached tokens -> (b, d_model).
 
-        The token is shared text, so it attends to every cached key of its row.
+        The token is shared text: it attends to every cached key of its row, is stored in slot
+        lengths, and its RoPE position is its example position, which counts every earlier
+        token (= lengths with either doc_positions: documents never shift shared positions).
         """
         cos, sin = rotary_cos_sin(lengths[:, None], self.head_dim, self.rope_theta)
         q, k, v = self._qkv(x[:, None], cos, sin)

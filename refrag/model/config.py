@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 BLOCK_LETTERS = ("T", "M")
 MLP_KINDS = ("relu2", "swiglu")
+DOC_POSITIONS = ("block", "sequential")
 _REPEAT = re.compile(r"^(?P<body>.+?)\*(?P<count>\d+)$")
 
 
@@ -39,6 +40,11 @@ class ModelConfig:
     head_dim defaults to d_model // n_head; n_kv_head < n_head gives grouped-query attention.
     MLP (after each attention block): "relu2" (hidden mlp_ratio * d_model) or "swiglu"
     (hidden 2/3 of that, rounded up to a multiple of 8).
+    doc_positions: RoPE positions of document tokens in a packed layout. "block" (default):
+    every document of a retrieval block starts at the block's first position
+    (`DocLayout.position_ids(per_document=True)`), so a document's keys do not depend on its
+    sibling documents and can be cached and reused in any order; "sequential": every token
+    counts all earlier tokens of its example. Shared tokens use their example position in both.
     """
 
     vocab_size: int
@@ -56,6 +62,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     grad_checkpoint: bool = False
     norm_eps: float = 1e-5
+    doc_positions: str = "block"
 
     def __post_init__(self):
         if isinstance(self.mamba, dict):
@@ -76,6 +83,8 @@ class ModelConfig:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
+        if self.doc_positions not in DOC_POSITIONS:
+            raise ValueError(f"doc_positions must be one of {DOC_POSITIONS}, got {self.doc_positions!r}")
         if self.d_inner % self.mamba.headdim:
             raise ValueError(
                 f"mamba d_inner = expand * d_model = {self.d_inner} must be a multiple of "

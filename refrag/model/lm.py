@@ -18,8 +18,9 @@ class HybridLM(nn.Module):
     """Decoder LM whose blocks follow `config.block_pattern` (T attention + MLP, M Mamba-2).
 
     Input is either one packed row (1, L) with a `kernels.DocLayout` (examples restart RoPE
-    positions, attention and SSM state; documents follow DESIGN.md's doc semantics), or
-    (b, L) without a layout, each row one example of shared text. Weights are fp32.
+    positions, attention and SSM state; documents follow DESIGN.md's doc semantics and take
+    RoPE positions by `config.doc_positions`), or (b, L) without a layout, each row one
+    example of shared text. Weights are fp32.
     """
 
     def __init__(self, config: ModelConfig):
@@ -119,7 +120,7 @@ class HybridLM(nn.Module):
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
             cu_seqlens = doc_ids = seq_idx = None
         else:
-            positions = layout.position_ids()[None]
+            positions = layout.position_ids(per_document=self.config.doc_positions == "block")[None]
             cu_seqlens, seq_idx = layout.cu_seqlens, layout.seq_idx
             doc_ids = layout.doc_ids if layout.has_documents else None
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
