@@ -246,7 +246,7 @@ class KnowledgeBase:
         docs = parse_documents(read_text_utf8(path / "documents.jsonl").splitlines(),
                                str(path / "documents.jsonl"))
         emb = load_embeddings(path / "embeddings.npy")
-        index = faiss.read_index(str(path / "index.faiss"))
+        index = read_faiss_index(path / "index.faiss")
         bm25 = bm25s.BM25.load(str(path / "bm25"), show_progress=False, verbosity=0)
         check_consistency(path, meta, docs, emb, index, bm25)
         enc = None if encoder is None else checked_encoder(load_encoder(encoder), meta["dim"], path)
@@ -342,6 +342,26 @@ def load_embeddings(path: Path) -> np.ndarray:
     return emb
 
 
+def read_faiss_index(path: Path):
+    """faiss.read_index with FAISS's C++ errors (truncated or corrupted file) turned into a ValueError."""
+    import faiss
+
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else "unknown error"
+        raise ValueError(f"{path}: unreadable FAISS index ({first_line})") from None
+
+
+def index_matches_embeddings(index, emb: np.ndarray, samples: int = 64) -> bool:
+    """Spot-check that evenly spaced index vectors equal the rows of embeddings.npy."""
+    if index.ntotal == 0:
+        return True
+    rows = np.unique(np.linspace(0, index.ntotal - 1, num=min(samples, index.ntotal)).astype(np.int64))
+    stored = np.stack([index.reconstruct(int(i)) for i in rows])
+    return bool(np.allclose(stored, emb[rows], atol=1e-5))
+
+
 def check_consistency(path: Path, meta: dict, docs: list[dict], emb: np.ndarray, index, bm25) -> None:
     """Counts and dims agree across documents, embeddings, FAISS, BM25 and meta.json."""
     problems = []
@@ -353,6 +373,8 @@ def check_consistency(path: Path, meta: dict, docs: list[dict], emb: np.ndarray,
         problems.append(f"index.faiss has dim {index.d}, meta.json says {meta['dim']}")
     if index.ntotal != len(docs):
         problems.append(f"index.faiss holds {index.ntotal} vectors for {len(docs)} documents")
+    elif emb.shape == (index.ntotal, index.d) and not index_matches_embeddings(index, emb):
+        problems.append("index.faiss vectors differ from embeddings.npy (index from another KB?)")
     n_bm25 = int(bm25.scores["num_docs"])
     if n_bm25 != len(docs):
         problems.append(f"bm25 index holds {n_bm25} documents for {len(docs)} documents")
