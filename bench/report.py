@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List
 
-COLUMNS = ["op", "mode", "L", "num_seqs", "V", "median_ms", "p20_ms", "p80_ms", "tokens_per_s", "tflops",
+COLUMNS = ["op", "mode", "pattern", "L", "num_seqs", "V", "median_ms", "p20_ms", "p80_ms", "tokens_per_s", "tflops",
            "gbps", "peak_mem_bytes"]
 
 
@@ -37,6 +37,11 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "unknown"
 
 
+def variant(row: Dict) -> str:
+    """The case's mode, plus the model's block pattern for train steps (e.g. "fwd_bwd_adamw hybrid")."""
+    return " ".join(str(row[k]) for k in ("mode", "pattern") if row.get(k))
+
+
 def baseline_names(rows: List[Dict]) -> List[str]:
     return sorted({k[len("speedup_vs_"):] for r in rows for k in r if k.startswith("speedup_vs_")})
 
@@ -56,9 +61,9 @@ def markdown_table(rows: List[Dict]) -> str:
     head = ["op", "mode", "L", "median ms", "tokens/s", "TFLOP/s", "peak MiB"] + [f"x vs {b}" for b in bases]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
-    for r in sorted(rows, key=lambda r: (r["op"], r.get("mode", ""), r.get("L", 0))):
+    for r in sorted(rows, key=lambda r: (r["op"], variant(r), r.get("L", 0))):
         mem = None if r.get("peak_mem_bytes") is None else r["peak_mem_bytes"] / 2**20
-        cells = [r["op"], r.get("mode", ""), str(r.get("L", r.get("V", ""))), fmt(r.get("median_ms"), ".3f"),
+        cells = [r["op"], variant(r), str(r.get("L", r.get("V", ""))), fmt(r.get("median_ms"), ".3f"),
                  fmt(r.get("tokens_per_s"), ".3g"), fmt(r.get("tflops"), ".1f"), fmt(mem, ".0f")]
         cells += [fmt(r.get(f"speedup_vs_{b}"), ".2f") for b in bases]
         lines.append("| " + " | ".join(cells) + " |")
@@ -75,7 +80,7 @@ def plot(rows: List[Dict], out_dir: Path) -> List[Path]:
     groups = defaultdict(list)
     for r in rows:
         if "L" in r:
-            groups[(r["op"], r.get("mode", ""), r.get("num_seqs", 1))].append(r)
+            groups[(r["op"], variant(r), r.get("num_seqs", 1))].append(r)
     written = []
     for (op, mode, nseq), items in groups.items():
         items.sort(key=lambda r: r["L"])
@@ -94,7 +99,7 @@ def plot(rows: List[Dict], out_dir: Path) -> List[Path]:
         axes[2].set(title="speedup vs baseline", xscale="log", xlabel="packed length")
         axes[2].legend(fontsize=8)
         fig.suptitle(f"{items[0].get('device', '')}  commit {items[0].get('commit', '')}")
-        path = out_dir / f"{op}-{mode}-{nseq}seq.png"
+        path = out_dir / f"{op}-{mode.replace(' ', '-')}-{nseq}seq.png"
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
