@@ -1,0 +1,60 @@
+"""CLI: python -m refrag.eval answers --checkpoint DIR [--split test] [--top-k 3]
+
+Loads a training checkpoint (model config, weights, tokenizer path, KB paths from its
+config), answers every question of the split with greedy decoding and prints EM, F1,
+abstention, hallucination and the per-type table. ``--json FILE`` also writes the metrics
+with every prediction. Retrieval metrics: python -m refrag.eval.retrieval.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from refrag.data import EMBEDDED_KB_DIR
+from refrag.eval.answers import format_table
+from refrag.eval.evaluate import evaluate_model, load_trained_model, write_predictions
+from refrag.retrieval import RetrievalManager
+from refrag.train.checkpoint import CheckpointError, latest_checkpoint
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m refrag.eval", description="Answer-quality evaluation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("answers", help="EM / F1 / abstention / hallucination of a checkpoint on a query split")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint directory (step_NNNNNN) or a run's checkpoints/ directory (newest is used)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--top-k", type=int, default=None, help="documents per question (default: the training top_k)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--batch-size", type=int, default=32 if torch.cuda.is_available() else 2,
+                   help="prompts generated together (small on CPU: the reference attention is dense)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="also write metrics and predictions to this file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    path = latest_checkpoint(args.checkpoint) or args.checkpoint
+    try:
+        model, tokenizer, train_cfg = load_trained_model(path, args.device)
+    except CheckpointError as err:
+        parser.exit(2, f"error: {err}\n")
+    manager = RetrievalManager(train_cfg.retriever, knowledge_base=train_cfg.kb_dir)
+    metrics = evaluate_model(model, tokenizer, manager, args.split, args.top_k or train_cfg.top_k,
+                             args.max_new_tokens, use_retrieval=train_cfg.retrieval,
+                             kb_source=train_cfg.kb_source or EMBEDDED_KB_DIR, batch_size=args.batch_size,
+                             max_doc_tokens=train_cfg.max_doc_tokens, question_first=train_cfg.question_first,
+                             limit=args.limit)
+    name = "rag" if train_cfg.retrieval else "no_retrieval"
+    print(f"checkpoint {path}, split {args.split}")
+    print(format_table({name: metrics}))
+    if args.json:
+        write_predictions(args.json, metrics)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Answer metrics: SQuAD-style EM / token F1, abstention, hallucination, per-type breakdown.
+
+Definitions (all on SQuAD-normalized text: lowercase, punctuation and the articles
+a/an/the removed, whitespace collapsed):
+
+- **exact match / F1** against the gold answer. When the gold answer is an abstention
+  ("I don't know", unanswerable questions) both are 1 iff the prediction abstains, else 0.
+- **abstention**: the normalized prediction starts with one of `ABSTENTION_PHRASES`
+  ("i don't know", "i do not know", "unknown", ...). Abstention accuracy is the share of
+  unanswerable questions on which the model abstains; false abstention is the share of
+  answerable questions on which it does.
+- **hallucination**: the prediction does not abstain, has at least one normalized token,
+  and no single retrieved document contains all of its normalized tokens (token-level
+  containment, order ignored). The hallucination rate is over all questions, so
+  ``abstention + answered-and-supported + hallucinated + empty = 1`` per question.
+  With no documents, every non-empty non-abstaining answer is a hallucination.
+
+`score_answer` scores one prediction; `aggregate` turns a list of scored records into
+the metrics dict (overall plus ``by_type`` for single_hop, two_hop, contradictory,
+unanswerable).
+"""
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from typing import Iterable, Sequence
+
+IDK = "I don't know"
+QUESTION_TYPES = ("single_hop", "two_hop", "contradictory", "unanswerable")
+ABSTENTION_PHRASES = (
+    "i dont know",
+    "i do not know",
+    "unknown",
+    "no answer",
+    "cannot answer",
+    "cannot be answered",
+    "not enough information",
+    "documents do not say",
+)
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation + "\u2018\u2019\u201c\u201d")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalization: lowercase, drop punctuation and articles, collapse whitespace."""
+    text = text.lower().translate(_PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def answer_tokens(text: str) -> list[str]:
+    """Normalized whitespace tokens of `text`."""
+    return normalize_answer(text).split()
+
+
+def is_abstention(text: str) -> bool:
+    """True when the answer declines to answer ("I don't know" and its variants)."""
+    normalized = normalize_answer(text)
+    return any(normalized.startswith(phrase) for phrase in ABSTENTION_PHRASES)
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    """1.0 when the normalized strings are equal (abstention-aware for gold abstentions)."""
+    if is_abstention(gold):
+        return float(is_abstention(prediction))
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    """SQuAD token F1 on normalized tokens (abstention-aware for gold abstentions)."""
+    if is_abstention(gold):
+        return float(is_abstention(prediction))
+    pred, ref = answer_tokens(prediction), answer_tokens(gold)
+    if not pred or not ref:
+        return float(pred == ref)
+    overlap = sum((Counter(pred) & Counter(ref)).values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(pred), overlap / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def is_supported(prediction: str, documents: Sequence[str]) -> bool:
+    """True when some document's normalized tokens contain every normalized answer token."""
+    needed = set(answer_tokens(prediction))
+    return any(needed <= set(answer_tokens(doc)) for doc in documents)
+
+
+def is_hallucination(prediction: str, documents: Sequence[str]) -> bool:
+    """A non-empty, non-abstaining answer that no single retrieved document supports."""
+    if is_abstention(prediction) or not answer_tokens(prediction):
+        return False
+    return not is_supported(prediction, documents)
+
+
+def score_answer(prediction: str, gold: str, question_type: str, documents: Sequence[str]) -> dict:
+    """Score one prediction; `documents` are the texts retrieved for the question."""
+    if question_type not in QUESTION_TYPES:
+        raise ValueError(f"unknown question type {question_type!r}; expected one of {QUESTION_TYPES}")
+    return {
+        "type": question_type,
+        "em": exact_match(prediction, gold),
+        "f1": token_f1(prediction, gold),
+        "abstained": is_abstention(prediction),
+        "answerable": not is_abstention(gold),
+        "hallucinated": is_hallucination(prediction, documents),
+    }
+
+
+def _mean(values: Iterable[float]) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def _summarize(records: list[dict]) -> dict:
+    answerable = [r for r in records if r["answerable"]]
+    unanswerable = [r for r in records if not r["answerable"]]
+    return {
+        "count": len(records),
+        "em": _mean(r["em"] for r in records),
+        "f1": _mean(r["f1"] for r in records),
+        "abstention_accuracy": _mean(float(r["abstained"]) for r in unanswerable),
+        "false_abstention": _mean(float(r["abstained"]) for r in answerable),
+        "hallucination": _mean(float(r["hallucinated"]) for r in records),
+    }
+
+
+def aggregate(records: Sequence[dict]) -> dict:
+    """Overall metrics plus ``by_type``; a metric with no eligible question is None."""
+    if not records:
+        raise ValueError("aggregate needs at least one scored record")
+    records = list(records)
+    by_type = {t: _summarize([r for r in records if r["type"] == t]) for t in QUESTION_TYPES}
+    return {**_summarize(records), "by_type": {t: m for t, m in by_type.items() if m["count"]}}
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """Plain-text table of several runs' metrics, one column per run name."""
+    names = list(results)
+    rows = [("questions", "count")] + [(m, m) for m in
+                                      ("em", "f1", "abstention_accuracy", "false_abstention", "hallucination")]
+    for qtype in QUESTION_TYPES:
+        rows += [(f"{qtype} {m}", (qtype, m)) for m in ("em", "f1")]
+
+    def cell(metrics: dict, key) -> str:
+        if isinstance(key, tuple):
+            metrics, key = metrics["by_type"].get(key[0], {}), key[1]
+        value = metrics.get(key)
+        if value is None:
+            return "-"
+        return str(value) if isinstance(value, int) else f"{value:.3f}"
+
+    label_width = max(len(label) for label, _ in rows)
+    widths = [max(len(n), 6) for n in names]
+    lines = [" ".join([" " * label_width] + [n.rjust(w) for n, w in zip(names, widths)])]
+    for label, key in rows:
+        cells = [cell(results[n], key).rjust(w) for n, w in zip(names, widths)]
+        lines.append(" ".join([label.ljust(label_width)] + cells))
+    return "\n".join(lines)

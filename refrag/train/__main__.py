@@ -1,0 +1,77 @@
+"""CLI: python -m refrag.train sft --config FILE.json [--key value ...]
+
+Every config key (refrag.train.config.TrainConfig) is a flag, grouped below; flags override
+the file. Model fields override the preset with ``--model.<field> value`` (e.g.
+``--model.block_pattern T,M,M,M``). Multi-GPU / multi-node: launch with torchrun, e.g.
+``torchrun --standalone --nproc_per_node=8 -m refrag.train sft --config refrag/train/configs/d20.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch.distributed as dist
+
+from refrag.model import HybridLM, preset
+from refrag.train.config import GROUPS, HELP, TrainConfig, load_config
+from refrag.train.data import build_loaders, prepare_tokenizer, retrieval_manager
+from refrag.train.sft import train_sft
+from refrag.train.shims import init_distributed, seed_everything
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m refrag.train", description="Thin RAG fine-tuning loop.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sft = sub.add_parser("sft", help="supervised RAG fine-tuning on packed conversations",
+                         description="Supervised RAG fine-tuning. Unknown flags are config errors.")
+    sft.add_argument("--config", help="JSON config file (keys of TrainConfig); flags override it")
+    sft.add_argument("--no-resume", action="store_true", help="start fresh even if out_dir has checkpoints")
+    defaults = TrainConfig().to_dict()
+    for group, keys in GROUPS.items():
+        flags = sft.add_argument_group(group)
+        for key in keys:
+            flags.add_argument(f"--{key}", default=None, metavar="VALUE",
+                               help=f"{HELP[key]} (default {defaults[key]!r})")
+    return parser
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
+    """Parsed arguments and the config overrides, including ``--model.<field> value`` pairs."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    overrides = {key: value for key, value in vars(args).items()
+                 if key not in ("command", "config", "no_resume") and value is not None}
+    while rest:
+        flag = rest.pop(0)
+        if not flag.startswith("--model.") or not rest:
+            parser.error(f"unknown config key or flag {flag!r} (model fields: --model.<field> VALUE)")
+        overrides[flag[2:]] = rest.pop(0)
+    return args, overrides
+
+
+def run_sft(cfg: TrainConfig, resume: bool = True) -> list[dict]:
+    """Build tokenizer, data and model from `cfg` and train; returns this process's step records."""
+    env = init_distributed(cfg.device)
+    try:
+        seed_everything(cfg.seed)
+        tokenizer = prepare_tokenizer(cfg, env)
+        model_config = preset(cfg.preset, vocab_size=tokenizer.vocab_size, **cfg.model)
+        train_loader, val_loader = build_loaders(cfg, tokenizer, retrieval_manager(cfg), env)
+        model = HybridLM(model_config)
+        return train_sft(cfg, model, train_loader, val_loader, env=env, model_config=model_config.to_dict(),
+                         resume=resume)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run_sft(load_config(args.config, overrides), resume=not args.no_resume)
+    except ValueError as err:  # bad config, model pattern, KB or checkpoint: the message names it
+        build_parser().exit(2, f"error: {err}\n")
+
+
+if __name__ == "__main__":
+    main()

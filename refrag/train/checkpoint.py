@@ -1,0 +1,238 @@
+"""Atomic, verified training checkpoints.
+
+A checkpoint is a directory ``<root>/step_000123/`` holding
+
+- ``model.pt``      model state dict
+- ``optimizer.pt``  optimizer state dict
+- ``trainer.pt``    scheduler state, step counters, per-rank data-loader positions and RNG
+                    states (python, numpy, torch, cuda) as tensors and plain types
+- ``config.json``   the training config and the model config
+- ``manifest.json`` sha256 and size of every file above, written LAST
+
+Saving writes every file into ``<root>/.partial-step_000123/``, fsyncs each, writes the
+manifest, fsyncs the directory and only then renames it into place (``os.replace``), so a
+crash at any point leaves either no new checkpoint or a complete one. Loading reads with
+``torch.load(weights_only=True)``, refuses a directory without manifest (partial) or with a
+file whose hash or size differs (corrupt), and refuses a checkpoint whose model config differs
+from the running one, naming the differing keys.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, partial, corrupt, or from a different model config."""
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by `save_checkpoint(crash_after_files=n)` to test crash safety."""
+
+
+def step_dir_name(step: int) -> str:
+    """Directory name of the checkpoint taken after `step` optimizer steps."""
+    return f"step_{step:06d}"
+
+
+def capture_rng_state() -> dict:
+    """This process's RNG states as tensors and plain types (loadable with weights_only=True)."""
+    np_state = np.random.get_state(legacy=False)
+    version, mt_state, gauss = random.getstate()
+    return {
+        "python": {"version": version, "state": list(mt_state), "gauss": gauss},
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of `capture_rng_state`."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    np_state = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+                         "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_payloads(tmp: Path, payloads: dict, crash_after_files: int | None) -> None:
+    for written, (name, payload) in enumerate(payloads.items()):
+        if crash_after_files is not None and written == crash_after_files:
+            raise SimulatedCrash(f"simulated crash after {written} checkpoint files in {tmp}")
+        path = tmp / name
+        if name.endswith(".json"):
+            path.write_text(json.dumps(payload, indent=2, sort_keys=True))
+        else:
+            torch.save(payload, path)
+        _fsync_file(path)
+
+
+def _write_manifest(tmp: Path, names) -> None:
+    files = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in names}
+    path = tmp / MANIFEST
+    path.write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=2, sort_keys=True))
+    _fsync_file(path)
+    _fsync_dir(tmp)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        stale = final.with_name(f".stale-{final.name}")
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def save_checkpoint(root: str | Path, step: int, *, model_state: dict, optimizer_state: dict,
+                    trainer_state: dict, config: dict, crash_after_files: int | None = None) -> Path:
+    """Atomically write the checkpoint of `step` under `root`; returns its directory.
+
+    config: {"train": ..., "model": ...} plain JSON. crash_after_files: test hook, raise
+    SimulatedCrash after writing that many files (the manifest is never written then).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".partial-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    payloads = {"model.pt": model_state, "optimizer.pt": optimizer_state,
+                "trainer.pt": trainer_state, "config.json": config}
+    _write_payloads(tmp, payloads, crash_after_files)
+    _write_manifest(tmp, payloads)
+    _replace_dir(tmp, final)
+    return final
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """The manifest of a complete, uncorrupted checkpoint; CheckpointError otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it is partial (a save was interrupted)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is corrupt ({err})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: format version {manifest.get('format_version')!r}, "
+                              f"expected {FORMAT_VERSION}")
+    for name, entry in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {name}")
+        if file.stat().st_size != entry["bytes"] or _sha256(file) != entry["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: {name} is corrupt (sha256 differs from the manifest)")
+    return manifest
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Human-readable differences between two (nested) config dicts, one line per key."""
+    saved, current = _flatten(saved), _flatten(current)
+
+    def show(flat: dict, key: str) -> str:
+        return repr(flat[key]) if key in flat else "<absent>"
+
+    return [f"{key}: checkpoint {show(saved, key)} vs current {show(current, key)}"
+            for key in sorted(set(saved) | set(current))
+            if key not in saved or key not in current or saved[key] != current[key]]
+
+
+def load_checkpoint(path: str | Path, model_config: dict | None = None, map_location="cpu") -> dict:
+    """Verified checkpoint contents: {"model", "optimizer", "trainer", "config", "path"}.
+
+    model_config: the running model's config; a checkpoint saved with a different one is
+    refused with a CheckpointError listing the differing keys.
+    """
+    path = Path(path)
+    verify_checkpoint(path)
+    config = json.loads((path / "config.json").read_text())
+    if model_config is not None:
+        diffs = config_differences(config["model"], model_config)
+        if diffs:
+            raise CheckpointError(f"checkpoint {path} was saved with a different model config: "
+                                  + "; ".join(diffs))
+    state = {name: torch.load(path / f"{name}.pt", map_location=map_location, weights_only=True)
+             for name in ("model", "optimizer", "trainer")}
+    return {**state, "config": config, "path": path}
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete-looking checkpoint directories under `root` (with a manifest), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / MANIFEST).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest checkpoint directory under `root` (partial saves never count), or None."""
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints and any leftover partial directories."""
+    root = Path(root)
+    for path in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(path)
+    for partial in root.glob(".partial-step_*"):
+        shutil.rmtree(partial)

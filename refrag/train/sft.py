@@ -1,0 +1,247 @@
+"""The SFT step loop: packed batches, grad accumulation, AdamW, NaN guard, exact resume.
+
+`train_sft(cfg, model, train_loader, val_loader, env)` runs ``cfg.max_steps`` optimizer
+steps. A loader (`refrag.data.PackedLoader`) yields batches with ``input_ids`` and ``targets``
+(B, L) int64 (-100 = no loss) and ``layout(device)``, the `kernels.DocLayout` of the batch
+flattened to one (1, B*L) row; each ``iter()`` is one epoch, and ``state_dict()`` /
+``load_state_dict()`` give its position. Under DDP each rank's loader yields its own shard.
+Each optimizer step consumes ``cfg.grad_accum`` batches per rank; the logged loss is the mean
+over micro-steps and ranks. The validation loss is over the first ``cfg.val_rows`` batches of
+each rank's validation loader, fixed once at the start.
+
+Per step, rank 0 appends one JSON line to ``<out_dir>/metrics.jsonl``: step, loss, lr,
+grad_norm, tokens (all ranks), tokens_per_s, peak_mem_mib, skipped (NaN/inf guard),
+skipped_steps (running count) and, when evaluated, val_loss. A non-finite loss or grad norm
+skips the optimizer update (grads are zeroed, the schedule still advances). Checkpoints go to
+``<out_dir>/checkpoints/`` (see `refrag.train.checkpoint`); a run started with the same
+out_dir resumes from the newest one and reproduces the uninterrupted loss curve exactly
+(bit for bit with ``cfg.deterministic``).
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from refrag.train import checkpoint as ckpt
+from refrag.train.config import TrainConfig
+from refrag.train.optim import build_optimizer, build_scheduler
+from refrag.train.shims import (
+    DistEnv,
+    all_reduce_mean,
+    all_reduce_sum,
+    autocast,
+    barrier,
+    gather_objects,
+    nvtx_range,
+    peak_memory_mib,
+    reset_peak_memory,
+    synchronize,
+)
+
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool) -> nn.Module:
+    """FSDP2 (`fully_shard` per block, then the root), DDP when world_size > 1, else the model."""
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        if env.world_size == 1 or env.device.type != "cuda":
+            raise ValueError("fsdp needs CUDA and torchrun with more than one process")
+        for block in model.blocks:
+            fully_shard(block)
+        return fully_shard(model)
+    if env.world_size > 1:
+        return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    return model
+
+
+def grad_sync(wrapped: nn.Module, enabled: bool):
+    """Context that skips the DDP/FSDP gradient all-reduce on non-final micro-steps."""
+    if enabled:
+        return contextlib.nullcontext()
+    if isinstance(wrapped, DistributedDataParallel):
+        return wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):
+        wrapped.set_requires_gradient_sync(False)
+        return _restore_gradient_sync(wrapped)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _restore_gradient_sync(wrapped: nn.Module):
+    try:
+        yield
+    finally:
+        wrapped.set_requires_gradient_sync(True)
+
+
+def to_device(batch, device: torch.device):
+    """(input_ids (1, B*L), targets (1, B*L), layout) of a loader batch, on `device`."""
+    return (batch.input_ids.reshape(1, -1).to(device, non_blocking=True),
+            batch.targets.reshape(1, -1).to(device, non_blocking=True), batch.layout(device))
+
+
+def endless(loader):
+    """The loader's batches epoch after epoch (each ``iter(loader)`` is one epoch)."""
+    while True:
+        yield from loader
+
+
+@torch.no_grad()
+def validation_loss(wrapped: nn.Module, val_batches: list, cfg: TrainConfig, env: DistEnv) -> float:
+    """Mean loss over the rank's fixed validation batches, averaged over ranks."""
+    wrapped.eval()
+    total = torch.zeros(2, device=env.device)
+    for batch in val_batches:
+        input_ids, targets, layout = to_device(batch, env.device)
+        with autocast(env.device, cfg.bf16):
+            loss = wrapped(input_ids, layout=layout, targets=targets)
+        total += torch.stack([loss.detach().float(), torch.ones((), device=env.device)])
+    wrapped.train()
+    total = all_reduce_sum(total, env)
+    return (total[0] / total[1]).item() if total[1] > 0 else math.nan
+
+
+def save_training_state(root: Path, step: int, skipped: int, wrapped: nn.Module, optimizer, scheduler,
+                        train_loader, cfg: TrainConfig, model_config: dict, env: DistEnv) -> None:
+    """Collective: every rank contributes its loader position and RNG; rank 0 writes."""
+    model_state, optimizer_state = get_state_dict(wrapped, optimizer, options=FULL_STATE)
+    per_rank = gather_objects({"loader": train_loader.state_dict(), "rng": ckpt.capture_rng_state()}, env)
+    if env.is_main:
+        trainer_state = {"step": step, "skipped_steps": skipped, "world_size": env.world_size,
+                         "scheduler": scheduler.state_dict(), "ranks": per_rank}
+        ckpt.save_checkpoint(root, step, model_state=model_state, optimizer_state=optimizer_state,
+                             trainer_state=trainer_state,
+                             config={"train": cfg.to_dict(), "model": model_config})
+        ckpt.prune_checkpoints(root, cfg.keep_checkpoints)
+    barrier(env)
+
+
+def restore_training_state(path: Path, wrapped: nn.Module, optimizer, scheduler, train_loader,
+                           model_config: dict, env: DistEnv) -> tuple[int, int]:
+    """Load a checkpoint into model, optimizer, scheduler, loader and RNG; returns (step, skipped)."""
+    state = ckpt.load_checkpoint(path, model_config=model_config)
+    trainer = state["trainer"]
+    if trainer["world_size"] != env.world_size:
+        raise ckpt.CheckpointError(f"checkpoint {path} was written by {trainer['world_size']} ranks, "
+                                   f"this run has {env.world_size}; data positions cannot be mapped")
+    set_state_dict(wrapped, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))
+    scheduler.load_state_dict(trainer["scheduler"])
+    own = trainer["ranks"][env.rank]
+    train_loader.load_state_dict(own["loader"])
+    ckpt.restore_rng_state(own["rng"])
+    return trainer["step"], trainer["skipped_steps"]
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines past `last_step` (written by a run that died after its checkpoint)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _due(step: int, every: int, max_steps: int) -> bool:
+    return step == max_steps or (every > 0 and step % every == 0)
+
+
+def train_sft(cfg: TrainConfig, model: nn.Module, train_loader, val_loader=None, *,
+              env: DistEnv, model_config: dict, resume: bool = True) -> list[dict]:
+    """Run SFT to `cfg.max_steps`, resuming from `<out_dir>/checkpoints` when one exists
+    (``resume=False`` deletes that directory and starts from step 0).
+
+    model: an nn.Module called as ``model(input_ids, layout=layout, targets=targets) -> loss``
+    (built identically on every rank). model_config: its plain-dict config, stored in and
+    checked against checkpoints. Returns the metric records of the steps this call ran.
+    """
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    out_dir = Path(cfg.out_dir)
+    ckpt_root, metrics_path = out_dir / "checkpoints", out_dir / "metrics.jsonl"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(env.device)
+    wrapped = wrap_model(model, env, cfg.fsdp)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+
+    start, skipped = 0, 0
+    if not resume and env.is_main:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    barrier(env)
+    latest = ckpt.latest_checkpoint(ckpt_root) if resume else None
+    if latest is not None:
+        start, skipped = restore_training_state(latest, wrapped, optimizer, scheduler, train_loader,
+                                                model_config, env)
+    if env.is_main:
+        _truncate_metrics(metrics_path, start)
+    barrier(env)
+
+    history = []
+    val_batches = list(itertools.islice(endless(val_loader), cfg.val_rows)) if val_loader is not None else []
+    train_iter = endless(train_loader)
+    progress = tqdm(total=cfg.max_steps, initial=start, desc="sft", disable=not env.is_main, dynamic_ncols=True)
+    for step in range(start + 1, cfg.max_steps + 1):
+        synchronize(env.device)
+        reset_peak_memory(env.device)
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=env.device)
+        tokens = torch.zeros((), device=env.device)
+        for micro in range(cfg.grad_accum):
+            with nvtx_range("data", env.device):
+                input_ids, targets, layout = to_device(next(train_iter), env.device)
+            with grad_sync(wrapped, enabled=micro == cfg.grad_accum - 1):
+                with nvtx_range("forward", env.device), autocast(env.device, cfg.bf16):
+                    loss = wrapped(input_ids, layout=layout, targets=targets)
+                with nvtx_range("backward", env.device):
+                    (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float()
+            tokens += input_ids.numel()
+
+        with nvtx_range("optimizer", env.device):
+            step_loss = all_reduce_mean(loss_sum / cfg.grad_accum, env)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm))
+            if finite:
+                optimizer.step()
+            else:
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+        synchronize(env.device)
+        elapsed = time.perf_counter() - t0
+
+        total_tokens = all_reduce_sum(tokens, env).item()
+        record = {"step": step, "loss": step_loss.item(), "lr": lr, "grad_norm": float(grad_norm),
+                  "tokens": int(total_tokens), "tokens_per_s": total_tokens / elapsed,
+                  "peak_mem_mib": peak_memory_mib(env.device), "skipped": not finite, "skipped_steps": skipped}
+        if val_batches and _due(step, cfg.eval_every, cfg.max_steps):
+            record["val_loss"] = validation_loss(wrapped, val_batches, cfg, env)
+        history.append(record)
+        if env.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if not finite:
+                progress.write(f"step {step}: non-finite loss or grad norm, update skipped ({skipped} so far)")
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}",
+                                     tok_s=f"{record['tokens_per_s']:.0f}")
+        progress.update(1)
+        if _due(step, cfg.ckpt_every, cfg.max_steps):
+            save_training_state(ckpt_root, step, skipped, wrapped, optimizer, scheduler, train_loader,
+                                cfg, model_config, env)
+    progress.close()
+    return history

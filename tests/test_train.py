@@ -1,0 +1,320 @@
+"""The SFT loop (refrag.train): learning, checkpoints, exact resume, crash safety, NaN guard, DDP.
+
+These tests exercise the loop, not the kernels (tested against kernels/reference.py elsewhere),
+so the tiny HybridLM runs its ops on the PyTorch reference path (`reference_ops` fixture).
+"""
+import json
+import math
+import os
+import socket
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import kernels.common.dispatch as dispatch
+from kernels import DocLayout
+from refrag.model import HybridLM, MambaConfig, preset
+from refrag.train import checkpoint as ckpt
+from refrag.train.config import GROUPS, TrainConfig, load_config
+from refrag.train.optim import lr_multiplier, parameter_groups
+from refrag.train.sft import train_sft
+from refrag.train.shims import init_distributed
+
+VOCAB = 48
+SEQ_LEN = 40
+
+
+@dataclass
+class Row:
+    """A packed row in the loader's batch format (B = 1)."""
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    examples: list
+
+    def layout(self, device=None) -> DocLayout:
+        return DocLayout.from_examples(self.examples, device=device)
+
+
+def make_row(gen: torch.Generator) -> Row:
+    """Two examples: a retrieval block of two documents, a 1-token document, then a copy task."""
+    first, second = 23, SEQ_LEN - 23
+    examples = [(first, [(1, 6), (6, 7)]), (second, [])]
+    half = second // 2
+    prefix = torch.randint(3, VOCAB, (first,), generator=gen)
+    pattern = torch.randint(3, 12, (half,), generator=gen)
+    ids = torch.cat([prefix, pattern, pattern, torch.tensor([1] * (second - 2 * half))])
+    targets = torch.full((SEQ_LEN,), -100)
+    targets[:-1] = ids[1:]
+    targets[: first + half] = -100  # loss on the repeated half only
+    targets[first - 4: first - 1] = ids[first - 3: first]
+    return Row(ids.view(1, -1), targets.view(1, -1), examples)
+
+
+class SyntheticRows:
+    """Deterministic packed rows, endlessly cycled; rank r gets rows r, r + world, ...; resumable."""
+
+    def __init__(self, n_rows: int = 8, rank: int = 0, world_size: int = 1, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.rows = [make_row(gen) for _ in range(n_rows)][rank::world_size]
+        self.position = 0
+
+    def __iter__(self):
+        while True:
+            row = self.rows[self.position % len(self.rows)]
+            self.position += 1
+            yield row
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+class KilledAfter:
+    """Loader wrapper that raises after `batches` batches, like a process killed mid-run."""
+
+    def __init__(self, loader, batches: int):
+        self.loader, self.batches = loader, batches
+
+    def __iter__(self):
+        for served, row in enumerate(self.loader):
+            if served == self.batches:
+                raise KeyboardInterrupt("killed")
+            yield row
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state):
+        self.loader.load_state_dict(state)
+
+
+class PoisonedAt(torch.nn.Module):
+    """Model wrapper whose loss is NaN on the given (1-based) forward calls."""
+
+    def __init__(self, model: HybridLM, calls: set):
+        super().__init__()
+        self.inner, self.calls, self.count = model, calls, 0
+        self.blocks = model.blocks
+
+    def forward(self, input_ids, layout=None, targets=None):
+        self.count += 1
+        loss = self.inner(input_ids, layout=layout, targets=targets)
+        return loss * float("nan") if self.count in self.calls else loss
+
+
+@pytest.fixture
+def reference_ops(monkeypatch):
+    monkeypatch.setattr(dispatch, "INTERPRET", False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes on a shared CPU: extra intra-op threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed: int = 0) -> HybridLM:
+    torch.manual_seed(seed)
+    config = preset("tiny", vocab_size=VOCAB, d_model=64, n_head=2, block_pattern="T,M",
+                    mamba=MambaConfig(d_state=16, headdim=16, chunk_size=16))
+    return HybridLM(config)
+
+
+def run(tmp_path, name: str, loader=None, model=None, **overrides) -> list[dict]:
+    values = dict(max_steps=6, lr=3e-3, warmup_steps=2, out_dir=str(tmp_path / name), deterministic=True,
+                  seed=0, val_rows=2)
+    cfg = TrainConfig(**{**values, **overrides})
+    model = model or tiny_model()
+    config = (model.inner if isinstance(model, PoisonedAt) else model).config.to_dict()
+    return train_sft(cfg, model, loader or SyntheticRows(), SyntheticRows(n_rows=2, seed=99),
+                     env=init_distributed("cpu"), model_config=config)
+
+
+def read_metrics(tmp_path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_decreases_and_metrics_logged(tmp_path, reference_ops):
+    history = run(tmp_path, "learn", max_steps=12, grad_accum=2, eval_every=6, lr=1e-2)
+    losses = [r["loss"] for r in history]
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+    assert [r["step"] for r in read_metrics(tmp_path, "learn")] == list(range(1, 13))
+    assert {"lr", "grad_norm", "tokens_per_s", "peak_mem_mib", "skipped_steps"} <= set(history[0])
+    assert history[0]["tokens"] == 2 * SEQ_LEN
+    assert [r["step"] for r in history if "val_loss" in r] == [6, 12]
+    assert history[-1]["val_loss"] < 0.9 * math.log(VOCAB)  # untrained: about log(VOCAB)
+    assert ckpt.latest_checkpoint(tmp_path / "learn" / "checkpoints").name == "step_000012"
+
+
+def test_checkpoint_round_trip(tmp_path, reference_ops):
+    run(tmp_path, "rt", max_steps=3)
+    path = ckpt.latest_checkpoint(tmp_path / "rt" / "checkpoints")
+    model = tiny_model(seed=1)
+    state = ckpt.load_checkpoint(path, model_config=model.config.to_dict())
+    model.load_state_dict(state["model"])
+    trained = dict(tiny_model().named_parameters())
+    assert any(not torch.equal(p, trained[n]) for n, p in model.named_parameters())  # it trained
+    assert state["trainer"]["step"] == 3 and state["trainer"]["ranks"][0]["loader"] == {"position": 3}
+    assert state["config"]["train"]["max_steps"] == 3
+    assert set(state["optimizer"]["state"]) == set(state["model"])
+
+
+def test_resume_is_bit_identical(tmp_path, reference_ops):
+    full = [r["loss"] for r in run(tmp_path, "full", max_steps=6, grad_accum=2, ckpt_every=3)]
+    with pytest.raises(KeyboardInterrupt):  # killed during step 5, after the step-3 checkpoint
+        run(tmp_path, "resumed", loader=KilledAfter(SyntheticRows(), 9), max_steps=6, grad_accum=2, ckpt_every=3)
+    assert [r["step"] for r in read_metrics(tmp_path, "resumed")] == [1, 2, 3, 4]
+    resumed = run(tmp_path, "resumed", max_steps=6, grad_accum=2, ckpt_every=3)
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    assert [r["loss"] for r in read_metrics(tmp_path, "resumed")] == full
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
+    root = tmp_path / "ckpts"
+    config = {"train": {"lr": 1.0}, "model": {"d_model": 8}}
+    weights = {"w": torch.arange(4.0)}
+    trainer = {"step": 1, "ranks": [{"rng": ckpt.capture_rng_state()}]}
+    ckpt.save_checkpoint(root, 1, model_state=weights, optimizer_state={}, trainer_state=trainer, config=config)
+    with pytest.raises(ckpt.SimulatedCrash):
+        ckpt.save_checkpoint(root, 2, model_state={"w": torch.ones(4)}, optimizer_state={},
+                             trainer_state=trainer, config=config, crash_after_files=2)
+    assert ckpt.latest_checkpoint(root).name == "step_000001"
+    assert torch.equal(ckpt.load_checkpoint(ckpt.latest_checkpoint(root))["model"]["w"], weights["w"])
+    with pytest.raises(ckpt.CheckpointError, match="partial"):
+        ckpt.load_checkpoint(root / ".partial-step_000002")
+
+
+def test_corrupt_and_mismatched_checkpoints_refused(tmp_path):
+    root = tmp_path / "ckpts"
+    config = {"train": {}, "model": {"d_model": 8, "mamba": {"d_state": 16}}}
+    path = ckpt.save_checkpoint(root, 1, model_state={"w": torch.zeros(64)}, optimizer_state={},
+                                trainer_state={}, config=config)
+    with pytest.raises(ckpt.CheckpointError, match=r"mamba\.d_state: checkpoint 16 vs current 32"):
+        ckpt.load_checkpoint(path, model_config={"d_model": 8, "mamba": {"d_state": 32}})
+    blob = bytearray((path / "model.pt").read_bytes())
+    blob[-20] ^= 0xFF
+    (path / "model.pt").write_bytes(bytes(blob))
+    with pytest.raises(ckpt.CheckpointError, match="model.pt is corrupt"):
+        ckpt.load_checkpoint(path)
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+
+    state = ckpt.capture_rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(()).item())
+    ckpt.restore_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(()).item()) == expected
+
+
+def test_nan_steps_skipped_and_counted(tmp_path, reference_ops):
+    model = PoisonedAt(tiny_model(), calls={3, 4})  # both micro-steps of step 2
+    history = run(tmp_path, "nan", model=model, max_steps=4, grad_accum=2)
+    assert [r["skipped"] for r in history] == [False, True, False, False]
+    assert history[-1]["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert history[-1]["loss"] == history[-1]["loss"]  # finite again after the skipped step
+
+
+def test_config_validation(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"lr": 1e-3, "max_step": 10}))
+    with pytest.raises(ValueError, match="unknown config key.*'max_step'"):
+        load_config(path)
+    path.write_text(json.dumps({"lr": 1e-3}))
+    cfg = load_config(path, {"max_steps": "7", "model.block_pattern": "T,M", "retrieval": "false"})
+    assert (cfg.lr, cfg.max_steps, cfg.model, cfg.retrieval) == (1e-3, 7, {"block_pattern": "T,M"}, False)
+    with pytest.raises(ValueError, match="grad_accum must be >= 1"):
+        load_config(None, {"grad_accum": "0"})
+    with pytest.raises(ValueError, match="unknown config key 'optim.lr'"):
+        load_config(None, {"optim.lr": "1"})
+    grouped = [key for keys in GROUPS.values() for key in keys]
+    assert sorted(grouped) == sorted(TrainConfig().to_dict())
+
+
+def test_optimizer_groups_and_schedule():
+    model = tiny_model()
+    decay, no_decay = parameter_groups(model, 0.1)
+    decay_ids, no_decay_ids = {id(p) for p in decay["params"]}, {id(p) for p in no_decay["params"]}
+    assert {id(model.embed.weight), id(model.norm.weight)} <= no_decay_ids
+    assert id(model.lm_head.weight) in decay_ids and no_decay["weight_decay"] == 0.0
+    assert len(decay_ids | no_decay_ids) == len(list(model.parameters()))
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert lr_multiplier(0, 4, 20, 0.1) == 0.25 and lr_multiplier(3, 4, 20, 0.1) == 1.0
+    assert lr_multiplier(4, 4, 20, 0.1) == 1.0 and lr_multiplier(20, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, results) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dispatch.INTERPRET = False
+    torch.set_num_threads(1)
+    env = init_distributed("cpu")
+    model = tiny_model()
+    cfg = TrainConfig(max_steps=3, lr=3e-3, warmup_steps=1, out_dir=out_dir, deterministic=True, val_rows=1)
+    history = train_sft(cfg, model, SyntheticRows(rank=rank, world_size=world_size),
+                        SyntheticRows(n_rows=2, seed=99, rank=rank, world_size=world_size),
+                        env=env, model_config=model.config.to_dict())
+    results[rank] = ([r["loss"] for r in history], {n: p.detach().clone() for n, p in model.named_parameters()})
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_with_doubled_batch(tmp_path, reference_ops):
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), results), nprocs=2, join=True)
+    (losses0, params0), (losses1, params1) = results[0], results[1]
+    assert losses0 == losses1
+    assert all(torch.equal(params0[n], params1[n]) for n in params0)
+    single = run(tmp_path, "single", max_steps=3, grad_accum=2, warmup_steps=1, val_rows=1)
+    assert [r["loss"] for r in single] == pytest.approx(losses0, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["demo", "demo_gpu", "d12", "d16", "d20"])
+def test_shipped_configs_load(name):
+    from pathlib import Path
+
+    import refrag.train
+
+    cfg = load_config(Path(refrag.train.__file__).parent / "configs" / f"{name}.json")
+    assert preset(cfg.preset, vocab_size=cfg.vocab_size, **cfg.model).vocab_size == cfg.vocab_size
+
+
+def test_cli_rejects_unknown_flags():
+    from refrag.train.__main__ import parse_args
+
+    _, overrides = parse_args(["sft", "--lr", "0.01", "--model.block_pattern", "M*2"])
+    assert overrides == {"lr": "0.01", "model.block_pattern": "M*2"}
+    with pytest.raises(SystemExit):
+        parse_args(["sft", "--learning_rate", "0.01"])
+
+
+def test_conversation_variants():
+    from refrag.data import rag_conversation, render_conversation, load_tokenizer
+    from refrag.train.data import question_first, without_retrieval
+
+    docs = [{"id": "d1", "title": "T", "content": "Nindzer is an economist.", "score": 1.0, "source": "s"}]
+    conv = rag_conversation("What is Nindzer?", "economist", docs)
+    roles = lambda c: [m["role"] for m in c["messages"]]  # noqa: E731
+    assert roles(question_first(conv)) == ["system", "user", "retrieval", "assistant"]
+    assert roles(without_retrieval(conv)) == ["system", "user", "assistant"]
+    example = render_conversation(question_first(conv), load_tokenizer())
+    tokenizer = load_tokenizer()
+    text = tokenizer.decode(example.input_ids.tolist())
+    assert text.index("[USER]") < text.index("[DOC_1]") < text.index("[ASST]") and "[QUERY]" not in text
