@@ -1,4 +1,5 @@
 """CLI: python -m refrag.eval answers --checkpoint DIR [--split test] [--top-k 3]
+     python -m refrag.eval multihop --checkpoint DIR [--rag-checkpoint DIR]   (refrag.eval.multihop)
 
 Loads a training checkpoint (model config, weights, tokenizer path, KB paths from its
 config), answers every question of the split with greedy decoding and prints EM, F1,
@@ -8,6 +9,7 @@ with every prediction. Retrieval metrics: python -m refrag.eval.retrieval.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -21,6 +23,7 @@ from refrag.train.checkpoint import CheckpointError, latest_checkpoint
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m refrag.eval", description="Answer-quality evaluation.")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("multihop", help="multi-hop EM/F1, hops, abstention vs single-shot RAG (flags: multihop -h)")
     p = sub.add_parser("answers", help="EM / F1 / abstention / hallucination of a checkpoint on a query split")
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint directory (step_NNNNNN) or a run's checkpoints/ directory (newest is used)")
@@ -36,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["multihop"]:
+        from refrag.eval.multihop import main_multihop
+
+        main_multihop(argv[1:])
+        return
     parser = build_parser()
     args = parser.parse_args(argv)
     path = latest_checkpoint(args.checkpoint) or args.checkpoint

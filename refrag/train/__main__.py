@@ -1,4 +1,5 @@
 """CLI: python -m refrag.train sft --config FILE.json [--key value ...]
+     python -m refrag.train refrag --config FILE.json [--key value ...]   (multi-hop SFT + RL, refrag.train.refrag)
 
 Every config key (refrag.train.config.TrainConfig) is a flag, grouped below; flags override
 the file. Model fields override the preset with ``--model.<field> value`` (e.g.
@@ -22,6 +23,7 @@ from refrag.train.shims import init_distributed, seed_everything
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m refrag.train", description="Thin RAG fine-tuning loop.")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("refrag", help="multi-hop SFT then GRPO policy-gradient RL (flags: python -m refrag.train refrag -h)")
     sft = sub.add_parser("sft", help="supervised RAG fine-tuning on packed conversations",
                          description="Supervised RAG fine-tuning. Unknown flags are config errors.")
     sft.add_argument("--config", help="JSON config file (keys of TrainConfig); flags override it")
@@ -66,7 +68,13 @@ def run_sft(cfg: TrainConfig, resume: bool = True) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["refrag"]:
+        from refrag.train.refrag import main_refrag
+
+        main_refrag(argv[1:])
+        return
+    args, overrides = parse_args(argv)
     try:
         run_sft(load_config(args.config, overrides), resume=not args.no_resume)
     except ValueError as err:  # bad config, model pattern, KB or checkpoint: the message names it
