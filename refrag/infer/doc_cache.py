@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import DocLayout, causal_conv1d, ssd_scan
-from refrag.infer.engine import sample_next_token
+from refrag.infer.engine import decode_loop
 from refrag.model import AttentionCache, HybridCache, HybridLM, MambaCache
 from refrag.model.blocks import AttentionBlock, MambaBlock
 
@@ -323,19 +323,7 @@ class CachedEngine:
                      for p, d in zip(prompt_ids, doc_ids)]
         logits = torch.cat([logit for logit, _ in prefilled])
         cache = stack_caches([c for _, c in prefilled])
-        generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
-        stops = {int(t) for t in stop_token_ids}
-        done = [False] * len(prompt_ids)
-        for step in range(max_new_tokens):
-            tokens = sample_next_token(logits, temperature, top_p, generator)
-            for row, token in enumerate(tokens.tolist()):
-                if not done[row]:
-                    outputs[row].append(token)
-                    done[row] = token in stops
-            if all(done) or step == max_new_tokens - 1:
-                break
-            logits = self.model.step(tokens, cache)
-        return outputs
+        return decode_loop(self.model, logits, cache, max_new_tokens, temperature, top_p, seed, stop_token_ids)
 
 
 # ---------------------------------------------------------------------- segments

@@ -63,21 +63,7 @@ class Engine:
         if max_new_tokens == 0:
             return outputs
         logits, cache = self.model.prefill_packed(input_ids, layout, capacity=layout.max_seqlen + max_new_tokens)
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        stops = set(int(t) for t in stop_token_ids)
-        done = [False] * len(prompt_ids)
-        for step in range(max_new_tokens):
-            tokens = sample_next_token(logits, temperature, top_p, generator)
-            for row, token in enumerate(tokens.tolist()):
-                if not done[row]:
-                    outputs[row].append(token)
-                    done[row] = token in stops
-            if all(done) or step == max_new_tokens - 1:
-                break
-            logits = self.model.step(tokens, cache)
-        return outputs
+        return decode_loop(self.model, logits, cache, max_new_tokens, temperature, top_p, seed, stop_token_ids)
 
     def generate_text(self, prompts: Sequence[str], max_new_tokens: int, **kwargs) -> list[str]:
         """Text in, text out: `generate` on tokenizer.encode(prompt), decoded with tokenizer.decode."""
@@ -105,3 +91,23 @@ class Engine:
                 raise ValueError("doc_ids must give one id per prompt token, for every prompt")
             docs = torch.tensor([d for row in docs_per_prompt for d in row], dtype=torch.int32, device=self.device)
         return flat[None], DocLayout.from_cu_seqlens(cu_seqlens, docs)
+
+
+def decode_loop(model, logits: torch.Tensor, cache, max_new_tokens: int, temperature: float, top_p: float,
+                seed, stop_token_ids) -> list[list[int]]:
+    """Sample from prefill `logits` (b, V), then step `model` on `cache` until every row hit a stop
+    token or `max_new_tokens` were generated; returns the generated ids per row (stop token included)."""
+    generator = None if seed is None else torch.Generator(device=logits.device).manual_seed(seed)
+    stops = {int(t) for t in stop_token_ids}
+    outputs: list[list[int]] = [[] for _ in range(logits.shape[0])]
+    done = [False] * len(outputs)
+    for step in range(max_new_tokens):
+        tokens = sample_next_token(logits, temperature, top_p, generator)
+        for row, token in enumerate(tokens.tolist()):
+            if not done[row]:
+                outputs[row].append(token)
+                done[row] = token in stops
+        if all(done) or step == max_new_tokens - 1:
+            break
+        logits = model.step(tokens, cache)
+    return outputs
