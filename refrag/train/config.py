@@ -100,17 +100,17 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("vocab_size", "top_k", "seq_len", "max_doc_tokens", "batch_size", "max_steps", "grad_accum", "log_every",
                      "keep_checkpoints"):
-            _require(name, getattr(self, name), int, minimum=1)
+            require(name, getattr(self, name), int, minimum=1)
         for name in ("val_rows", "warmup_steps", "eval_every", "ckpt_every", "seed"):
-            _require(name, getattr(self, name), int, minimum=0)
+            require(name, getattr(self, name), int, minimum=0)
         for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip"):
-            _require(name, getattr(self, name), float, minimum=0)
+            require(name, getattr(self, name), float, minimum=0)
         for name in ("beta1", "beta2"):
-            _require(name, getattr(self, name), float, minimum=0)
+            require(name, getattr(self, name), float, minimum=0)
             if getattr(self, name) >= 1:
                 raise ValueError(f"config key {name} must be below 1, got {getattr(self, name)}")
         for name in ("retrieval", "question_first", "deterministic", "fsdp", "bf16"):
-            _require(name, getattr(self, name), bool)
+            require(name, getattr(self, name), bool)
         if not isinstance(self.model, dict):
             raise ValueError(f"config key model must be a dict of ModelConfig overrides, got {self.model!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -132,7 +132,8 @@ class TrainConfig:
         return cls(**values)
 
 
-def _require(name: str, value, kind: type, minimum: float | None = None) -> None:
+def require(name: str, value, kind: type, minimum: float | None = None) -> None:
+    """Raise a ValueError naming config key `name` unless `value` is a `kind` (ints pass as floats) >= minimum."""
     ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True

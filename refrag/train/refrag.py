@@ -60,7 +60,7 @@ from refrag.infer import Engine
 from refrag.infer.multihop import ABSTAINED, ANSWERED, TRUNCATED, MultiHopTrace, run_multihop
 from refrag.model import HybridLM, ModelConfig, preset
 from refrag.train import checkpoint as ckpt
-from refrag.train.config import TrainConfig, apply_overrides
+from refrag.train.config import TrainConfig, apply_overrides, require
 from refrag.train.data import kb_source, prepare_tokenizer, retrieval_manager
 from refrag.train.optim import parameter_groups
 from refrag.train.sft import train_sft
@@ -107,13 +107,11 @@ class RefragConfig:
 
     def __post_init__(self):
         for name in ("sft_steps", "rl_steps"):
-            _require_int(name, getattr(self, name), minimum=0)
+            require(name, getattr(self, name), int, minimum=0)
         for name in ("questions_per_step", "group_size", "max_hops", "max_new_tokens", "max_doc_tokens"):
-            _require_int(name, getattr(self, name), minimum=1)
+            require(name, getattr(self, name), int, minimum=1)
         for name in ("temperature", "kl_beta", "rl_lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"config key {name} must be a number >= 0, got {value!r}")
+            require(name, getattr(self, name), float, minimum=0)
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"config key top_p must be in (0, 1], got {self.top_p!r}")
         unknown = [t for t in self.types if t not in QUESTION_TYPES]
@@ -126,11 +124,6 @@ class RefragConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _require_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"config key {name} must be an integer >= {minimum}, got {value!r}")
 
 
 def load_refrag_config(path: str | Path | None, overrides: dict[str, str] | None = None) -> tuple[TrainConfig, RefragConfig]:
