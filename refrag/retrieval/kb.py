@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from refrag.retrieval.documents import (check_no_overlap, document_text, parse_documents, read_documents,
                                         read_text_utf8, write_documents)
+from refrag.fileio import sha256_file
 from refrag.retrieval.encoders import DEFAULT_ENCODER, Encoder, load_encoder
 
 FORMAT_VERSION = 1
@@ -47,14 +48,6 @@ TOKEN_RE = re.compile(r"[a-z0-9]+")
 def bm25_tokenize(text: str) -> list[str]:
     """Lowercase alphanumeric words without English stopwords (the KB's BM25 analyzer)."""
     return [t for t in TOKEN_RE.findall(text.lower()) if t not in STOPWORDS]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def embed_texts(encoder: Encoder, texts: Sequence[str], batch_size: int, show_progress: bool) -> np.ndarray:

@@ -18,7 +18,6 @@ from the running one, naming the differing keys.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from refrag.fileio import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -74,14 +75,6 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
@@ -108,7 +101,7 @@ def _write_payloads(tmp: Path, payloads: dict, crash_after_files: int | None) ->
 
 
 def _write_manifest(tmp: Path, names) -> None:
-    files = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in names}
+    files = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in names}
     path = tmp / MANIFEST
     path.write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=2, sort_keys=True))
     _fsync_file(path)
@@ -167,7 +160,7 @@ def verify_checkpoint(path: str | Path) -> dict:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is missing {name}")
-        if file.stat().st_size != entry["bytes"] or _sha256(file) != entry["sha256"]:
+        if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
             raise CheckpointError(f"checkpoint {path}: {name} is corrupt (sha256 differs from the manifest)")
     return manifest
 
