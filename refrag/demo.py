@@ -21,10 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from refrag.data import EMBEDDED_KB_DIR
 from refrag.eval.answers import QUESTION_TYPES, format_table
@@ -33,6 +37,8 @@ from refrag.retrieval import RetrievalManager, prepare_kb
 from refrag.train.__main__ import run_sft
 from refrag.train.checkpoint import latest_checkpoint
 from refrag.train.config import TrainConfig, load_config
+from refrag.train.data import prepare_tokenizer
+from refrag.train.shims import DistEnv
 
 CONFIG_DIR = Path(__file__).parent / "train" / "configs"
 RUNS = ("rag", "no_retrieval")
@@ -54,6 +60,56 @@ def prepare_knowledge_base(kb_dir: Path) -> None:
     if (kb_dir / "meta.json").is_file():
         return
     prepare_kb(EMBEDDED_KB_DIR / "documents.jsonl", kb_dir)
+
+
+def train_in_parallel(configs: dict[str, TrainConfig], poll_s: float = 2.0) -> None:
+    """CPU: train every run at once, one process with one thread each (`python -m refrag.train sft`).
+
+    The tiny model gains little from a second intra-op thread, so on a 2-core machine two
+    single-threaded runs take about the time of one. Each run logs to ``<out_dir>/train.log``;
+    progress bars follow the step records of each ``metrics.jsonl``. A failed run stops the demo
+    with the end of its log.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                      os.environ.get("PYTHONPATH")]))}
+    procs = {}
+    try:
+        for run, cfg in configs.items():
+            out_dir = Path(cfg.out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            log = open(out_dir / "train.log", "w")
+            command = [sys.executable, "-m", "refrag.train", "sft", "--config", str(out_dir / "config.json"),
+                       "--no-resume"]
+            procs[run] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+        bars = {run: tqdm(total=cfg.max_steps, desc=f"train {run}", position=i, dynamic_ncols=True)
+                for i, (run, cfg) in enumerate(configs.items())}
+        while True:
+            running = [run for run, (proc, _) in procs.items() if proc.poll() is None]
+            for run, bar in bars.items():
+                bar.update(_steps_logged(configs[run].out_dir) - bar.n)
+            if not running:
+                break
+            time.sleep(poll_s)
+        for bar in bars.values():
+            bar.close()
+    finally:
+        for proc, log in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+            log.close()
+    for run, (proc, _) in procs.items():
+        if proc.returncode != 0:
+            tail = (Path(configs[run].out_dir) / "train.log").read_text(errors="replace")[-3000:]
+            raise SystemExit(f"[demo] training {run} failed (exit {proc.returncode}); end of its log:\n{tail}")
+
+
+def _steps_logged(out_dir: str) -> int:
+    path = Path(out_dir) / "metrics.jsonl"
+    return sum(1 for _ in open(path)) if path.is_file() else 0
 
 
 def read_metrics(out_dir: str) -> list[dict]:
@@ -127,11 +183,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[demo] preparing the knowledge base in {out / 'kb'}", flush=True)
     prepare_knowledge_base(out / "kb")
     t = stage("prepare_kb", t)
+    prepare_tokenizer(configs["rag"], DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     for run, cfg in configs.items():
         print(f"[demo] training {run}: preset {cfg.preset}, {cfg.max_steps} steps of "
               f"{cfg.batch_size * cfg.grad_accum} x {cfg.seq_len} tokens", flush=True)
-        run_sft(cfg, resume=False)
-        t = stage(f"train_{run}", t)
+    if torch.cuda.is_available():
+        for run, cfg in configs.items():
+            run_sft(cfg, resume=False)
+            t = stage(f"train_{run}", t)
+    else:
+        train_in_parallel(configs)
+        t = stage("train_both_in_parallel", t)
 
     rag_cfg = configs["rag"]
     manager = RetrievalManager(rag_cfg.retriever, knowledge_base=rag_cfg.kb_dir)

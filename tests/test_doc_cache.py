@@ -90,6 +90,19 @@ def test_cached_prefill_equals_full_prefill_for_any_document_order(pattern, doc_
         assert (stats.misses, stats.hits) == (9, 4 * 2 * 3 - 9)
 
 
+@pytest.mark.parametrize("width", [2, 4])
+def test_cached_prefill_with_a_key_conv_equals_full_prefill(width, device, reference_ops):
+    """Key-conv windows restart at each document (a cached document's keys ignore its siblings)
+    and the shared suffix continues from the raw keys of the last documents (DOCS["b"] and
+    DOCS["c"] are shorter than a width-4 window)."""
+    model = tiny_model("T,M,T", device, key_conv=width)
+    engine = CachedEngine(model, DocumentCache(max_bytes=1 << 30))
+    for order in ("abc", "cab", "bca"):
+        segments = [PREFIX, [DOCS[k] for k in order], SUFFIX, [DOCS["a"]], SUFFIX]
+        assert_cached_prefill_equals_full_prefill(model, engine, segments)
+        assert_same_generation(model, engine, segments)
+
+
 def marked(body: list[int], slot: int) -> list[int]:
     """A document as rendered in slot `slot`: ids 1, 2 stand for [DOC_1], [DOC_2], id 0 for its closer."""
     return [slot] + body + [0]

@@ -16,6 +16,8 @@ VARIANTS = [
     pytest.param("M,M", {}, id="mamba"),
     pytest.param("T,M,T", {}, id="hybrid-gqa"),
     pytest.param("M,T", dict(n_kv_head=2, mlp="swiglu", tie_embeddings=True, qk_norm=False), id="hybrid-mha-swiglu"),
+    pytest.param("T,M,T", dict(key_conv=2), id="hybrid-key-conv2"),
+    pytest.param("T,T", dict(key_conv=4, n_kv_head=2), id="attention-key-conv4"),
 ]
 
 

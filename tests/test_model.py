@@ -75,6 +75,9 @@ def test_config_round_trips_through_dict():
         pytest.param("d_model", 0, "d_model must be a positive int", id="zero-width"),
         pytest.param("mamba", {"headdim": 48}, "multiple of mamba.headdim", id="mamba-heads"),
         pytest.param("doc_positions", "per_doc", "doc_positions must be one of", id="doc-positions"),
+        pytest.param("key_conv", 1, "key_conv must be 0", id="key-conv-width-1"),
+        pytest.param("key_conv", 5, "key_conv must be 0", id="key-conv-width-5"),
+        pytest.param("key_conv", True, "key_conv must be 0", id="key-conv-bool"),
     ],
 )
 def test_config_rejects(key, value, message):
@@ -249,6 +252,42 @@ def test_block_positions_make_a_document_independent_of_sibling_lengths(pattern,
 def test_sequential_positions_shift_a_document_after_a_longer_sibling(pattern, device):
     first, second = _second_document_after_siblings_of_two_lengths(pattern, device, "sequential")
     assert not torch.allclose(first, second, atol=1e-3)
+
+
+@pytest.mark.parametrize("width", [2, 4])
+def test_key_conv_mixes_each_key_with_its_predecessors_within_a_window(width, device):
+    """A key convolution changes the output after a token only within `width` tokens, never
+    across an example or document start, and packed examples still equal running each alone."""
+    model = tiny_model("T,T", device, key_conv=width)
+    plain = tiny_model("T,T", device)
+    assert tuple(model.blocks[0].key_conv.shape) == (model.config.n_kv_head * model.config.head_dim, width)
+    examples = [(9, [(2, 4), (4, 7)]), (1, []), (7, [(0, 1)])]
+    layout = DocLayout.from_examples(examples, device=device)
+    ids = torch.randint(0, VOCAB, (1, layout.total_tokens), device=device)
+    packed = model(ids, layout=layout)
+    assert not torch.allclose(packed, plain(ids, layout=layout), atol=1e-3)
+    cu = layout.cu_seqlens.tolist()
+    for n, example in enumerate(examples):
+        alone = model(ids[:, cu[n]:cu[n + 1]], layout=DocLayout.from_examples([example], device=device))
+        torch.testing.assert_close(packed[:, cu[n]:cu[n + 1]], alone, **tolerance(device))
+
+
+def test_key_conv_keeps_documents_independent_of_siblings(device):
+    model = tiny_model("T,M,T", device, key_conv=3)
+    layout = DocLayout.from_examples([(16, [(3, 8), (8, 13)])], device=device)
+    ids = torch.randint(0, VOCAB, (1, 16), device=device)
+    other = ids.clone()
+    other[:, 3:8] = (ids[:, 3:8] + 1) % VOCAB
+    before, after = model.hidden_states(ids, layout=layout), model.hidden_states(other, layout=layout)
+    torch.testing.assert_close(before[:, 8:13], after[:, 8:13], **tolerance(device))
+    assert not torch.allclose(before[:, 13:], after[:, 13:], atol=1e-3)
+
+
+def test_key_conv_init_averages_each_key_with_its_predecessor():
+    model = HybridLM(tiny_config("T,M", key_conv=3))
+    weight = model.blocks[0].key_conv
+    assert torch.equal(weight[:, 0], torch.zeros_like(weight[:, 0]))
+    assert torch.equal(weight[:, 1:], torch.full_like(weight[:, 1:], 0.5))
 
 
 def test_without_doc_mode_mamba_documents_see_their_siblings(device):

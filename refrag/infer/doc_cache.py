@@ -4,7 +4,8 @@ In doc_mode every layer's outputs on a document's tokens depend only on the shar
 before its retrieval block and on the document itself (DESIGN.md), so a document can be
 encoded once from the prefix state and reused. Per document and layer the cache keeps:
 
-- attention blocks: the document's keys and values (after QK-norm and RoPE);
+- attention blocks: the document's keys and values (after QK-norm and RoPE) and, with a key
+  conv, its last ``key_conv - 1`` raw keys;
 - Mamba blocks: the final SSD state ``s_i`` started from the block-entry state ``h0``, the
   total decay ``D_i = exp(sum_t dt_t * A)`` per head, and the last ``d_conv - 1`` raw conv
   inputs (xBC) of the document.
@@ -12,8 +13,8 @@ encoded once from the prefix state and reused. Per document and layer the cache 
 A retrieval block of documents 1..K is composed instead of re-run: keys and values are
 appended in order, the SSD state carried past the block is
 ``h = P h0 + sum_i (prod_{j>i} D_j) (s_i - D_i h0)`` with ``P = prod_i D_i`` (evaluated as
-the recurrence ``h <- D_i h + (s_i - D_i h0)``), and the conv window of the next shared
-token is the last ``d_conv - 1`` raw inputs of prefix + documents. Only the shared tokens
+the recurrence ``h <- D_i h + (s_i - D_i h0)``), and the conv windows of the next shared
+token (Mamba's and the key conv's) hold the last raw inputs of prefix + documents. Only the shared tokens
 are run through the model.
 
 Cache keys are (sha256 of the document's token ids, sha256 of the prefix tokens and their
@@ -61,10 +62,13 @@ Segment = Union[Sequence[int], Sequence[Sequence[int]]]
 
 @dataclass
 class AttentionDocState:
-    """One attention block's keys and values of a document, k, v (n, n_kv_head, head_dim)."""
+    """One attention block's keys and values of a document, k, v (n, n_kv_head, head_dim), and
+    key_tail (t, n_kv_head * head_dim), t = min(n, key_conv - 1): its last raw keys (None
+    without a key conv)."""
 
     k: torch.Tensor
     v: torch.Tensor
+    key_tail: torch.Tensor | None = None
 
 
 @dataclass
@@ -90,7 +94,7 @@ class DocumentEntry:
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for layer in self.layers for t in vars(layer).values()]
+        tensors = [t for layer in self.layers for t in vars(layer).values() if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -403,7 +407,9 @@ def _empty_cache(model: HybridLM, capacity: int, device: torch.device) -> Hybrid
         if isinstance(block, AttentionBlock):
             k = torch.zeros(1, capacity, block.n_kv_head, block.head_dim, device=device,
                             dtype=block.qkv.weight.dtype)
-            layers.append(AttentionCache(k, torch.zeros_like(k)))
+            keys = (torch.zeros(1, block.n_kv_head * block.head_dim, block.key_conv_width - 1, device=device,
+                                dtype=block.qkv.weight.dtype) if block.key_conv is not None else None)
+            layers.append(AttentionCache(k, torch.zeros_like(k), keys))
         else:
             width = block.conv_weight.shape[1] - 1
             conv = torch.zeros(1, block.conv_dim, width, device=device, dtype=block.in_proj.weight.dtype)
@@ -421,7 +427,10 @@ def stack_caches(caches: Sequence[HybridCache]) -> HybridCache:
         if isinstance(per_cache[0], AttentionCache):
             for layer in per_cache:
                 layer.grow(capacity)
-            layers.append(AttentionCache(torch.cat([l.k for l in per_cache]), torch.cat([l.v for l in per_cache])))
+            keys = (torch.cat([l.key_conv_state for l in per_cache]) if per_cache[0].key_conv_state is not None
+                    else None)
+            layers.append(AttentionCache(torch.cat([l.k for l in per_cache]), torch.cat([l.v for l in per_cache]),
+                                         keys))
         else:
             layers.append(MambaCache(torch.cat([l.conv_state for l in per_cache]),
                                      torch.cat([l.ssm_state for l in per_cache])))
@@ -432,13 +441,14 @@ def stack_caches(caches: Sequence[HybridCache]) -> HybridCache:
 
 
 def _attend(block: AttentionBlock, x: torch.Tensor, layer: AttentionCache, visible_cached: torch.Tensor,
-            cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            key_history: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor):
     """New tokens x (1, n, d_model) attend to the cached keys where visible_cached (cached,) bool
-    is set and causally to each other.
+    is set and causally to each other; their key conv window follows key_history.
 
-    Returns the block output (1, n, d_model) and the new keys and values (n, n_kv_head, head_dim).
+    Returns the block output (1, n, d_model), the new keys and values (n, n_kv_head, head_dim)
+    and raw keys (n, n_kv_head * head_dim).
     """
-    q, k, v = block._qkv(x, cos, sin)
+    q, k, v, raw = block.qkv_after(x, key_history, cos, sin)
     n, cached = x.shape[1], visible_cached.shape[0]
     keys = torch.cat([layer.k[0, :cached].to(k.dtype), k[0]])  # (cached + n, n_kv_head, hd)
     values = torch.cat([layer.v[0, :cached].to(v.dtype), v[0]])
@@ -448,7 +458,7 @@ def _attend(block: AttentionBlock, x: torch.Tensor, layer: AttentionCache, visib
     keys = keys.repeat_interleave(groups, dim=1).transpose(0, 1)[None]  # (1, n_head, cached + n, hd)
     values = values.repeat_interleave(groups, dim=1).transpose(0, 1)[None]
     o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible)  # (1, n_head, n, hd)
-    return block._attend_and_mlp(x, o.transpose(1, 2)), k[0], v[0]
+    return block._attend_and_mlp(x, o.transpose(1, 2)), k[0], v[0], raw[0]
 
 
 def _scan(block: MambaBlock, x: torch.Tensor, conv_history: torch.Tensor, h0: torch.Tensor):
@@ -485,9 +495,11 @@ def _run_shared(model: HybridLM, cache: HybridCache, ids: torch.Tensor, cos: tor
     x = model.embed(ids)
     for block, layer in zip(model.blocks, cache.layers):
         if isinstance(block, AttentionBlock):
-            x, k, v = _attend(block, x, layer, every_key, cos, sin)
+            x, k, v, raw = _attend(block, x, layer, every_key, layer.key_conv_state, cos, sin)
             layer.k[0, cached:cached + n] = k.to(layer.k.dtype)
             layer.v[0, cached:cached + n] = v.to(layer.v.dtype)
+            if layer.key_conv_state is not None:
+                layer.key_conv_state = _last_rows(layer.key_conv_state, raw, layer.key_conv_state.shape[-1])
         else:
             x, raw, final, _ = _scan(block, x, layer.conv_state, layer.ssm_state)
             layer.conv_state = _last_rows(layer.conv_state, raw, layer.conv_state.shape[-1])
@@ -506,8 +518,10 @@ def _encode_document(model: HybridLM, cache: HybridCache, shared: torch.Tensor, 
     layers = []
     for block, layer in zip(model.blocks, cache.layers):
         if isinstance(block, AttentionBlock):
-            x, k, v = _attend(block, x, layer, shared, cos, sin)
-            layers.append(AttentionDocState(k.to(layer.k.dtype), v.to(layer.v.dtype)))
+            history = None if layer.key_conv_state is None else torch.zeros_like(layer.key_conv_state)
+            x, k, v, raw = _attend(block, x, layer, shared, history, cos, sin)
+            tail = None if history is None else raw[-history.shape[-1]:].to(history.dtype)
+            layers.append(AttentionDocState(k.to(layer.k.dtype), v.to(layer.v.dtype), tail))
         else:
             x, raw, final, log_decay = _scan(block, x, torch.zeros_like(layer.conv_state), layer.ssm_state)
             tail = raw[-layer.conv_state.shape[-1]:].to(layer.conv_state.dtype)
@@ -524,6 +538,9 @@ def _compose(cache: HybridCache, entries: Sequence[DocumentEntry]) -> None:
         if isinstance(layer, AttentionCache):
             layer.k[0, cached:cached + total] = torch.cat([e.layers[i].k for e in entries])
             layer.v[0, cached:cached + total] = torch.cat([e.layers[i].v for e in entries])
+            if layer.key_conv_state is not None:
+                tails = torch.cat([e.layers[i].key_tail for e in entries])
+                layer.key_conv_state = _last_rows(layer.key_conv_state, tails, layer.key_conv_state.shape[-1])
         else:
             h0 = layer.ssm_state[0]
             h = h0

@@ -45,7 +45,8 @@ class SequenceContext:
 
 
 class AttentionBlock(nn.Module):
-    """x + attn(norm(x)), then x + mlp(norm(x)). GQA, optional QK-norm, RoPE, doc_attention."""
+    """x + attn(norm(x)), then x + mlp(norm(x)). GQA, optional QK-norm, RoPE, doc_attention,
+    optional causal conv over the keys (`ModelConfig.key_conv`)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -56,6 +57,8 @@ class AttentionBlock(nn.Module):
         self.out = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
         self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = MLP(config.d_model, config.mlp_hidden, config.mlp)
+        self.key_conv = (nn.Parameter(torch.empty(self.n_kv_head * self.head_dim, config.key_conv))
+                         if config.key_conv else None)
 
     def reset_parameters(self) -> None:
         for norm in (self.attn_norm, self.mlp_norm):
@@ -64,20 +67,54 @@ class AttentionBlock(nn.Module):
         init_input_linear(self.mlp.up)
         init_output_linear(self.out)
         init_output_linear(self.mlp.down)
+        if self.key_conv is not None:
+            with torch.no_grad():  # each key starts as the mean of its own and its predecessor's
+                self.key_conv.zero_()
+                self.key_conv[:, -2:] = 0.5
 
-    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x (b, l, d_model) -> q (b, l, n_head, hd), k, v (b, l, n_kv_head, hd), RoPE applied."""
+    @property
+    def key_conv_width(self) -> int:
+        """Taps of the key convolution (0 without one)."""
+        return 0 if self.key_conv is None else self.key_conv.shape[1]
+
+    def _project(self, x: torch.Tensor):
+        """x (b, l, d_model) -> q (b, l, n_head, hd), raw keys (b, l, n_kv_head * hd), v (b, l, n_kv_head, hd)."""
         b, l, _ = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
         )
-        q = q.view(b, l, self.n_head, self.head_dim)
-        k = k.view(b, l, self.n_kv_head, self.head_dim)
-        v = v.view(b, l, self.n_kv_head, self.head_dim)
+        return q.view(b, l, self.n_head, self.head_dim), k, v.view(b, l, self.n_kv_head, self.head_dim)
+
+    def _rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q (b, l, n_head, hd), keys (b, l, n_kv_head * hd) after the key conv -> QK-norm, RoPE."""
+        k = k.reshape(*k.shape[:2], self.n_kv_head, self.head_dim)
         if self.qk_norm:
             q = F.rms_norm(q, (self.head_dim,), eps=self.eps)
             k = F.rms_norm(k, (self.head_dim,), eps=self.eps)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def _qkv(self, x: torch.Tensor, ctx: SequenceContext):
+        """Full sequences x (b, l, d_model) -> q, k, v ready for attention, and the raw keys
+        (b, l, n_kv_head * hd); the key conv restarts at each example and document."""
+        q, raw, v = self._project(x)
+        k = raw
+        if self.key_conv is not None:
+            k = causal_conv1d(raw, self.key_conv, None, cu_seqlens=ctx.cu_seqlens, doc_ids=ctx.doc_ids,
+                              activation=None)
+        q, k = self._rotate(q, k, ctx.cos, ctx.sin)
+        return q, k, v, raw
+
+    def qkv_after(self, x: torch.Tensor, key_history: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor):
+        """New tokens x (1, n, d_model) that follow raw keys key_history (1, n_kv_head * hd,
+        key_conv - 1) (zeros: a window start; None without a key conv) -> q, k, v and raw keys."""
+        q, raw, v = self._project(x)
+        k = raw
+        if self.key_conv is not None:
+            width = key_history.shape[-1]
+            window = torch.cat([key_history.transpose(1, 2).to(raw.dtype), raw], dim=1)
+            k = causal_conv1d(window, self.key_conv, None, activation=None)[:, width:]
+        q, k = self._rotate(q, k, cos, sin)
+        return q, k, v, raw
 
     def _attend_and_mlp(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """Residual updates from the attention output o (b, l, n_head, hd)."""
@@ -86,16 +123,17 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
         """x (b, L, d_model) -> (b, L, d_model)."""
-        q, k, v = self._qkv(x, ctx.cos, ctx.sin)
+        q, k, v, _ = self._qkv(x, ctx)
         o = doc_attention(q, k, v, cu_seqlens=ctx.cu_seqlens, doc_ids=ctx.doc_ids, causal=True)
         return self._attend_and_mlp(x, o)
 
     def prefill(self, x: torch.Tensor, ctx: SequenceContext, capacity: int):
         """Packed row x (1, L, d_model) -> (output, AttentionCache with one row per example).
 
-        Cache slot of a token = its index in its example (not its RoPE position).
+        Cache slot of a token = its index in its example (not its RoPE position). The key conv
+        state is the last key_conv - 1 raw keys of each example (the next token is shared text).
         """
-        q, k, v = self._qkv(x, ctx.cos, ctx.sin)
+        q, k, v, raw = self._qkv(x, ctx)
         o = doc_attention(q, k, v, cu_seqlens=ctx.cu_seqlens, doc_ids=ctx.doc_ids, causal=True)
         n_seqs = ctx.cu_seqlens.numel() - 1
         cache_k = k.new_zeros(n_seqs, capacity, self.n_kv_head, self.head_dim)
@@ -104,7 +142,8 @@ class AttentionBlock(nn.Module):
         slots = torch.arange(x.shape[1], device=x.device) - ctx.cu_seqlens.long()[rows]
         cache_k[rows, slots] = k[0]
         cache_v[rows, slots] = v[0]
-        return self._attend_and_mlp(x, o), AttentionCache(cache_k, cache_v)
+        key_state = last_inputs(raw, ctx.cu_seqlens, self.key_conv_width - 1) if self.key_conv is not None else None
+        return self._attend_and_mlp(x, o), AttentionCache(cache_k, cache_v, key_state)
 
     def step(self, x: torch.Tensor, cache: AttentionCache, lengths: torch.Tensor) -> torch.Tensor:
         """One token per row: x (b, d_model) after lengths (b,) cached tokens -> (b, d_model).
@@ -114,7 +153,10 @@ class AttentionBlock(nn.Module):
         token (= lengths with either doc_positions: documents never shift shared positions).
         """
         cos, sin = rotary_cos_sin(lengths[:, None], self.head_dim, self.rope_theta)
-        q, k, v = self._qkv(x[:, None], cos, sin)
+        q, k, v = self._project(x[:, None])
+        if self.key_conv is not None:
+            k = causal_conv1d_update(cache.key_conv_state, k[:, 0], self.key_conv, None, activation=None)[:, None]
+        q, k = self._rotate(q, k, cos, sin)
         cache.append(k[:, 0], v[:, 0], lengths)
         visible = torch.arange(cache.capacity, device=x.device)[None, :] <= lengths[:, None]  # (b, capacity)
         groups = self.n_head // self.n_kv_head
@@ -124,6 +166,17 @@ class AttentionBlock(nn.Module):
             q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None, None, :]
         )  # (b, n_head, 1, hd)
         return self._attend_and_mlp(x[:, None], o.transpose(1, 2))[:, 0]
+
+
+def last_inputs(raw: torch.Tensor, cu_seqlens: torch.Tensor, width: int) -> torch.Tensor:
+    """Decode conv state per example: the last `width` rows of raw (1, L, C) before each end of
+    cu_seqlens (N+1,), oldest first, zeros before the example's start -> (N, C, width)."""
+    ends = cu_seqlens[1:].long()
+    starts = cu_seqlens[:-1].long()
+    idx = ends[:, None] - width + torch.arange(width, device=raw.device)[None, :]  # (N, width)
+    valid = (idx >= starts[:, None])[:, :, None]
+    tail = raw[0, idx.clamp(min=0)]  # (N, width, C)
+    return torch.where(valid, tail, torch.zeros_like(tail)).transpose(1, 2).contiguous()
 
 
 class MambaBlock(nn.Module):
@@ -207,13 +260,7 @@ class MambaBlock(nn.Module):
         capacity is unused (the state has a fixed size); every block's prefill takes it.
         """
         out, xBC_raw, final = self._mix(x, ctx, return_final_states=True)
-        width = self.conv_weight.shape[1] - 1
-        ends = ctx.cu_seqlens[1:].long()
-        starts = ctx.cu_seqlens[:-1].long()
-        idx = ends[:, None] - width + torch.arange(width, device=x.device)[None, :]  # (N, d_conv - 1)
-        valid = (idx >= starts[:, None])[:, :, None]
-        tail = xBC_raw[0, idx.clamp(min=0)]  # (N, d_conv - 1, conv_dim)
-        conv_state = torch.where(valid, tail, torch.zeros_like(tail)).transpose(1, 2).contiguous()
+        conv_state = last_inputs(xBC_raw, ctx.cu_seqlens, self.conv_weight.shape[1] - 1)
         return out, MambaCache(conv_state, final.float())
 
     def step(self, x: torch.Tensor, cache: MambaCache, lengths: torch.Tensor) -> torch.Tensor:

@@ -11,10 +11,13 @@ class AttentionCache:
     """Keys and values (after QK-norm and RoPE) of one attention block.
 
     k, v: (b, capacity, n_kv_head, head_dim); row r holds its first `lengths[r]` tokens.
+    key_conv_state: (b, n_kv_head * head_dim, key_conv - 1), the last raw (unconvolved) keys,
+    oldest first, when the block has a key convolution; else None.
     """
 
     k: torch.Tensor
     v: torch.Tensor
+    key_conv_state: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:

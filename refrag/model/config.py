@@ -45,6 +45,12 @@ class ModelConfig:
     (`DocLayout.position_ids(per_document=True)`), so a document's keys do not depend on its
     sibling documents and can be cached and reused in any order; "sequential": every token
     counts all earlier tokens of its example. Shared tokens use their example position in both.
+    key_conv: width of a causal depthwise convolution over each attention block's keys, before
+    QK-norm and RoPE (0: none; 2..4). With 2 it is the "smeared key" of Olsson et al. (2022):
+    a key also carries its previous token, so a single layer can match "the token after an
+    earlier occurrence of X" (induction, copying from retrieved documents), which a small model
+    otherwise learns only after a long plateau. Windows restart like Mamba's conv: at each
+    example and each document.
     """
 
     vocab_size: int
@@ -63,6 +69,7 @@ class ModelConfig:
     grad_checkpoint: bool = False
     norm_eps: float = 1e-5
     doc_positions: str = "block"
+    key_conv: int = 0
 
     def __post_init__(self):
         if isinstance(self.mamba, dict):
@@ -83,6 +90,8 @@ class ModelConfig:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
+        if isinstance(self.key_conv, bool) or self.key_conv not in (0, 2, 3, 4):
+            raise ValueError(f"key_conv must be 0 (off) or a conv width 2..4, got {self.key_conv!r}")
         if self.doc_positions not in DOC_POSITIONS:
             raise ValueError(f"doc_positions must be one of {DOC_POSITIONS}, got {self.doc_positions!r}")
         if self.d_inner % self.mamba.headdim:

@@ -15,7 +15,7 @@ from pathlib import Path
 GROUPS = {
     "model": ("preset", "model"),
     "data": ("kb_source", "kb_dir", "tokenizer", "vocab_size", "top_k", "retrieval", "question_first", "retriever", "seq_len",
-             "max_doc_tokens", "batch_size", "val_rows"),
+             "max_doc_tokens", "extra_questions", "counterfactual_copies", "batch_size", "val_rows"),
     "optimization": ("max_steps", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
                      "beta1", "beta2", "grad_clip"),
     "system": ("device", "seed", "deterministic", "fsdp", "bf16"),
@@ -35,6 +35,8 @@ HELP = {
     "retriever": "retriever kind: dense, bm25, hybrid",
     "seq_len": "tokens per packed row",
     "max_doc_tokens": "each retrieved document is cut to this many tokens",
+    "extra_questions": "train: up to this many further questions about the shown documents per conversation",
+    "counterfactual_copies": "train, with retrieval: copies of each conversation with its answers swapped consistently",
     "batch_size": "packed rows per micro-step (flattened into one varlen row)",
     "val_rows": "packed rows (per rank) of the validation loss",
     "max_steps": "optimizer steps",
@@ -75,6 +77,8 @@ class TrainConfig:
     retriever: str = "bm25"
     seq_len: int = 1024
     max_doc_tokens: int = 256
+    extra_questions: int = 0
+    counterfactual_copies: int = 0
     batch_size: int = 1
     val_rows: int = 8
     max_steps: int = 100
@@ -101,7 +105,7 @@ class TrainConfig:
         for name in ("vocab_size", "top_k", "seq_len", "max_doc_tokens", "batch_size", "max_steps", "grad_accum", "log_every",
                      "keep_checkpoints"):
             require(name, getattr(self, name), int, minimum=1)
-        for name in ("val_rows", "warmup_steps", "eval_every", "ckpt_every", "seed"):
+        for name in ("extra_questions", "counterfactual_copies", "val_rows", "warmup_steps", "eval_every", "ckpt_every", "seed"):
             require(name, getattr(self, name), int, minimum=0)
         for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip"):
             require(name, getattr(self, name), float, minimum=0)

@@ -10,10 +10,12 @@ asked (attention and the Mamba state entering the block both carry it).
 """
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from refrag.data import (EMBEDDED_KB_DIR, PackedLoader, RagTokenizer, build_conversations, load_queries,
                          pack_examples, render_conversations)
+from refrag.data.augment import AnswerPools, QuestionIndex, add_questions, counterfactual
 from refrag.data.tokenizer import corpus_texts
 from refrag.retrieval import RetrievalManager
 from refrag.train.config import TrainConfig
@@ -52,12 +54,29 @@ def without_retrieval(conversation: dict) -> dict:
 
 
 def question_first(conversation: dict) -> dict:
-    """The conversation with its user message moved before the retrieval messages."""
+    """The conversation with its first user message moved before the retrieval messages."""
     messages = conversation["messages"]
-    user = [m for m in messages if m["role"] == "user"]
+    first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
     first_retrieval = next(i for i, m in enumerate(messages) if m["role"] == "retrieval")
-    rest = [m for m in messages if m["role"] != "user"]
-    return {**conversation, "messages": rest[:first_retrieval] + user + rest[first_retrieval:]}
+    if first_user < first_retrieval:
+        return conversation
+    rest = messages[:first_user] + messages[first_user + 1:]
+    return {**conversation, "messages": rest[:first_retrieval] + [messages[first_user]] + rest[first_retrieval:]}
+
+
+def augmented(conversations: list[dict], records: list[dict], cfg: TrainConfig) -> list[dict]:
+    """Training conversations with cfg.extra_questions further turns each and, with retrieval,
+    cfg.counterfactual_copies rewritten copies of every conversation (refrag.data.augment)."""
+    if not cfg.extra_questions and not (cfg.counterfactual_copies and cfg.retrieval):
+        return conversations
+    index, pools = QuestionIndex(records), AnswerPools(records)
+    out = []
+    for copy in range(1 + (cfg.counterfactual_copies if cfg.retrieval else 0)):
+        for conv, rec in zip(conversations, records):
+            rng = random.Random(f"{cfg.seed}:{copy}:{rec['id']}")
+            conv, asked = add_questions(conv, rec, index, cfg.extra_questions, rng)
+            out.append(counterfactual(conv, asked, pools, rng) if copy else conv)
+    return out
 
 
 def sft_conversations(split: str, cfg: TrainConfig, manager: RetrievalManager) -> list[dict]:
@@ -65,6 +84,8 @@ def sft_conversations(split: str, cfg: TrainConfig, manager: RetrievalManager) -
     records = load_queries(split, kb_source(cfg))
     conversations = build_conversations(records, manager, cfg.top_k, ensure_gold=True, multi_hop=False,
                                         seed=cfg.seed)
+    if split == "train":
+        conversations = augmented(conversations, records, cfg)
     if not cfg.retrieval:
         return [without_retrieval(c) for c in conversations]
     return [question_first(c) for c in conversations] if cfg.question_first else conversations

@@ -1,0 +1,119 @@
+"""Training augmentations: counterfactual answer swaps and extra questions about the shown documents."""
+import random
+
+import pytest
+
+from refrag.data import load_tokenizer, rag_conversation, render_conversation
+from refrag.data.augment import AnswerPools, QuestionIndex, add_questions, counterfactual, shape
+from refrag.train.data import question_first
+
+
+def doc(doc_id, title, content):
+    return {"id": doc_id, "title": title, "content": content, "source": "s", "score": 1.0}
+
+
+def record(rid, question, answer, gold, type_="single_hop", hops=None):
+    rec = {"id": rid, "question": question, "answer": answer, "type": type_, "gold_doc_ids": gold}
+    if hops:
+        rec["hops"] = hops
+    return rec
+
+
+ANA = doc("p1", "Ana Velk", "Ana Velk is a potter who was born in Dorvik in 1950. Ana Velk works for Olm Guild.")
+BOR = doc("p2", "Bor Tesk", "Bor Tesk is a baker who was born in Kelmar in 1961. Bor Tesk works for Rask Guild.")
+OLM = doc("c1", "Olm Guild", "Olm Guild is a glass company founded in 1801. It has about 6,100 workers.")
+RECORDS = [
+    record("r1", "Where was Ana Velk born?", "Dorvik", ["p1"]),
+    record("r2", "In what year was Ana Velk born?", "1950", ["p1"]),
+    record("r3", "Where was Bor Tesk born?", "Kelmar", ["p2"]),
+    record("r4", "In what year was Bor Tesk born?", "1961", ["p2"]),
+    record("r5", "Which company does Ana Velk work for?", "Olm Guild", ["p1"]),
+    record("r6", "Which company does Bor Tesk work for?", "Rask Guild", ["p2"]),
+    record("r7", "In what year was Olm Guild founded?", "1801", ["c1"]),
+    record("r8", "How many workers does Olm Guild have?", "6,100", ["c1"]),
+    record("r9", "Where was Cid Moor born?", "I don't know", []),
+    record("r10", "In which year was the employer of Ana Velk founded?", "1801", ["p1", "c1"], "two_hop",
+           [{"query": "Which company does Ana Velk work for?", "doc_id": "p1", "answer": "Olm Guild"},
+            {"query": "In what year was Olm Guild founded?", "doc_id": "c1", "answer": "1801"}]),
+] + [record(f"g{i}", f"Which company does Person {i} work for?", f"Firm{i} Guild", ["x"]) for i in range(5)] \
+  + [record(f"b{i}", f"Where was Person {i} born?", city, ["x"]) for i, city in enumerate(["Sarn", "Tolb", "Vesk"])]
+
+
+def texts(conv):
+    out = []
+    for m in conv["messages"]:
+        out += [m.get("content", ""), m.get("query", "")]
+        out += [d["content"] for d in m.get("documents", [])]
+    return " ".join(out)
+
+
+@pytest.mark.parametrize("answer, expected", [("1950", "year"), ("6,100", "number"), ("Dorvik", "Cap1"),
+                                              ("prism lamps", "lower2"), ("Olm Guild", "Cap2")])
+def test_shape(answer, expected):
+    assert shape(answer) == expected
+
+
+def test_pools_group_answers_by_kind_and_shared_suffix():
+    pools = AnswerPools(RECORDS)
+    assert pools.kind("1950") == pools.kind("1801") != pools.kind("6,100")
+    assert pools.kind("Olm Guild") == "Cap2:Guild"  # 7 answers end in "Guild"
+    assert "I don't know" not in {v for pool in pools.pools.values() for v in pool}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_counterfactual_swaps_answers_consistently_and_keeps_them_in_the_documents(seed):
+    conv = rag_conversation("Where was Ana Velk born?", "Dorvik", [ANA, BOR])
+    swapped = counterfactual(conv, [RECORDS[0]], AnswerPools(RECORDS), random.Random(seed))
+    answer = swapped["messages"][-1]["content"]
+    assert answer not in ("Dorvik", "I don't know")
+    assert answer in ("Sarn", "Tolb", "Vesk")  # a city; never Kelmar, which Bor Tesk's document states
+    assert f"born in {answer} in 1950" in swapped["messages"][1]["documents"][0]["content"]
+    assert "Dorvik" not in texts(swapped)
+    assert conv["messages"][-1]["content"] == "Dorvik"  # the input is not modified
+
+
+def test_counterfactual_keeps_years_years_and_swaps_two_hop_bridges_everywhere():
+    conv = rag_conversation(RECORDS[9]["question"], "1801", [ANA, OLM])
+    swapped = counterfactual(conv, [RECORDS[9]], AnswerPools(RECORDS), random.Random(0))
+    answer = swapped["messages"][-1]["content"]
+    assert shape(answer) == "year" and answer != "1801"
+    ana, olm = swapped["messages"][1]["documents"]
+    bridge = olm["title"]
+    assert bridge != "Olm Guild" and bridge.endswith("Guild")
+    assert f"works for {bridge}" in ana["content"] and olm["content"].startswith(f"{bridge} is a glass company")
+    assert f"founded in {answer}" in olm["content"]
+
+
+def test_counterfactual_leaves_unanswerable_and_unstated_values_alone():
+    conv = rag_conversation("Where was Cid Moor born?", "I don't know", [ANA])
+    assert counterfactual(conv, [RECORDS[8]], AnswerPools(RECORDS), random.Random(0)) == conv
+    unstated = rag_conversation("Where was Bor Tesk born?", "Kelmar", [ANA])  # gold document not shown
+    assert counterfactual(unstated, [RECORDS[2]], AnswerPools(RECORDS), random.Random(0)) == unstated
+
+
+def test_add_questions_asks_only_about_shown_documents():
+    conv = rag_conversation("Where was Ana Velk born?", "Dorvik", [ANA, OLM])
+    extended, asked = add_questions(conv, RECORDS[0], QuestionIndex(RECORDS), extra=10, rng=random.Random(0))
+    assert asked[0] is RECORDS[0]
+    assert {r["id"] for r in asked[1:]} == {"r2", "r5", "r7", "r8", "r10"}  # not r1 again, nothing about Bor
+    roles = [m["role"] for m in extended["messages"]]
+    assert roles == ["system", "retrieval", "user", "assistant"] + ["user", "assistant"] * 5
+    few, asked = add_questions(conv, RECORDS[0], QuestionIndex(RECORDS), extra=2, rng=random.Random(0))
+    assert len(asked) == 3 and len(few["messages"]) == 8
+    with pytest.raises(ValueError, match="ends with the assistant"):
+        add_questions({"messages": conv["messages"][:-1]}, RECORDS[0], QuestionIndex(RECORDS), 1, random.Random(0))
+
+
+def test_multi_turn_rendering_learns_every_answer_and_ends_once():
+    conv = rag_conversation("Where was Ana Velk born?", "Dorvik", [ANA, OLM])
+    extended, _ = add_questions(conv, RECORDS[0], QuestionIndex(RECORDS), extra=2, rng=random.Random(1))
+    tok = load_tokenizer()
+    example = render_conversation(extended, tok)
+    learned = tok.decode(example.input_ids[example.loss_mask == 1].tolist())
+    assert learned.count("[/ASST]") == 3 and learned.count("[EOS]") == 1 and learned.endswith("[EOS]")
+    for m in extended["messages"][3::2]:
+        assert m["content"] in learned
+    moved = question_first(extended)
+    roles = [m["role"] for m in moved["messages"]]
+    assert roles[:4] == ["system", "user", "retrieval", "assistant"] and roles.count("user") == 3
+    assert moved["messages"][1]["content"] == "Where was Ana Velk born?"
