@@ -70,7 +70,10 @@ def train_in_parallel(configs: dict[str, TrainConfig], poll_s: float = 2.0) -> N
     progress bars follow the step records of each ``metrics.jsonl``. A failed run stops the demo
     with the end of its log.
     """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+    # CPU runs take the ops' PyTorch references: the Triton interpreter (TRITON_INTERPRET=1, as
+    # the test suite sets it) is a correctness tool, hundreds of times slower.
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env = {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                       os.environ.get("PYTHONPATH")]))}
     procs = {}

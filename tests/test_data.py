@@ -100,6 +100,15 @@ def test_tokenizer_cli(tmp_path):
 
 # ---------------------------------------------------------------- rendering
 
+def test_answer_tokens_equal_the_same_words_inside_a_document(tok):
+    content = "Ada Lind was born in Varossa in 1901."
+    conv = rag_conversation("Where was Ada Lind born?", "Varossa", [doc(0, content)])
+    ex = render_conversation(conv, tok)
+    answer = ex.input_ids[ex.loss_mask == 1][:-2].tolist()  # without [/ASST] [EOS]
+    document = ex.input_ids[ex.doc_ids == 1].tolist()
+    assert any(document[i:i + len(answer)] == answer for i in range(len(document)))
+
+
 def test_single_hop_rendering(tok):
     conv = rag_conversation("Where was Ada born?", "Varossa", [doc(0), doc(1)])
     ex = render_conversation(conv, tok)
@@ -108,7 +117,7 @@ def test_single_hop_rendering(tok):
     assert ids[0] == t("[BOS]") and ids[-1] == t("[EOS]")
     for marker in ("[RETRIEVAL_START]", "[DOC_1]", "[/DOC_1]", "[DOC_2]", "[/DOC_2]", "[RETRIEVAL_END]"):
         assert ids.count(t(marker)) == 1
-    assert decode_where(tok, ex, ex.loss_mask == 1) == "Varossa[/ASST][EOS]"
+    assert decode_where(tok, ex, ex.loss_mask == 1) == " Varossa[/ASST][EOS]"
     assert ids[np.flatnonzero(ex.loss_mask)[0] - 1] == t("[ASST]")
     spans = ex.doc_spans()
     assert [ids[s] for s, _ in spans] == [t("[DOC_1]"), t("[DOC_2]")]
@@ -124,7 +133,7 @@ def test_multi_hop_rendering_counts_docs_across_hops(tok):
     t = tok.token_id
     assert int(ex.doc_ids.max()) == 3
     assert decode_where(tok, ex, ex.doc_ids == 3).startswith("[DOC_1]Title 2")
-    assert decode_where(tok, ex, ex.loss_mask == 1) == "[QUERY]follow up[/QUERY][/ASST]Answer[/ASST][EOS]"
+    assert decode_where(tok, ex, ex.loss_mask == 1) == "[QUERY]follow up[/QUERY][/ASST] Answer[/ASST][EOS]"
     assert ex.input_ids.tolist().count(t("[QUERY]")) == 1, "hop queries already said are not repeated"
     (s1, e1), (s2, e2), (s3, e3) = ex.doc_spans()
     assert e1 == s2 < e2 < s3, "shared text (the follow-up query) separates the two blocks"
@@ -143,7 +152,7 @@ def test_loss_mask_covers_every_assistant_turn(tok):
     conv = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
                          {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}]}
     ex = render_conversation(conv, tok)
-    assert decode_where(tok, ex, ex.loss_mask == 1) == "hello[/ASST]ciao[/ASST][EOS]"
+    assert decode_where(tok, ex, ex.loss_mask == 1) == " hello[/ASST] ciao[/ASST][EOS]"
 
 
 def test_document_truncation_warns(tok):
@@ -154,7 +163,7 @@ def test_document_truncation_warns(tok):
     assert ex.truncated_docs == 1
     (s1, e1), (s2, e2) = ex.doc_spans()
     assert e1 - s1 == 22, "20 content tokens plus the two markers"
-    assert decode_where(tok, ex, ex.loss_mask == 1) == "A[/ASST][EOS]", "the answer is never cut"
+    assert decode_where(tok, ex, ex.loss_mask == 1) == " A[/ASST][EOS]", "the answer is never cut"
 
 
 def test_over_long_examples_are_dropped_and_counted(tok):

@@ -1,7 +1,8 @@
 """refrag.demo helpers: the two runs differ only in retrieval, and the report plots are written."""
 import pytest
 
-from refrag.demo import RUNS, demo_configs, plot_curves, smoothed
+from refrag.demo import CONFIG_DIR, RUNS, demo_configs, plot_curves, read_metrics, smoothed, train_in_parallel
+from refrag.train.config import load_config
 
 
 def test_runs_differ_only_in_retrieval_and_out_dir(tmp_path):
@@ -26,3 +27,65 @@ def test_plots_written(tmp_path):
 def test_smoothed_is_bias_corrected_ema():
     assert smoothed([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
     assert smoothed([0.0, 1.0], decay=0.5) == pytest.approx([0.0, 0.5 / 0.75])
+
+
+@pytest.fixture(scope="module")
+def small_kb(tmp_path_factory):
+    """(KB source, prepared KB): the embedded documents with the first 60 train and 8 val/test
+    questions, indexed with the hashing encoder (no model download, about a second)."""
+    import shutil
+
+    from refrag.data import EMBEDDED_KB_DIR
+    from refrag.retrieval import prepare_kb
+
+    root = tmp_path_factory.mktemp("kb")
+    source = root / "source"
+    (source / "queries").mkdir(parents=True)
+    shutil.copy(EMBEDDED_KB_DIR / "documents.jsonl", source / "documents.jsonl")
+    for split, n in (("train", 60), ("val", 8), ("test", 8)):
+        lines = (EMBEDDED_KB_DIR / "queries" / f"{split}.jsonl").read_text().splitlines()[:n]
+        (source / "queries" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    prepare_kb(source / "documents.jsonl", root / "kb", "hashing:64", show_progress=False)
+    return source, root / "kb"
+
+
+def small_configs(tmp_path, kb, **overrides):
+    from refrag.data import EMBEDDED_KB_DIR
+
+    source, kb_dir = kb
+    extra = {"kb_source": str(source), "kb_dir": str(kb_dir), "tokenizer": str(EMBEDDED_KB_DIR / "tokenizer.json"),
+             "val_rows": "1", "model.d_model": "64", "model.n_head": "2", "seq_len": "384", **overrides}
+    return {run: load_config(CONFIG_DIR / "demo.json", {**extra, "out_dir": str(tmp_path / run),
+                                                        "retrieval": "true" if run == "rag" else "false"})
+            for run in RUNS}
+
+
+def test_train_in_parallel_runs_both_and_logs_every_step(tmp_path, small_kb):
+    configs = small_configs(tmp_path, small_kb, max_steps="3")
+    train_in_parallel(configs, poll_s=0.2)
+    for run, cfg in configs.items():
+        records = read_metrics(cfg.out_dir)
+        assert [r["step"] for r in records] == [1, 2, 3]
+        assert (tmp_path / run / "checkpoints").is_dir() and (tmp_path / run / "train.log").is_file()
+
+
+def test_train_in_parallel_reports_a_failed_run(tmp_path, small_kb):
+    configs = small_configs(tmp_path, small_kb, max_steps="2", seq_len="8")  # no example fits in 8 tokens
+    with pytest.raises(SystemExit, match="training rag failed"):
+        train_in_parallel(configs, poll_s=0.2)
+
+
+def test_augmented_training_data_only_with_retrieval_and_only_for_train(small_kb, tmp_path):
+    from refrag.train.data import retrieval_manager, sft_conversations
+
+    configs = small_configs(tmp_path, small_kb, extra_questions="2", counterfactual_copies="2")
+    manager = retrieval_manager(configs["rag"])
+    rag = sft_conversations("train", configs["rag"], manager)
+    base = sft_conversations("train", configs["no_retrieval"], manager)
+    plain = sft_conversations("train", small_configs(tmp_path, small_kb)["rag"], manager)
+    assert len(rag) == 3 * len(plain) and len(base) == len(plain)
+    assert any(len(c["messages"]) > 4 for c in base)  # the baseline gets the extra questions too
+    assert all(m["role"] != "retrieval" for c in base for m in c["messages"])
+    assert rag[:len(plain)] != rag[len(plain):2 * len(plain)]  # the copies are rewritten
+    assert len(sft_conversations("val", configs["rag"], manager)) == len(sft_conversations("val", small_configs(
+        tmp_path, small_kb)["rag"], manager))

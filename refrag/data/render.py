@@ -8,7 +8,8 @@ Layout (one conversation = one example)::
     [ASST] answer [/ASST] [EOS]                          (final answer)
     [ASST] [QUERY] follow-up [/QUERY] [/ASST]            (multi-hop follow-up query)
 
-loss_mask is 1 on what the assistant generates: everything after [ASST] up to and including
+A final answer is encoded as " " + answer (`ANSWER_PREFIX`), so its first token has the id the
+same word has inside a document. loss_mask is 1 on what the assistant generates: everything after [ASST] up to and including
 [/ASST], plus the [EOS] after a final answer. doc_ids is 0 on shared tokens and k on the
 tokens of the k-th document of the example (counting across retrieval blocks), its
 [DOC_j]..[/DOC_j] markers included; markers restart at [DOC_1] in each block. A hop query is
@@ -27,6 +28,10 @@ from refrag.data.schema import validate_conversation
 from refrag.data.tokenizer import RagTokenizer
 
 DEFAULT_MAX_DOC_TOKENS = 256
+# Answers are encoded after a space, as words inside a document are: byte-level BPE gives
+# " Kavstav" and "Kavstav" different ids, so without it copying an answer out of a retrieved
+# document is never token identity (decoding strips the space).
+ANSWER_PREFIX = " "
 
 
 @dataclass
@@ -113,7 +118,7 @@ class _Builder:
             if "query" in msg:
                 self.special("[QUERY]", 1), self.text(msg["query"], 1), self.special("[/QUERY]", 1)
             else:
-                self.text(msg["content"], 1)
+                self.text(ANSWER_PREFIX + msg["content"], 1)
             self.special("[/ASST]", 1)
             if is_last and "query" not in msg:
                 self.special("[EOS]", 1)

@@ -15,7 +15,7 @@ from pathlib import Path
 GROUPS = {
     "model": ("preset", "model"),
     "data": ("kb_source", "kb_dir", "tokenizer", "vocab_size", "top_k", "retrieval", "question_first", "retriever", "seq_len",
-             "max_doc_tokens", "extra_questions", "counterfactual_copies", "batch_size", "val_rows"),
+             "max_doc_tokens", "extra_questions", "counterfactual_copies", "document_loss", "batch_size", "val_rows"),
     "optimization": ("max_steps", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
                      "beta1", "beta2", "grad_clip"),
     "system": ("device", "seed", "deterministic", "fsdp", "bf16"),
@@ -37,6 +37,7 @@ HELP = {
     "max_doc_tokens": "each retrieved document is cut to this many tokens",
     "extra_questions": "train: up to this many further questions about the shown documents per conversation",
     "counterfactual_copies": "train, with retrieval: copies of each conversation with its answers swapped consistently",
+    "document_loss": "train: also learn next-token prediction on the retrieved documents' tokens",
     "batch_size": "packed rows per micro-step (flattened into one varlen row)",
     "val_rows": "packed rows (per rank) of the validation loss",
     "max_steps": "optimizer steps",
@@ -79,6 +80,7 @@ class TrainConfig:
     max_doc_tokens: int = 256
     extra_questions: int = 0
     counterfactual_copies: int = 0
+    document_loss: bool = False
     batch_size: int = 1
     val_rows: int = 8
     max_steps: int = 100
@@ -113,7 +115,7 @@ class TrainConfig:
             require(name, getattr(self, name), float, minimum=0)
             if getattr(self, name) >= 1:
                 raise ValueError(f"config key {name} must be below 1, got {getattr(self, name)}")
-        for name in ("retrieval", "question_first", "deterministic", "fsdp", "bf16"):
+        for name in ("retrieval", "question_first", "document_loss", "deterministic", "fsdp", "bf16"):
             require(name, getattr(self, name), bool)
         if not isinstance(self.model, dict):
             raise ValueError(f"config key model must be a dict of ModelConfig overrides, got {self.model!r}")

@@ -96,6 +96,9 @@ def packed_loader(split: str, cfg: TrainConfig, tokenizer: RagTokenizer, manager
     """This rank's PackedLoader over the split's conversations packed into cfg.seq_len rows."""
     examples, _ = render_conversations(sft_conversations(split, cfg, manager), tokenizer, max_len=cfg.seq_len,
                                        max_doc_tokens=cfg.max_doc_tokens)
+    if split == "train" and cfg.document_loss:
+        for example in examples:
+            example.loss_mask[example.doc_ids > 0] = 1
     if not examples:
         raise ValueError(f"no {split} example fits seq_len={cfg.seq_len}")
     rows = pack_examples(examples, cfg.seq_len, tokenizer.pad_id)
