@@ -13,9 +13,11 @@ Steps (all under ``--out``, default ``out/demo``):
 6. write ``report.json`` (configs, timings, metrics), ``*_predictions.json``,
    ``loss_curves.png`` and ``metrics.png``
 
-The CPU config (`refrag/train/configs/demo.json`, tiny T,M,T,M model) is sized for about
-5 minutes of training per model on one CPU thread; with CUDA, `demo_gpu.json` (d12 preset)
-is used.
+The CPU config (`refrag/train/configs/demo.json`: tiny T,M,T,M model with tied embeddings and
+a key convolution, the question placed before the documents, extra questions per retrieved
+context, counterfactual copies and a document LM loss, see README) trains both runs at once,
+one single-threaded process each, so a 2-core machine trains the pair in the time of one;
+with CUDA, `demo_gpu.json` (d12 preset) is used and the runs train one after the other.
 """
 from __future__ import annotations
 
