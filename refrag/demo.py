@@ -143,7 +143,8 @@ def plot_curves(curves: dict[str, list[dict]], results: dict[str, dict], out: Pa
         ax.plot([r["step"] for r in records], smoothed([r["loss"] for r in records]), label=f"{run} train (EMA)")
         val = [r for r in records if "val_loss" in r]
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label=f"{run} val")
-    ax.set(xlabel="step", ylabel="loss (assistant tokens)", yscale="log", title="SFT loss")
+    ax.set(xlabel="step", ylabel="loss (val: answers; train: + documents with document_loss)", yscale="log",
+           title="SFT loss")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=120)

@@ -108,3 +108,27 @@ def test_scaling_efficiency_falls_with_gradient_bytes(link_gbps, overlap):
         assert efficiency(4, 8) == pytest.approx(1.0, abs=1e-3)
     else:
         assert efficiency(4, 8) < efficiency(2, 8)
+
+
+def test_recall_probe_examples_supervise_only_the_values():
+    import torch
+
+    from bench.recall_probe import batch, example
+
+    gen = torch.Generator().manual_seed(0)
+    ids, targets, spans = example(pairs=4, docs=2, fill=2, remap=True, gen=gen)
+    assert spans == [(1, 5), (5, 9)] and len(ids) == 2 + 8 + 4 * 4
+    context = dict(zip(ids[1:9:2].tolist(), ids[2:9:2].tolist()))
+    learned = (targets != -100).nonzero().flatten().tolist()
+    assert len(learned) == 4
+    for position in learned:  # position holds the last filler; 2 + fill back is the remapped key
+        assert targets[position] == ids[position + 1] == context[int(ids[position - 2]) - 2200]
+    row, row_targets, layout = batch(3, pairs=4, docs=2, fill=0, remap=False, gen=gen)
+    assert row.shape == row_targets.shape == (1, layout.total_tokens) and layout.total_tokens == 3 * 18
+
+
+def test_recall_probe_runs(capsys):
+    from bench.recall_probe import main
+
+    main(["--steps", "0", "--rows", "2", "--pairs", "4"])
+    assert "recall accuracy" in capsys.readouterr().out

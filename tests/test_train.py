@@ -238,6 +238,12 @@ def test_config_validation(tmp_path):
         load_config(None, {"grad_accum": "0"})
     with pytest.raises(ValueError, match="unknown config key 'optim.lr'"):
         load_config(None, {"optim.lr": "1"})
+    with pytest.raises(ValueError, match="extra_questions must be >= 0"):
+        load_config(None, {"extra_questions": "-1"})
+    with pytest.raises(ValueError, match="counterfactual_copies must be int"):
+        load_config(None, {"counterfactual_copies": "1.5"})
+    with pytest.raises(ValueError, match="document_loss must be bool"):
+        load_config(None, {"document_loss": "2"})
     grouped = [key for keys in GROUPS.values() for key in keys]
     assert sorted(grouped) == sorted(TrainConfig().to_dict())
 
