@@ -127,8 +127,11 @@ def test_recall_probe_examples_supervise_only_the_values():
     assert row.shape == row_targets.shape == (1, layout.total_tokens) and layout.total_tokens == 3 * 18
 
 
-def test_recall_probe_runs(capsys):
+def test_recall_probe_runs(capsys, monkeypatch):
     from bench.recall_probe import main
+    from kernels.common import dispatch
+
+    monkeypatch.setattr(dispatch, "INTERPRET", dispatch.INTERPRET)  # main() switches it off: restore it after
 
     main(["--steps", "0", "--rows", "2", "--pairs", "4"])
     assert "recall accuracy" in capsys.readouterr().out

@@ -82,10 +82,11 @@ def test_augmented_training_data_only_with_retrieval_and_only_for_train(small_kb
     manager = retrieval_manager(configs["rag"])
     rag = sft_conversations("train", configs["rag"], manager)
     base = sft_conversations("train", configs["no_retrieval"], manager)
-    plain = sft_conversations("train", small_configs(tmp_path, small_kb)["rag"], manager)
+    unaugmented = dict(extra_questions="0", counterfactual_copies="0")
+    plain = sft_conversations("train", small_configs(tmp_path, small_kb, **unaugmented)["rag"], manager)
     assert len(rag) == 3 * len(plain) and len(base) == len(plain)
     assert any(len(c["messages"]) > 4 for c in base)  # the baseline gets the extra questions too
     assert all(m["role"] != "retrieval" for c in base for m in c["messages"])
     assert rag[:len(plain)] != rag[len(plain):2 * len(plain)]  # the copies are rewritten
     assert len(sft_conversations("val", configs["rag"], manager)) == len(sft_conversations("val", small_configs(
-        tmp_path, small_kb)["rag"], manager))
+        tmp_path, small_kb, **unaugmented)["rag"], manager))
