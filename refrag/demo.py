@@ -114,7 +114,10 @@ def train_in_parallel(configs: dict[str, TrainConfig], poll_s: float = 2.0) -> N
 
 def _steps_logged(out_dir: str) -> int:
     path = Path(out_dir) / "metrics.jsonl"
-    return sum(1 for _ in open(path)) if path.is_file() else 0
+    if not path.is_file():
+        return 0
+    with open(path) as f:
+        return sum(1 for _ in f)
 
 
 def read_metrics(out_dir: str) -> list[dict]:

@@ -29,6 +29,8 @@ Public API (all importable from `refrag.data`):
         iter -> PackedBatch(input_ids (B,L), targets (B,L), doc_ids (B,L), examples, num_tokens, .loss_mask);
         batch.layout() -> DocLayout of the batch flattened to (1, B*L); state_dict() / load_state_dict()
 
+    refrag.data.augment: add_questions / counterfactual (training-data augmentations, see its docstring)
+
 Regenerate the embedded KB: python -m refrag.data.make_kb; its tokenizer:
 python -m refrag.data.tokenizer train --kb refrag/data/kb --out refrag/data/kb/tokenizer.json
 """

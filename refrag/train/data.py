@@ -7,6 +7,9 @@ retrieval message is dropped (the no-retrieval baseline sees the same questions 
 With ``question_first`` the order is system, user, retrieval, assistant (the REFRAG hop-1
 order): document tokens see the earlier question, so each document is read knowing what is
 asked (attention and the Mamba state entering the block both carry it).
+The train split can be augmented (`refrag.data.augment`): ``extra_questions`` more turns about
+the shown documents, ``counterfactual_copies`` rewritten copies with swapped answers (with
+retrieval only), and ``document_loss`` adds next-token loss on document tokens.
 """
 from __future__ import annotations
 
