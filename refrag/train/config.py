@@ -149,7 +149,7 @@ def require(name: str, value, kind: type, minimum: float | None = None) -> None:
         raise ValueError(f"config key {name} must be >= {minimum}, got {value!r}")
 
 
-def _parse_value(raw: str):
+def parse_value(raw: str):
     """JSON value when it parses (numbers, true/false, dicts), else the raw string."""
     try:
         return json.loads(raw)
@@ -165,22 +165,27 @@ def apply_overrides(values: dict, overrides: dict[str, str]) -> dict:
         if sub and top != "model":
             raise ValueError(f"unknown config key {key!r}: only model.<name> keys may be dotted")
         if sub:
-            values["model"][sub] = _parse_value(raw)
+            values["model"][sub] = parse_value(raw)
         elif key in ("preset", "kb_source", "kb_dir", "tokenizer", "retriever", "out_dir", "device"):
             values[key] = raw
         else:
-            values[key] = _parse_value(raw)
+            values[key] = parse_value(raw)
+    return values
+
+
+def read_config_file(path: str | Path | None) -> dict:
+    """The JSON object of a config file ({} when path is None); ValueError when missing or not an object."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    values = json.loads(path.read_text())
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a JSON object")
     return values
 
 
 def load_config(path: str | Path | None, overrides: dict[str, str] | None = None) -> TrainConfig:
     """TrainConfig from a JSON file (or defaults when path is None) plus string overrides."""
-    values = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        values = json.loads(path.read_text())
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must hold a JSON object")
-    return TrainConfig.from_dict(apply_overrides(values, overrides or {}))
+    return TrainConfig.from_dict(apply_overrides(read_config_file(path), overrides or {}))

@@ -60,7 +60,7 @@ from refrag.infer import Engine
 from refrag.infer.multihop import ABSTAINED, ANSWERED, TRUNCATED, MultiHopTrace, run_multihop
 from refrag.model import HybridLM, ModelConfig, preset
 from refrag.train import checkpoint as ckpt
-from refrag.train.config import TrainConfig, apply_overrides, require
+from refrag.train.config import TrainConfig, apply_overrides, parse_value, read_config_file, require
 from refrag.train.data import kb_source, prepare_tokenizer, retrieval_manager
 from refrag.train.optim import parameter_groups
 from refrag.train.sft import train_sft
@@ -132,19 +132,12 @@ def load_refrag_config(path: str | Path | None, overrides: dict[str, str] | None
     REFRAG keys (REFRAG_HELP) go to RefragConfig, every other key to TrainConfig; an unknown
     key raises ValueError naming it. ``max_steps`` is refused: use sft_steps and rl_steps.
     """
-    values = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        values = json.loads(path.read_text())
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must hold a JSON object")
+    values = read_config_file(path)
     refrag_values = {k: values.pop(k) for k in list(values) if k in REFRAG_HELP}
     train_overrides = {}
     for key, raw in (overrides or {}).items():
         if key in REFRAG_HELP:
-            refrag_values[key] = raw if key in ("init_checkpoint", "question_types") else _json_value(raw)
+            refrag_values[key] = raw if key in ("init_checkpoint", "question_types") else parse_value(raw)
         else:
             train_overrides[key] = raw
     train_values = apply_overrides(values, train_overrides)
@@ -155,13 +148,6 @@ def load_refrag_config(path: str | Path | None, overrides: dict[str, str] | None
     if unknown:
         raise ValueError(f"unknown config key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(valid)}")
     return TrainConfig.from_dict(train_values), RefragConfig(**refrag_values)
-
-
-def _json_value(raw: str):
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
 
 
 # ---------------------------------------------------------------------- multi-hop SFT data
