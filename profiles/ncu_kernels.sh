@@ -16,13 +16,9 @@ LENGTH=${2:-8192}
 PY=${PY:-.venv/bin/python}
 
 cd "$(dirname "$0")/.."
-if ! command -v ncu >/dev/null; then
-    echo "ncu not found: use '$PY -m profiles.torch_profile --pattern $PATTERN --length $LENGTH' instead" >&2
-    exit 1
-fi
-DEVICE=$($PY -c "from bench.common import device_name; print(device_name())")
-SLUG=$($PY -c "import sys; from bench.report import device_slug; print(device_slug(sys.argv[1]))" "$DEVICE")
-OUT=profiles/$SLUG
+source profiles/common.sh
+require_profiler ncu
+set_device_out
 STEM=$OUT/ncu_${PATTERN}_L${LENGTH}
 KERNELS=$($PY -m profiles.summarize --kernel-regex)
 METRICS=$($PY -c "from profiles.summarize import NCU_METRICS, OCCUPANCY_LIMITS as O; \

@@ -15,13 +15,9 @@ STEPS=${3:-5}
 PY=${PY:-.venv/bin/python}
 
 cd "$(dirname "$0")/.."
-if ! command -v nsys >/dev/null; then
-    echo "nsys not found: use '$PY -m profiles.torch_profile --pattern $PATTERN --length $LENGTH' instead" >&2
-    exit 1
-fi
-DEVICE=$($PY -c "from bench.common import device_name; print(device_name())")
-SLUG=$($PY -c "import sys; from bench.report import device_slug; print(device_slug(sys.argv[1]))" "$DEVICE")
-OUT=profiles/$SLUG
+source profiles/common.sh
+require_profiler nsys
+set_device_out
 STEM=$OUT/nsys_${PATTERN}_L${LENGTH}
 mkdir -p "$OUT"
 
