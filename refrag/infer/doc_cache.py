@@ -52,10 +52,10 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from kernels import DocLayout, causal_conv1d, ssd_scan
+from kernels import DocLayout, ssd_scan
 from refrag.infer.engine import decode_loop
 from refrag.model import AttentionCache, HybridCache, HybridLM, MambaCache
-from refrag.model.blocks import AttentionBlock, MambaBlock
+from refrag.model.blocks import AttentionBlock, MambaBlock, conv_continuing
 
 Segment = Union[Sequence[int], Sequence[Sequence[int]]]
 
@@ -467,10 +467,9 @@ def _scan(block: MambaBlock, x: torch.Tensor, conv_history: torch.Tensor, h0: to
     Returns (output (1, n, d_model), raw conv inputs (n, conv_dim), final state (h, p, n) fp32,
     log total decay (h,) fp32).
     """
-    n, width = x.shape[1], conv_history.shape[-1]
+    n = x.shape[1]
     z, xBC_raw, dt = block._split(block.in_proj(block.norm(x)))
-    window = torch.cat([conv_history.transpose(1, 2).to(xBC_raw.dtype), xBC_raw], dim=1)
-    xBC = causal_conv1d(window, block.conv_weight, block.conv_bias, activation="silu")[:, width:]
+    xBC = conv_continuing(conv_history, xBC_raw, block.conv_weight, block.conv_bias, activation="silu")
     xs, B, C = block._split_xbc(xBC)
     A = -torch.exp(block.A_log.float())
     y, final = ssd_scan(xs, dt, A, B, C, chunk_size=block.chunk_size, D=block.D, dt_bias=block.dt_bias,

@@ -110,9 +110,7 @@ class AttentionBlock(nn.Module):
         q, raw, v = self._project(x)
         k = raw
         if self.key_conv is not None:
-            width = key_history.shape[-1]
-            window = torch.cat([key_history.transpose(1, 2).to(raw.dtype), raw], dim=1)
-            k = causal_conv1d(window, self.key_conv, None, activation=None)[:, width:]
+            k = conv_continuing(key_history, raw, self.key_conv, None, activation=None)
         q, k = self._rotate(q, k, cos, sin)
         return q, k, v, raw
 
@@ -166,6 +164,14 @@ class AttentionBlock(nn.Module):
             q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None, None, :]
         )  # (b, n_head, 1, hd)
         return self._attend_and_mlp(x[:, None], o.transpose(1, 2))[:, 0]
+
+
+def conv_continuing(history: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    activation: str | None) -> torch.Tensor:
+    """causal_conv1d of new inputs x (1, n, C) whose window continues from the raw inputs
+    history (1, C, w) before them (oldest first; zeros for a window start) -> (1, n, C)."""
+    window = torch.cat([history.transpose(1, 2).to(x.dtype), x], dim=1)
+    return causal_conv1d(window, weight, bias, activation=activation)[:, history.shape[-1]:]
 
 
 def last_inputs(raw: torch.Tensor, cu_seqlens: torch.Tensor, width: int) -> torch.Tensor:
