@@ -281,7 +281,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, results, fs
     params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
               for n, p in model.named_parameters()}  # FSDP2 parameters are DTensor shards
     saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(os.path.join(out_dir, "checkpoints")))["model"]
-    results[rank] = ([r["loss"] for r in history], params, saved)
+    sharded = all(hasattr(p, "full_tensor") for p in model.parameters())
+    results[rank] = ([r["loss"] for r in history], params, saved, sharded)
     torch.distributed.destroy_process_group()
 
 
@@ -289,7 +290,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, results, fs
 def test_ddp_two_processes_match_one_process_with_doubled_batch(tmp_path, reference_ops):
     results = mp.Manager().dict()
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), results), nprocs=2, join=True)
-    (losses0, params0, _), (losses1, params1, _) = results[0], results[1]
+    (losses0, params0, _, _), (losses1, params1, _, _) = results[0], results[1]
     assert losses0 == losses1
     assert all(torch.equal(params0[n], params1[n]) for n in params0)
     single = run(tmp_path, "single", max_steps=3, grad_accum=2, warmup_steps=1, val_rows=1)
@@ -306,7 +307,8 @@ def test_fsdp2_two_processes_match_ddp(tmp_path, reference_ops):
         results = mp.Manager().dict()
         mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / name), results, fsdp), nprocs=2, join=True)
         runs[name] = dict(results)
-    (ddp_losses, ddp_params, _), (fsdp_losses, fsdp_params, saved) = runs["ddp"][0], runs["fsdp"][0]
+    (ddp_losses, ddp_params, _, _), (fsdp_losses, fsdp_params, saved, sharded) = runs["ddp"][0], runs["fsdp"][0]
+    assert sharded and not runs["ddp"][0][3]  # every parameter is a DTensor shard under fully_shard
     assert runs["fsdp"][0][0] == runs["fsdp"][1][0]
     assert fsdp_losses == pytest.approx(ddp_losses, rel=1e-5)
     assert set(fsdp_params) == set(ddp_params)
