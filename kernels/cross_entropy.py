@@ -160,12 +160,13 @@ def _accumulate_grad_weight(d_weight: torch.Tensor, d_logits: torch.Tensor, h_ch
     input dtype and no [V, H] temporary is written. Where torch lacks that (CPU), the operands
     are cast to fp32 first (a C*V*4-byte temporary; exact products, same accumulation).
     """
+    # addmm(out=) rather than addmm_: same kernel, and FLOP counters (the meter) see it.
     if d_logits.dtype == torch.float32:
-        d_weight.addmm_(d_logits.t(), h_chunk)
+        torch.addmm(d_weight, d_logits.t(), h_chunk, out=d_weight)
     elif _gemm_has_fp32_out(d_logits.device.type, d_logits.dtype):
         torch.addmm(d_weight, d_logits.t(), h_chunk, out_dtype=torch.float32, out=d_weight)
     else:
-        d_weight.addmm_(d_logits.t().float(), h_chunk.float())
+        torch.addmm(d_weight, d_logits.t().float(), h_chunk.float(), out=d_weight)
 
 
 def linear_cross_entropy_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, z_loss: float,
