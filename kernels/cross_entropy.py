@@ -355,7 +355,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                                           num_valid=int(assistant_mask.sum()))  # mask on the CPU
     """
     _check_inputs(hidden, weight, targets, ignore_index, reduction, z_loss, num_valid)
-    triton_path = use_triton(hidden, weight, targets)
+    triton_path = use_triton(hidden, weight, targets, op="fused_linear_cross_entropy")
     num_valid = _count_and_check_targets(targets, weight.shape[0], ignore_index, num_valid)
     if not triton_path:
         return reference.fused_linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, z_loss)
