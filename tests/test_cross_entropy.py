@@ -170,7 +170,7 @@ def _bad_calls(device):
         ((h, w, torch.tensor([0, -1, 3, 2], device=device)), {}, r"\[0, 10\)"),
         ((h, w.to("meta"), t), {}, "one device"),
         ((h, w.half(), t), {}, "share a dtype"),
-        ((h, w, t), {"num_valid": 3}, "num_valid=3 but 4"),
+        ((h, w, t), {"num_valid": 3}, "num_valid=3 differs"),
         ((h, w, t), {"num_valid": 5}, r"num_valid must lie in \[0, 4\]"),
         ((h, w, t), {"num_valid": -1}, r"num_valid must lie in \[0, 4\]"),
         ((h, w, t), {"num_valid": 4.0}, "num_valid must be a Python int"),
@@ -285,6 +285,19 @@ def test_second_backward_raises(device):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
+
+
+def test_num_valid_makes_no_host_read(device):
+    """Counted by the meter: with num_valid, forward + backward read nothing back from the device;
+    without it, the count is the one read."""
+    from bench.meter import measure
+
+    hidden, weight, targets = make_inputs(device, (2, 9), 8, 257, torch.float32, ignore_frac=0.6)
+    num_valid = int((targets != -100).sum())
+    for given, reads in ((num_valid, 0), (None, 1)):
+        m = measure(lambda: loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, num_valid=given,
+                                           chunk_size=4), kernels=False)
+        assert m.host_syncs == reads, (given, m.host_reads, m.sync_ops)
 
 
 @pytest.mark.gpu
