@@ -3,7 +3,7 @@ what the loss tokens cost.
 
 1. Compaction. Only tokens whose target is not ``ignore_index`` (the "loss tokens", often
    5-20% of a packed RAG row) enter the GEMMs and the row kernel: their indices are found
-   on the device (cumsum + scatter, static shapes) from a count `num_valid` the caller
+   on the device (a stable sort, static shapes) from a count `num_valid` the caller
    knows without a sync (the loader counts targets on the CPU). Without it the count costs
    one host sync. Gradients of the hidden states are scattered back; ignored tokens get 0.
 2. Chunks. The loss tokens are processed in chunks whose [chunk, V] logits block stays under
@@ -127,17 +127,13 @@ def loss_token_index(valid: torch.Tensor, num_valid: int) -> Optional[torch.Tens
     """Ascending int64 indices (num_valid,) of the True entries of `valid` (T,) bool, found on
     the device without a host sync; None when every token is valid (no compaction needed).
 
-    `num_valid` must equal valid.sum() (the wrapper checks it). A wrong count cannot index
-    out of bounds: surplus valid tokens go to a discarded slot, missing ones index token 0.
+    A stable sort puts the valid tokens first in their order (deterministic, no duplicate
+    writes; 16K tokens sort in microseconds). `num_valid` must equal valid.sum() (the wrapper
+    checks it); a wrong count still yields in-range indices.
     """
-    num_tokens = valid.numel()
-    if num_valid == num_tokens:
+    if num_valid == valid.numel():
         return None
-    slot = valid.cumsum(0) - 1  # destination of each valid token in the compacted order
-    slot = torch.where(valid & (slot < num_valid), slot, num_valid)  # the rest -> discarded slot
-    index = torch.zeros(num_valid + 1, dtype=torch.int64, device=valid.device)
-    index.scatter_(0, slot, torch.arange(num_tokens, device=valid.device))
-    return index[:num_valid]
+    return torch.argsort((~valid).to(torch.uint8), stable=True)[:num_valid]
 
 
 @functools.lru_cache(maxsize=None)

@@ -101,7 +101,7 @@ class PoisonedAt(torch.nn.Module):
         self.inner, self.calls, self.count = model, calls, 0
         self.blocks = model.blocks
 
-    def forward(self, input_ids, layout=None, targets=None):
+    def forward(self, input_ids, layout=None, targets=None, num_loss_tokens=None):
         self.count += 1
         loss = self.inner(input_ids, layout=layout, targets=targets)
         return loss * float("nan") if self.count in self.calls else loss
