@@ -37,6 +37,10 @@ class Row:
     def layout(self, device=None) -> DocLayout:
         return DocLayout.from_examples(self.examples, device=device)
 
+    @property
+    def num_loss_tokens(self) -> int:
+        return int((self.targets != -100).sum())
+
 
 def make_row(gen: torch.Generator) -> Row:
     """Two examples: a retrieval block of two documents, a 1-token document, then a copy task."""

@@ -34,6 +34,10 @@ class Row:
     def layout(self, device=None) -> DocLayout:
         return DocLayout.from_examples([(LENGTH, [(2, 9)])], device=device)
 
+    @property
+    def num_loss_tokens(self) -> int:
+        return int((self.targets != -100).sum())
+
 
 class Rows:
     """Endless fixed packed rows (1, LENGTH); resumable."""
