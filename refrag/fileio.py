@@ -11,7 +11,7 @@ JSON and JSONL
 
 Locks
     `file_lock(path)` holds an exclusive `flock` on ``path`` (created when missing). It is
-    re-entrant within a process (a nested `file_lock` on the same path is free), released on
+    re-entrant within a thread (a nested `file_lock` on the same path is free), released on
     exit and by the OS when the process dies. ``blocking=False`` raises `LockedError` naming
     what holds it instead of waiting.
 
@@ -159,16 +159,16 @@ class LockedError(ValueError):
     """A lock (KB, checkpoint directory, training out_dir) is held by another process."""
 
 
-_held: dict[str, list] = {}  # resolved lock path -> [fd, depth]
+_held: dict[tuple, list] = {}  # (thread, lock path) -> [fd, depth]
 _held_guard = threading.Lock()
 
 
 @contextlib.contextmanager
 def file_lock(path: str | Path, *, blocking: bool = True, what: str | None = None) -> Iterator[None]:
-    """Exclusive flock on `path` for the block (re-entrant in one process). blocking=False raises
+    """Exclusive flock on `path` for the block (re-entrant in one thread). blocking=False raises
     LockedError naming `what` (default: the path) when another process holds it."""
     path = Path(path).absolute()
-    key = str(path)
+    key = (threading.get_ident(), str(path))  # re-entrant per thread; other threads queue like processes
     with _held_guard:
         if key in _held:
             _held[key][1] += 1

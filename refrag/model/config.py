@@ -195,7 +195,8 @@ def _parse_term(term: str, pattern: str) -> list[str]:
     if match:
         term, count = match["body"], int(match["count"])
         if not 1 <= count <= MAX_LAYERS:
-            raise ValueError(f"block_pattern {pattern!r}: repeat count must be 1..{MAX_LAYERS}, got {count}")
+            raise ValueError(f"block_pattern {pattern!r}: repeat count must be at least 1 and at most "
+                             f"{MAX_LAYERS}, got {count}")
     if term.startswith("[") != term.endswith("]"):
         raise ValueError(f"block_pattern {pattern!r}: unbalanced brackets in term {term!r}")
     if term.startswith("["):

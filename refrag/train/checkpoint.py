@@ -16,7 +16,8 @@ directories of killed saves deleted), so a crash at any point leaves either no n
 or a complete one. Loading reads with ``torch.load(weights_only=True)``, refuses a directory
 without manifest (partial), with a manifest that does not list exactly the four files, or
 with a file whose hash or size differs (corrupt), and refuses a checkpoint whose model config
-differs from the running one, naming the differing keys. `latest_valid_checkpoint` skips
+differs from the running one, naming the differing keys, or one holding NaN/inf weights.
+`latest_valid_checkpoint` skips
 (and reports) corrupt newer checkpoints so training falls back to the intact older one.
 """
 from __future__ import annotations
@@ -187,6 +188,11 @@ def load_checkpoint(path: str | Path, model_config: dict | None = None, map_loca
                                   + "; ".join(diffs))
     state = {name: torch.load(path / f"{name}.pt", map_location=map_location, weights_only=True)
              for name in ("model", "optimizer", "trainer")}
+    bad = [name for name, t in state["model"].items()
+           if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds non-finite weights ({', '.join(bad[:5])}): "
+                              "it was saved by a run that diverged")
     return {**state, "config": config, "path": path}
 
 
