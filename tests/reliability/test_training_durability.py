@@ -13,7 +13,6 @@ import time
 import pytest
 import torch
 
-import kernels.common.dispatch as dispatch
 from refrag.model import preset
 from refrag.train import checkpoint as ckpt
 from refrag.train.config import TrainConfig, load_config
@@ -24,8 +23,8 @@ from test_training_faults import VOCAB, Rows, tiny_model
 
 
 @pytest.fixture(autouse=True)
-def reference_ops(monkeypatch):
-    monkeypatch.setattr(dispatch, "INTERPRET", False)
+def loop_under_test(reference_ops):
+    """The loop is under test, not the kernels: reference ops, one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
