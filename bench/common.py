@@ -147,6 +147,10 @@ def run_case(benchmark, ours: Case, baselines: Dict[str, Optional[Case]], tokens
         except torch.cuda.OutOfMemoryError:
             extra[f"{name}_median_ms"] = "OOM"
             torch.cuda.empty_cache()
+        except Exception as error:  # noqa: BLE001 - a broken baseline must not lose our own numbers
+            if SMOKE:
+                raise  # CPU smoke runs are where a broken baseline call is caught
+            extra[f"{name}_median_ms"] = f"error: {type(error).__name__}: {str(error)[:300]}"
 
 
 def fwd_bwd(forward: Callable[[], torch.Tensor], inputs) -> Callable[[], None]:
