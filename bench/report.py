@@ -25,10 +25,12 @@ RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
 README_BEGIN, README_END = "<!-- gpu-results -->", "<!-- /gpu-results -->"
 DRY_RUN_DIR = "dry-run"
-COLUMNS = ["op", "mode", "pattern", "model", "L", "num_seqs", "V", "loss_density", "median_ms", "p20_ms", "p80_ms",
+COLUMNS = ["op", "mode", "pattern", "model", "L", "num_seqs", "V", "density", "median_ms", "p20_ms", "p80_ms",
            "tokens_per_s", "tflops", "gbps", "peak_mem_bytes", "peak_mem_total_bytes"]
-# Extra-info keys that tell cases of one op apart (besides mode and L), in label order, with their format.
-CASE_KEYS = {"pattern": "{}", "model": "{}", "num_seqs": "{} seqs", "V": "V{}", "loss_density": "{:.0%} loss"}
+# Extra-info keys that tell cases of one op apart (besides mode and L), in label order, with their format;
+# "density" is the share of loss tokens for the cross-entropy (for doc_attention, a measure of its layout).
+CASE_KEYS = {"pattern": "{}", "model": "{}", "num_seqs": "{} seqs", "V": "V{}"}
+OP_CASE_KEYS = {"fused_linear_cross_entropy": {"density": "{:.0%} loss"}}
 
 
 def load_rows(paths: Sequence[Path]) -> List[Dict]:
@@ -64,7 +66,7 @@ def variant(row: Dict) -> str:
     """The case's mode plus what tells it apart from other cases of its op at the same length
     (e.g. "fwd_bwd_adamw hybrid", "fwd_bwd 64 seqs", "fwd_bwd V32768 20% loss")."""
     parts = [str(row["mode"])] if row.get("mode") else []
-    for key, fmt in CASE_KEYS.items():
+    for key, fmt in {**CASE_KEYS, **OP_CASE_KEYS.get(row.get("op"), {})}.items():
         value = row.get(key)
         if value is not None and not (key == "num_seqs" and value == 1):
             parts.append(fmt.format(value))
@@ -221,7 +223,7 @@ FLCE_TORCH = ("torch", "reference")  # plain torch linear + cross-entropy, else 
 
 def flce_goals(rows):
     for r in pick(rows, "fused_linear_cross_entropy", mode="fwd_bwd"):
-        density = number(r.get("loss_density"))
+        density = number(r.get("density"))
         speed, base = baseline_ratio(r, *FLCE_TORCH)
         note = "" if base in ("", "torch") else f"vs {base}"
         if density is None or density >= 0.99:

@@ -148,7 +148,7 @@ def test_goals_read_ratios_off_the_longest_length():
          "speedup_vs_mamba_ssm": 1.1},
         {"op": "doc_attention", "mode": "fwd_bwd", "L": 16384, "speedup_vs_flex_attention": 1.4,
          "sdpa_dense_median_ms": "OOM"},
-        {"op": "fused_linear_cross_entropy", "mode": "fwd_bwd", "V": 32768, "loss_density": 0.2,
+        {"op": "fused_linear_cross_entropy", "mode": "fwd_bwd", "V": 32768, "density": 0.2,
          "speedup_vs_torch": 2.5, "speedup_vs_reference": 9.0, "peak_mem_bytes": 100, "torch_peak_mem_bytes": 2000},
         {"op": "train_step", "L": 16384, "pattern": "pure-M", "tokens_per_s": 3000.0, "peak_mem_total_bytes": 5e9},
         {"op": "train_step", "L": 16384, "pattern": "pure-T", "tokens_per_s": 2000.0, "peak_mem_total_bytes": 1e10},
