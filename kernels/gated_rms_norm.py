@@ -6,8 +6,8 @@ norm_before_gate=False). Computed in fp32, returned in y's dtype; z may be None 
 RMSNorm). y and z are read through their row strides, so z can be a slice of a projection.
 
 Forward: one program per (BM rows, group); saves only the per-(row, group) 1/rms (fp32).
-Backward: the gated input is recomputed; dweight is written as per-program partial sums
-reduced with torch (deterministic, no atomics).
+Backward: the gated input is recomputed; each program owns ROWS_PER_PROGRAM rows and writes
+its share of dweight, reduced with torch (deterministic, no atomics).
 """
 from __future__ import annotations
 
@@ -25,12 +25,14 @@ from kernels.common.dispatch import use_triton
 # Memory-bound op: rows per program against occupancy; every config passes the precision
 # tests (tests/test_gated_rms_norm.py runs each one).
 GATED_RMS_NORM_CONFIGS = [
-    triton.Config({"BM": 4}, num_warps=4),
+    triton.Config({"BM": 1}, num_warps=8),
     triton.Config({"BM": 1}, num_warps=4),
-    triton.Config({"BM": 8}, num_warps=8),
-    triton.Config({"BM": 16}, num_warps=8),
+    triton.Config({"BM": 2}, num_warps=8),
+    triton.Config({"BM": 4}, num_warps=16),
 ]
-_MIN_BM = min(c.kwargs["BM"] for c in GATED_RMS_NORM_CONFIGS)
+# Backward programs each own this many rows (a multiple of every BM) and reduce their dweight
+# share in registers: the partial-sum buffer has M / ROWS_PER_PROGRAM rows, not M.
+ROWS_PER_PROGRAM = 256
 MAX_GROUP_SIZE = 16384
 
 
@@ -76,32 +78,36 @@ def gated_rms_norm_fwd(y, z, weight, eps: float, group_size: int, config: Option
 
 
 @triton.jit
-def gated_rms_norm_bwd_kernel(y, s_y, z, s_z, weight, rstd, dout, s_do, dy, dz, dw_part, M, N, GS, NG,
+def gated_rms_norm_bwd_kernel(y, s_y, z, s_z, weight, rstd, dout, s_do, dy, dz, dw_part, M, N, GS, NG, ROWS,
                               BM: tl.constexpr, BN: tl.constexpr, HAS_Z: tl.constexpr):
     """With g = y * silu(z), xhat = g * rstd, gw = dout * weight:
     dg = rstd * (gw - xhat * mean(gw * xhat)); dy = dg * silu(z); dz = dg * y * silu'(z);
-    this program's rows' share of dweight = sum(dout * xhat)."""
-    i_m, i_g = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    o_m = i_m * BM + tl.arange(0, BM)
+    this program's ROWS rows' share of dweight = sum(dout * xhat)."""
+    i_p, i_g = tl.program_id(0).to(tl.int64), tl.program_id(1)
     o_c = tl.arange(0, BN)
     o_n = i_g * GS + o_c
     m_n = o_c < GS
-    m_mn = (o_m < M)[:, None] & m_n[None, :]
-    b_g, b_y, b_z = _gated(y, s_y, z, s_z, o_m, o_n, m_mn, HAS_Z)
-    b_rstd = tl.load(rstd + o_m * NG + i_g, mask=o_m < M, other=0.0)
-    b_do = tl.load(dout + o_m[:, None] * s_do + o_n[None, :], mask=m_mn, other=0.0).to(tl.float32)
     b_w = tl.load(weight + o_n, mask=m_n, other=0.0).to(tl.float32)
-    b_xhat = b_g * b_rstd[:, None]
-    b_gw = b_do * b_w[None, :]
-    b_dg = b_rstd[:, None] * (b_gw - b_xhat * (tl.sum(b_gw * b_xhat, axis=1) / GS)[:, None])
-    p_out = o_m[:, None] * N + o_n[None, :]
-    if HAS_Z:
-        b_sig = tl.sigmoid(b_z)
-        tl.store(dy + p_out, (b_dg * b_z * b_sig).to(dy.dtype.element_ty), mask=m_mn)
-        tl.store(dz + p_out, (b_dg * b_y * b_sig * (1.0 + b_z * (1.0 - b_sig))).to(dz.dtype.element_ty), mask=m_mn)
-    else:
-        tl.store(dy + p_out, b_dg.to(dy.dtype.element_ty), mask=m_mn)
-    tl.store(dw_part + i_m * N + o_n, tl.sum(b_do * b_xhat, axis=0), mask=m_n)
+    b_dw = tl.zeros([BN], dtype=tl.float32)
+    for i_r in range(0, tl.minimum(ROWS, M - i_p * ROWS), BM):
+        o_m = i_p * ROWS + i_r + tl.arange(0, BM)
+        m_mn = (o_m < M)[:, None] & m_n[None, :]
+        b_g, b_y, b_z = _gated(y, s_y, z, s_z, o_m, o_n, m_mn, HAS_Z)
+        b_rstd = tl.load(rstd + o_m * NG + i_g, mask=o_m < M, other=0.0)
+        b_do = tl.load(dout + o_m[:, None] * s_do + o_n[None, :], mask=m_mn, other=0.0).to(tl.float32)
+        b_xhat = b_g * b_rstd[:, None]
+        b_gw = b_do * b_w[None, :]
+        b_dg = b_rstd[:, None] * (b_gw - b_xhat * (tl.sum(b_gw * b_xhat, axis=1) / GS)[:, None])
+        p_out = o_m[:, None] * N + o_n[None, :]
+        if HAS_Z:
+            b_sig = tl.sigmoid(b_z)
+            tl.store(dy + p_out, (b_dg * b_z * b_sig).to(dy.dtype.element_ty), mask=m_mn)
+            b_dz = b_dg * b_y * b_sig * (1.0 + b_z * (1.0 - b_sig))
+            tl.store(dz + p_out, b_dz.to(dz.dtype.element_ty), mask=m_mn)
+        else:
+            tl.store(dy + p_out, b_dg.to(dy.dtype.element_ty), mask=m_mn)
+        b_dw += tl.sum(b_do * b_xhat, axis=0)
+    tl.store(dw_part + i_p * N + o_n, b_dw, mask=m_n)
 
 
 def gated_rms_norm_bwd(y, z, weight, rstd, dout, group_size: int, config: Optional[triton.Config] = None):
@@ -110,18 +116,18 @@ def gated_rms_norm_bwd(y, z, weight, rstd, dout, group_size: int, config: Option
     ng = N // group_size
     dy = torch.empty(M, N, dtype=y.dtype, device=y.device)
     dz = None if z is None else torch.empty(M, N, dtype=z.dtype, device=z.device)
-    dw_part = torch.zeros(triton.cdiv(M, _MIN_BM), N, dtype=torch.float32, device=y.device)
+    num_programs = triton.cdiv(M, ROWS_PER_PROGRAM)
+    dw_part = torch.empty(num_programs, N, dtype=torch.float32, device=y.device)
     zz = y if z is None else z
-    launch(gated_rms_norm_bwd_tuned, lambda meta: (triton.cdiv(M, meta["BM"]), ng), config, y=y, s_y=y.stride(0),
-           z=zz, s_z=zz.stride(0), weight=weight, rstd=rstd, dout=dout, s_do=dout.stride(0), dy=dy,
-           dz=dy if dz is None else dz, dw_part=dw_part, M=M, N=N, GS=group_size, NG=ng,
+    launch(gated_rms_norm_bwd_tuned, (num_programs, ng), config, y=y, s_y=y.stride(0), z=zz, s_z=zz.stride(0),
+           weight=weight, rstd=rstd, dout=dout, s_do=dout.stride(0), dy=dy, dz=dy if dz is None else dz,
+           dw_part=dw_part, M=M, N=N, GS=group_size, NG=ng, ROWS=ROWS_PER_PROGRAM,
            BN=triton.next_power_of_2(group_size), HAS_Z=z is not None)
     return dy, dz, dw_part.sum(0).to(weight.dtype)
 
 
 gated_rms_norm_fwd_tuned = triton.autotune(configs=GATED_RMS_NORM_CONFIGS, key=["N", "GS"])(gated_rms_norm_fwd_kernel)
-gated_rms_norm_bwd_tuned = triton.autotune(configs=GATED_RMS_NORM_CONFIGS, key=["N", "GS"],
-                                           reset_to_zero=["dw_part"])(gated_rms_norm_bwd_kernel)
+gated_rms_norm_bwd_tuned = triton.autotune(configs=GATED_RMS_NORM_CONFIGS, key=["N", "GS"])(gated_rms_norm_bwd_kernel)
 
 
 class GatedRMSNormFunction(torch.autograd.Function):

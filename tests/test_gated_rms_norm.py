@@ -56,6 +56,7 @@ CASES = [
     pytest.param(dict(shape=(37, 96)), dict(group_size=32), id="3-groups"),
     pytest.param(dict(shape=(5, 100), gate=False), dict(), id="no-gate-non-pow2"),
     pytest.param(dict(shape=(1, 3, 1)), dict(eps=1e-3), id="width-1"),
+    pytest.param(dict(shape=(2, 150, 16)), dict(group_size=8), id="300-rows-two-backward-programs"),
 ]
 
 
