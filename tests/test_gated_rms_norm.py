@@ -10,7 +10,7 @@ import torch
 
 from kernels import gated_rms_norm
 from kernels import reference as R
-from kernels.gated_rms_norm import GATED_RMS_NORM_CONFIGS
+from kernels.gated_rms_norm import GATED_RMS_NORM_CONFIGS, ROWS_PER_PROGRAM
 
 F64 = torch.float64
 ATOL = {torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
@@ -56,7 +56,6 @@ CASES = [
     pytest.param(dict(shape=(37, 96)), dict(group_size=32), id="3-groups"),
     pytest.param(dict(shape=(5, 100), gate=False), dict(), id="no-gate-non-pow2"),
     pytest.param(dict(shape=(1, 3, 1)), dict(eps=1e-3), id="width-1"),
-    pytest.param(dict(shape=(2, 150, 16)), dict(group_size=8), id="300-rows-two-backward-programs"),
 ]
 
 
@@ -90,6 +89,13 @@ def test_strided_projection_slices(device):
                                     for c in GATED_RMS_NORM_CONFIGS])
 def test_every_config_is_correct(config, device):
     check(*make_case((19, 64)), torch.float32, device, group_size=32, config=config)
+
+
+def test_rows_past_one_backward_program(device):
+    """More rows than one backward program owns: dweight sums the programs' partials."""
+    rows = ROWS_PER_PROGRAM + 5
+    widest = max(GATED_RMS_NORM_CONFIGS, key=lambda c: c.kwargs["BM"])
+    check(*make_case((rows, 8)), torch.float32, device, group_size=4, config=widest)
 
 
 def test_deterministic(device):
