@@ -185,7 +185,7 @@ def gated_rms_norm(y: torch.Tensor, z: Optional[torch.Tensor], weight: torch.Ten
         out = gated_rms_norm(y, z, weight, eps=1e-5)   # y, z (b, l, d_inner)
     """
     group_size = _check_inputs(y, z, weight, eps, group_size)
-    if not use_triton(y, z, weight):
+    if not use_triton(y, z, weight, op="gated_rms_norm"):
         return reference.gated_rms_norm(y, z, weight, eps, group_size)
     if y.dtype == torch.float64:
         raise ValueError("the Triton gated_rms_norm computes in fp32: pass fp16, bf16 or fp32 inputs (fp64 runs "
