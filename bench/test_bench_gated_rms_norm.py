@@ -4,10 +4,10 @@ Memory-bound: bytes = read y, z, write out (+ read y, z, dout, write dy, dz back
 import pytest
 import torch
 
-from bench.common import DEVICE, SMOKE, Case, fwd_bwd, optional_import, run_case
+from bench.common import DEVICE, SMOKE, Case, bench_lengths, fwd_bwd, optional_import, run_case
 from kernels import gated_rms_norm, reference
 
-LENGTHS = [64] if SMOKE else [2048, 4096, 8192, 16384, 32768]
+LENGTHS = bench_lengths()
 WIDTH = 32 if SMOKE else 2048
 DTYPE = torch.float32 if SMOKE else torch.bfloat16
 EPS = 1e-5
