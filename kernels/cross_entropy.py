@@ -138,12 +138,14 @@ def loss_token_index(valid: torch.Tensor, num_valid: int) -> Optional[torch.Tens
 
 @functools.lru_cache(maxsize=None)
 def _gemm_has_fp32_out(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether torch.addmm(out_dtype=torch.float32) runs for `dtype` operands on this device
-    (CUDA, torch >= 2.8); probed once on tiny tensors."""
+    """Whether torch.addmm(c, a, b, out_dtype=torch.float32, out=c) accumulates into the fp32 c
+    in place for `dtype` operands on this device (CUDA, torch >= 2.8). Probed once per process
+    on tiny tensors, checking the result (one host read then, never in a step after it)."""
     try:
-        a = torch.zeros(2, 2, dtype=dtype, device=device_type)
-        torch.addmm(torch.zeros(2, 2, device=device_type), a, a, out_dtype=torch.float32)
-        return True
+        a = torch.arange(4, dtype=torch.float32, device=device_type).reshape(2, 2)
+        c = torch.ones(2, 2, device=device_type)
+        torch.addmm(c, a.to(dtype), a.to(dtype), out_dtype=torch.float32, out=c)
+        return bool(torch.equal(c, 1 + a @ a))
     except (RuntimeError, TypeError, NotImplementedError):
         return False
 

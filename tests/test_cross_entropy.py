@@ -301,6 +301,15 @@ def test_num_valid_makes_no_host_read(device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_accumulates_grad_weight_inside_the_gemm(device, dtype):
+    """On CUDA dW takes the addmm(out_dtype=float32) path, not the fp32-GEMM fallback."""
+    from kernels.cross_entropy import _gemm_has_fp32_out
+
+    assert _gemm_has_fp32_out(device.type, dtype)
+
+
+@pytest.mark.gpu
 def test_num_valid_makes_no_host_sync(device):
     hidden, weight, targets = make_inputs(device, (4, 256), 64, 1000, torch.bfloat16, ignore_frac=0.8)
     hidden.requires_grad_()
