@@ -113,13 +113,18 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)
 
 
-def build_train_step(pattern: str, length: int, device: torch.device, smoke: bool, seed: int = 0) -> TrainStep:
-    """Model, AdamW (the trainer's `build_optimizer`) and one synthetic packed RAG row of `length` tokens."""
+def build_train_step(pattern: str, length: int, device: torch.device, smoke: bool, seed: int = 0,
+                     config: Optional[ModelConfig] = None, layout: Optional[dict] = None) -> TrainStep:
+    """Model, AdamW (the trainer's `build_optimizer`) and one synthetic packed RAG row of `length` tokens.
+
+    config overrides the model (default `model_config(pattern, smoke)`); layout overrides the
+    `rag_examples` keyword arguments of the row (default SMOKE_LAYOUT or REAL_LAYOUT).
+    """
     torch.manual_seed(seed)
-    config = model_config(pattern, smoke)
+    config = config or model_config(pattern, smoke)
     model = HybridLM(config).to(device)
     optimizer = build_optimizer(model, TrainConfig())
-    examples = rag_examples(length, seed=seed, **(SMOKE_LAYOUT if smoke else REAL_LAYOUT))
+    examples = rag_examples(length, seed=seed, **(layout or (SMOKE_LAYOUT if smoke else REAL_LAYOUT)))
     layout = DocLayout.from_examples(examples, device=device)
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, config.vocab_size, (1, length), generator=g).to(device)
