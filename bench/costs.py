@@ -63,3 +63,9 @@ def matmul_flops(tokens: int, weights: Iterable[torch.Tensor]) -> Tuple[float, f
     """Linear layers: 2 x params per token forward, twice that backward (dinput and dweight)."""
     params = sum(w.numel() for w in weights if w.dim() >= 2)
     return 2.0 * tokens * params, 4.0 * tokens * params
+
+
+def gated_rms_norm_flops(tokens: int, width: int) -> Tuple[float, float]:
+    """rmsnorm(y * silu(z)) * weight: ~10 FLOPs per element forward, twice that backward; no GEMM."""
+    fwd = 10.0 * tokens * width
+    return fwd, 2 * fwd

@@ -186,19 +186,38 @@ def cross_entropy_setup(L: int, valid: float, impl=None) -> Setup:
     """Loss over the first `valid` share of the tokens (the rest ignore_index, as document tokens)."""
     from kernels import fused_linear_cross_entropy
 
-    impl = impl or fused_linear_cross_entropy
     g = _gen()
     hidden, weight = _rand(g, L, CE_HIDDEN, scale=0.5), _rand(g, CE_VOCAB, CE_HIDDEN, scale=0.05)
     targets = torch.randint(0, CE_VOCAB, (L,), generator=g)
     counted = round(valid * L)
     targets[counted:] = -100
-    return Setup(lambda: impl(hidden, weight, targets), [hidden, weight, targets],
+    if impl is None:  # the model passes the loss-token count its loader counted on the host
+        forward = lambda: fused_linear_cross_entropy(hidden, weight, targets, num_valid=counted)  # noqa: E731
+    else:
+        forward = lambda: impl(hidden, weight, targets)  # noqa: E731
+    return Setup(forward, [hidden, weight, targets],
                  costs.linear_cross_entropy_flops(L, CE_HIDDEN, CE_VOCAB, counted))
 
 
 def liger_setup(L: int, valid: float) -> Setup:
     liger = optional_import("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
     return cross_entropy_setup(L, valid, impl=lambda h, w, t: liger.apply(h, w, t)[0])
+
+
+# --------------------------------------------------------------------------- gated_rms_norm
+NORM_DIM = 256  # the tiny model's d_inner
+
+
+def gated_rms_norm_setup(L: int, impl=None) -> Setup:
+    """Mamba-2's output norm rmsnorm(y * silu(z)) * weight over d_inner (one group), as the model calls it."""
+    from kernels import gated_rms_norm
+
+    impl = impl or gated_rms_norm
+    g = _gen()
+    y, z = _rand(g, 1, L, NORM_DIM), _rand(g, 1, L, NORM_DIM)
+    weight = (1 + 0.1 * torch.randn(NORM_DIM, generator=g)).requires_grad_()
+    return Setup(lambda: impl(y, z, weight, 1e-5), [y, z, weight], costs.gated_rms_norm_flops(L, NORM_DIM),
+                 dot=False)
 
 
 # --------------------------------------------------------------------------- decode steps
@@ -320,6 +339,7 @@ CASES: List[Case] = [
     *_op("selective_scan", "D,z,delta_bias,softplus,varlen", selective_scan_setup, SCAN_LENGTHS),
     *_op("fused_linear_cross_entropy", "10% targets", lambda L: cross_entropy_setup(L, 0.1)),
     *_op("fused_linear_cross_entropy", "100% targets", lambda L: cross_entropy_setup(L, 1.0)),
+    *_op("gated_rms_norm", "z gate,1 group", gated_rms_norm_setup),
     *_op("ssd_state_update", f"{DECODE_ROWS} rows,D,z,dt_bias,softplus", ssd_update_setup, (1,), ("fwd",)),
     *_op("causal_conv1d_update", f"{DECODE_ROWS} rows,silu", conv_update_setup, (1,), ("fwd",)),
     *_op("AttentionBlock", "tiny,fp16 autocast", lambda L: block_setup(L, "T"), (MODEL_L,)),

@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 from typing import Sequence
 
+from refrag.fileio import jsonl_lines, loads_strict
 from refrag.retrieval.documents import read_text_utf8
 
 EMBEDDED_KB_DIR = Path(__file__).parent / "kb"
@@ -48,12 +49,14 @@ def load_queries(split: str = "train", kb_dir: str | Path = EMBEDDED_KB_DIR) -> 
     if not path.is_file():
         raise ValueError(f"{path}: query split not found")
     records = []
-    for lineno, line in enumerate(read_text_utf8(path).splitlines(), start=1):
+    for lineno, line in enumerate(jsonl_lines(read_text_utf8(path)), start=1):
         if line.strip():
             try:
-                record = json.loads(line)
+                record = loads_strict(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: {e}") from None
             records.append(validate_query(record, f"{path}:{lineno}"))
     return records
 
@@ -67,17 +70,24 @@ def rag_conversation(question: str, answer: str, documents: list[dict], system: 
 
 
 def refrag_conversation(question: str, answer: str, hops: Sequence[tuple[str, list[dict]]],
-                        system: str = SYSTEM_PROMPT) -> dict:
+                        system: str = SYSTEM_PROMPT, question_first: bool = True) -> dict:
     """Multi-hop conversation: the model asks each follow-up query itself.
 
     hops: [(query, documents), ...]; hop 1's query is normally the question. Messages:
-    system, user, retrieval(hop 1), assistant(query 2), retrieval(hop 2), ..., assistant(answer).
+    system, user, retrieval(hop 1), assistant(query 2), retrieval(hop 2), ..., assistant(answer);
+    with question_first=False (documents first) hop 1's retrieval comes before the user
+    message: system, retrieval(hop 1), user, assistant(query 2), retrieval(hop 2), ...
     """
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    messages = [{"role": "system", "content": system}]
+    user = {"role": "user", "content": question}
+    if question_first:
+        messages.append(user)
     for h, (query, docs) in enumerate(hops, start=1):
         if h > 1:
             messages.append({"role": "assistant", "query": query})
         messages.append({"role": "retrieval", "hop": h, "query": query, "documents": docs})
+        if h == 1 and not question_first:
+            messages.append(user)
     messages.append({"role": "assistant", "content": answer})
     return {"messages": messages}
 

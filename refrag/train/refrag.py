@@ -56,6 +56,7 @@ from refrag.data import RagTokenizer, load_queries, pack_examples, refrag_conver
 from refrag.data.conversations import gold_documents, with_gold
 from refrag.data.loader import PackedLoader
 from refrag.eval.answers import exact_match, token_f1
+from refrag.fileio import dumps_line
 from refrag.infer import Engine
 from refrag.infer.multihop import ABSTAINED, ANSWERED, TRUNCATED, MultiHopTrace, run_multihop
 from refrag.model import HybridLM, ModelConfig, preset
@@ -108,12 +109,12 @@ class RefragConfig:
     def __post_init__(self):
         for name in ("sft_steps", "rl_steps"):
             require(name, getattr(self, name), int, minimum=0)
-        for name in ("questions_per_step", "group_size", "max_hops", "max_new_tokens", "max_doc_tokens"):
+        for name in ("questions_per_step", "max_hops", "max_new_tokens", "max_doc_tokens"):
             require(name, getattr(self, name), int, minimum=1)
+        require("group_size", self.group_size, int, minimum=2)  # GRPO advantages of a group of 1 are all 0
         for name in ("temperature", "kl_beta", "rl_lr"):
             require(name, getattr(self, name), float, minimum=0)
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"config key top_p must be in (0, 1], got {self.top_p!r}")
+        require("top_p", self.top_p, float, above=0, maximum=1)
         unknown = [t for t in self.types if t not in QUESTION_TYPES]
         if unknown or not self.types:
             raise ValueError(f"config key question_types: unknown type(s) {unknown}; choose from {QUESTION_TYPES}")
@@ -137,7 +138,7 @@ def load_refrag_config(path: str | Path | None, overrides: dict[str, str] | None
     train_overrides = {}
     for key, raw in (overrides or {}).items():
         if key in REFRAG_HELP:
-            refrag_values[key] = raw if key in ("init_checkpoint", "question_types") else parse_value(raw)
+            refrag_values[key] = raw if key in ("init_checkpoint", "question_types") else parse_value(raw, key)
         else:
             train_overrides[key] = raw
     train_values = apply_overrides(values, train_overrides)
@@ -153,11 +154,13 @@ def load_refrag_config(path: str | Path | None, overrides: dict[str, str] | None
 # ---------------------------------------------------------------------- multi-hop SFT data
 
 
-def multihop_conversations(records: Sequence[dict], manager, top_k: int, seed: int) -> list[dict]:
+def multihop_conversations(records: Sequence[dict], manager, top_k: int, seed: int,
+                           question_first: bool = True) -> list[dict]:
     """Teacher-forced multi-hop conversations (gold documents ensured in every hop's list).
 
     Two-hop records: hop 1 queries the question, hop 2 the record's second hop query.
-    Other records: one hop with the question, then the answer.
+    Other records: one hop with the question, then the answer. question_first: the layout
+    (`refrag.data.refrag_conversation`; False puts hop 1's documents before the question).
     """
     conversations = []
     for rec in records:
@@ -169,7 +172,7 @@ def multihop_conversations(records: Sequence[dict], manager, top_k: int, seed: i
             queries, golds = [rec["question"]], [rec["gold_doc_ids"]]
         found = manager.retrieve_many(queries, top_k)
         hops = [(q, with_gold(docs, gold_documents(manager, g), rng)) for q, docs, g in zip(queries, found, golds)]
-        conv = refrag_conversation(rec["question"], rec["answer"], hops)
+        conv = refrag_conversation(rec["question"], rec["answer"], hops, question_first=question_first)
         conv["metadata"] = {"id": rec["id"], "type": rec["type"], "gold_doc_ids": rec["gold_doc_ids"]}
         conversations.append(conv)
     return conversations
@@ -178,7 +181,7 @@ def multihop_conversations(records: Sequence[dict], manager, top_k: int, seed: i
 def multihop_loader(records: Sequence[dict], cfg: TrainConfig, rcfg: RefragConfig, tokenizer: RagTokenizer,
                     manager, env: DistEnv) -> PackedLoader:
     """PackedLoader over the records' multi-hop conversations packed into cfg.seq_len rows."""
-    conversations = multihop_conversations(records, manager, cfg.top_k, cfg.seed)
+    conversations = multihop_conversations(records, manager, cfg.top_k, cfg.seed, cfg.question_first)
     examples, _ = render_conversations(conversations, tokenizer, max_len=cfg.seq_len,
                                        max_doc_tokens=rcfg.max_doc_tokens)
     if not examples:
@@ -320,7 +323,7 @@ def train_rl(model: HybridLM, tokenizer: RagTokenizer, retriever, records: Seque
                 traces = run_multihop(generator, tokenizer, retriever, [r["question"] for r in batch],
                                       max_hops=rcfg.max_hops, top_k=cfg.top_k, max_new_tokens=rcfg.max_new_tokens,
                                       temperature=rcfg.temperature, top_p=rcfg.top_p, seed=cfg.seed + step,
-                                      max_doc_tokens=rcfg.max_doc_tokens)
+                                      max_doc_tokens=rcfg.max_doc_tokens, question_first=cfg.question_first)
             model.train()
             rewards = [refrag_reward(t, r, rcfg.max_hops) for t, r in zip(traces, batch)]
             advantages = group_advantages(torch.tensor([r.total for r in rewards]), rcfg.group_size)
@@ -335,12 +338,17 @@ def train_rl(model: HybridLM, tokenizer: RagTokenizer, retriever, records: Seque
             record = {"step": step, "loss": loss.item(), "kl": kl, "grad_norm": float(grad_norm),
                       **step_metrics(traces, batch, rewards), "seconds": time.perf_counter() - t0}
             history.append(record)
-            log.write(json.dumps(record) + "\n")
+            log.write(dumps_line(record, allow_nan=True))
             log.flush()
     return history
 
 
 # ---------------------------------------------------------------------- CLI
+
+
+def prompt_format(cfg: TrainConfig, rcfg: RefragConfig) -> dict:
+    """How a REFRAG model's prompts were rendered (stored in its checkpoint; evaluation reuses it)."""
+    return {"multihop": True, "question_first": cfg.question_first, "max_doc_tokens": rcfg.max_doc_tokens}
 
 
 def initial_model(cfg: TrainConfig, rcfg: RefragConfig, tokenizer: RagTokenizer) -> HybridLM:
@@ -371,7 +379,9 @@ def run_refrag(cfg: TrainConfig, rcfg: RefragConfig, resume: bool = True) -> dic
     out_dir = Path(cfg.out_dir)
     result = {"sft": [], "rl": [], "checkpoint": None}
     if rcfg.sft_steps:
-        sft_cfg = dataclasses.replace(cfg, max_steps=rcfg.sft_steps, out_dir=str(out_dir / "sft"))
+        # the SFT checkpoint records the document length the multi-hop examples were rendered with
+        sft_cfg = dataclasses.replace(cfg, max_steps=rcfg.sft_steps, out_dir=str(out_dir / "sft"),
+                                      max_doc_tokens=rcfg.max_doc_tokens)
         loader = multihop_loader(records, sft_cfg, rcfg, tokenizer, manager, env)
         result["sft"] = train_sft(sft_cfg, model, loader, None, env=env, model_config=model.config.to_dict(),
                                   resume=resume)
@@ -381,7 +391,8 @@ def run_refrag(cfg: TrainConfig, rcfg: RefragConfig, resume: bool = True) -> dic
         result["checkpoint"] = ckpt.save_checkpoint(
             out_dir / "rl" / "checkpoints", rcfg.rl_steps, model_state=model.state_dict(), optimizer_state={},
             trainer_state={"step": rcfg.rl_steps},
-            config={"train": cfg.to_dict(), "model": model.config.to_dict(), "refrag": rcfg.to_dict()})
+            config={"train": cfg.to_dict(), "model": model.config.to_dict(), "refrag": rcfg.to_dict(),
+                    "prompt": prompt_format(cfg, rcfg)})
     return result
 
 
