@@ -192,7 +192,8 @@ def test_meter_rows_are_consistent(small_rows):
             fwd = by[(case, variant, "fwd")]
             assert r["launches"] >= fwd["launches"] and r["min_bytes"] > fwd["min_bytes"]  # CE: grads in fwd
     ssd = by[("ssd_scan", "D,z,dt_bias,softplus,varlen,doc_mode", "fwd")]
-    assert set(ssd["dot_flops"]) == {"fp32/ieee"}  # fp16 inputs are dotted in fp32 today (issue 16)
+    # the kernels' tiles cover at least the cost model's useful work
+    assert sum(ssd["dot_flops"].values()) >= ssd["min_flops"] > 0
 
 
 def test_meter_markdown_names_the_model(small_rows):
