@@ -50,6 +50,10 @@ def device_name() -> str:
 
 @functools.lru_cache(maxsize=None)
 def git_commit() -> str:
+    """The checkout's short commit; REFRAG_COMMIT when set (a copy of the tree without .git, as on a
+    lent GPU machine, is told its commit that way)."""
+    if os.environ.get("REFRAG_COMMIT"):
+        return os.environ["REFRAG_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()

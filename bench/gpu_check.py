@@ -178,11 +178,15 @@ print("PROBE" + json.dumps(out))
     return json.loads(line[len("PROBE"):])
 
 
-def empty_benchmark_json(path: Path, reason: str) -> None:
-    """A pytest-benchmark JSON with no cases, for a suite that wrote none (killed, skipped)."""
-    path.write_text(json.dumps({"machine_info": {}, "commit_info": {}, "benchmarks": [],
-                                "datetime": time.strftime("%Y-%m-%dT%H:%M:%S"), "version": None,
-                                "refrag_note": reason}, indent=2))
+def suite_json(path: Path, status: str) -> Dict:
+    """A suite's pytest-benchmark JSON, or one with no cases (and why) when the step wrote none or
+    was killed while writing it."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        reason = "no case finished" if isinstance(error, OSError) else "its JSON was cut short"
+        return {"machine_info": {}, "commit_info": {}, "benchmarks": [], "datetime": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "version": None, "refrag_note": f"{reason}: {status}"}
 
 
 def child_env(dry_run: bool, site: Optional[Path]) -> Dict[str, str]:
@@ -250,10 +254,11 @@ def fmt_versions(info: Dict) -> List[str]:
 
 def write_report(out: Path, info: Dict, results: List[StepResult], meta: Dict) -> List[report.GoalResult]:
     """results.csv, report.md and plots.png from the suite JSONs in out; returns the goal results."""
-    for step in STEPS:
-        if step.suite and not (out / step.json_name).is_file():
-            status = next(r.status for r in results if r.name == step.name)
-            empty_benchmark_json(out / step.json_name, f"no case finished: {status}")
+    for step, result in zip(STEPS, results):  # each suite JSON also says what it ran on
+        if step.suite:
+            data = suite_json(out / step.json_name, result.status)
+            data["refrag_environment"] = {**info, "wheels": meta["wheels"], "dry_run": meta["dry_run"]}
+            (out / step.json_name).write_text(json.dumps(data, indent=2))
     rows = report.load_rows([out / s.json_name for s in STEPS if s.suite])
     report.write_csv(rows, out / "results.csv")
     goals = report.evaluate_goals(rows)
