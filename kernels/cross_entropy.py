@@ -13,6 +13,7 @@ backward, so backward recomputes the chunks with that scale instead.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -208,8 +209,8 @@ def _check_inputs(hidden, weight, targets, ignore_index, reduction, z_loss) -> N
         raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if z_loss < 0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not math.isfinite(z_loss) or z_loss < 0:
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
     out_of_range = ((targets < 0) | (targets >= weight.shape[0])) & (targets != ignore_index)
     if targets.numel() and bool(out_of_range.any()):
         raise ValueError(f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}")
@@ -234,6 +235,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         loss = fused_linear_cross_entropy(h, lm_head.weight, targets)  # h (b, l, H)
     """
     _check_inputs(hidden, weight, targets, ignore_index, reduction, z_loss)
+    if targets.dtype not in (torch.int32, torch.int64):  # int8/int16/uint8...: index dtypes only
+        targets = targets.long()
     if not use_triton(hidden, weight, targets, op="fused_linear_cross_entropy"):
         return reference.fused_linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, z_loss)
     targets = targets.contiguous()
