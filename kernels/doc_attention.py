@@ -285,7 +285,8 @@ def _bwd_dkdv_kernel(
             # [BN, BD] @ [BD, BM] -> [BN, BM]
             b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
             b_dst = b_pt * (b_dpt - b_delta[None, :])
-            b_q_dot, b_do_dot = b_q, b_do
+            b_q_dot = b_q
+            b_do_dot = b_do
             if not full:
                 q_seq = tl.load(seq_idx + o_m, mask=m_m, other=-1)
                 q_doc = tl.load(doc_ids + o_m, mask=m_m, other=0)
