@@ -7,10 +7,11 @@ backward ~2.5x forward. Bytes: read x, dt, B, C, write y once (ideal, fp16/bf16)
 import pytest
 import torch
 
-from bench.common import DEVICE, SMOKE, Case, fwd_bwd, optional_import, run_case
+from bench import costs
+from bench.common import DEVICE, SMOKE, Case, bench_lengths, fwd_bwd, optional_import, run_case
 from kernels import reference, ssd_scan
 
-LENGTHS = [64] if SMOKE else [2048, 4096, 8192, 16384, 32768]
+LENGTHS = bench_lengths()
 HEADS, P, N, G = (2, 8, 8, 1) if SMOKE else (32, 64, 128, 1)
 CHUNK = 16 if SMOKE else 64
 DTYPE = torch.float32 if SMOKE else torch.bfloat16
@@ -31,10 +32,10 @@ def make_inputs(L, num_seqs):
 
 
 def cost(L, mode):
-    flops = 2.0 * L * HEADS * (CHUNK * N + CHUNK * P + 2 * P * N)
+    fwd, bwd = costs.ssd_flops(L, HEADS, P, N, CHUNK)
     elem = torch.finfo(DTYPE).bits // 8
     nbytes = elem * L * (2 * HEADS * P + 2 * G * N) + 4 * L * HEADS
-    return (flops * (3.5 if mode == "fwd_bwd" else 1.0)), nbytes * (3 if mode == "fwd_bwd" else 1)
+    return fwd + (bwd if mode == "fwd_bwd" else 0.0), nbytes * (3 if mode == "fwd_bwd" else 1)
 
 
 def runner(forward, inputs, mode):

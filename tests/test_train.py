@@ -38,6 +38,10 @@ class Row:
     def layout(self, device=None) -> DocLayout:
         return DocLayout.from_examples(self.examples, device=device)
 
+    @property
+    def num_loss_tokens(self) -> int:
+        return int((self.targets != -100).sum())
+
 
 def make_row(gen: torch.Generator) -> Row:
     """Two examples: a retrieval block of two documents, a 1-token document, then a copy task."""
@@ -102,7 +106,7 @@ class PoisonedAt(torch.nn.Module):
         self.inner, self.calls, self.count = model, calls, 0
         self.blocks = model.blocks
 
-    def forward(self, input_ids, layout=None, targets=None):
+    def forward(self, input_ids, layout=None, targets=None, num_loss_tokens=None):
         self.count += 1
         loss = self.inner(input_ids, layout=layout, targets=targets)
         return loss * float("nan") if self.count in self.calls else loss
