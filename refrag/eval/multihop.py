@@ -31,7 +31,7 @@ from refrag.infer import Engine
 from refrag.infer.multihop import STATUSES, run_multihop
 from refrag.retrieval import RetrievalManager
 from refrag.retrieval.documents import document_text
-from refrag.train.checkpoint import CheckpointError, latest_checkpoint
+from refrag.train.checkpoint import CheckpointError
 
 
 def retrieved_texts(messages: Sequence[dict]) -> list[str]:
@@ -104,26 +104,24 @@ def main_multihop(argv: list[str] | None = None) -> dict:
     if args.max_hops < 1:
         parser.error(f"--max-hops must be at least 1, got {args.max_hops}")
     try:
-        model, tokenizer, train_cfg = load_trained_model(latest_checkpoint(args.checkpoint) or args.checkpoint,
-                                                         args.device)
+        model, tokenizer, train_cfg, _, _ = load_trained_model(args.checkpoint, args.device)
     except CheckpointError as err:
         parser.exit(2, f"error: {err}\n")
-    kb_source = train_cfg["kb_source"] or EMBEDDED_KB_DIR
-    top_k = args.top_k or train_cfg["top_k"]
-    manager = RetrievalManager(train_cfg["retriever"], knowledge_base=train_cfg["kb_dir"])
+    kb_source = train_cfg.kb_source or EMBEDDED_KB_DIR
+    top_k = args.top_k or train_cfg.top_k
+    manager = RetrievalManager(train_cfg.retriever, knowledge_base=train_cfg.kb_dir)
     records = load_queries(args.split, kb_source)[:args.limit]
     results = {"refrag": evaluate_multihop(Engine(model, tokenizer), tokenizer, manager, records,
                                            max_hops=args.max_hops, top_k=top_k, max_new_tokens=args.max_new_tokens,
-                                           batch_size=args.batch_size)}
+                                           max_doc_tokens=train_cfg.max_doc_tokens, batch_size=args.batch_size)}
     if args.rag_checkpoint:
         try:
-            rag_model, rag_tokenizer, _ = load_trained_model(
-                latest_checkpoint(args.rag_checkpoint) or args.rag_checkpoint, args.device)
+            rag = load_trained_model(args.rag_checkpoint, args.device)
         except CheckpointError as err:
             parser.exit(2, f"error: {err}\n")
-        results["single_shot"] = evaluate_model(rag_model, rag_tokenizer, manager, args.split, top_k,
-                                                args.max_new_tokens, kb_source=kb_source,
-                                                batch_size=args.batch_size, limit=args.limit)
+        results["single_shot"] = evaluate_model(rag.model, rag.tokenizer, manager, records, rag.prompt,
+                                                top_k=top_k, max_new_tokens=args.max_new_tokens,
+                                                batch_size=args.batch_size)
     print(f"split {args.split}, {len(records)} questions, max_hops {args.max_hops}, top_k {top_k}")
     print(format_comparison(results))
     if args.json:

@@ -7,6 +7,8 @@ A checkpoint is a directory ``<root>/step_000123/`` holding
 - ``trainer.pt``    scheduler state, step counters, per-rank data-loader positions and RNG
                     states (python, numpy, torch, cuda) as tensors and plain types
 - ``config.json``   the training config and the model config
+- any further files the caller passes (`save_checkpoint(files=...)`): SFT runs store
+  ``tokenizer.json`` and ``prompt_format.json`` so a checkpoint is self-contained
 - ``manifest.json`` sha256 and size of every file above, written LAST
 
 Saving writes every file into ``<root>/.partial-step_000123/``, fsyncs each, writes the
@@ -31,6 +33,7 @@ import torch
 from refrag.fileio import sha256_file
 
 MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"  # the run's tokenizer, stored inside SFT checkpoints
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -93,7 +96,9 @@ def _write_payloads(tmp: Path, payloads: dict, crash_after_files: int | None) ->
         if crash_after_files is not None and written == crash_after_files:
             raise SimulatedCrash(f"simulated crash after {written} checkpoint files in {tmp}")
         path = tmp / name
-        if name.endswith(".json"):
+        if isinstance(payload, str):
+            path.write_text(payload)
+        elif name.endswith(".json"):
             path.write_text(json.dumps(payload, indent=2, sort_keys=True))
         else:
             torch.save(payload, path)
@@ -121,10 +126,12 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def save_checkpoint(root: str | Path, step: int, *, model_state: dict, optimizer_state: dict,
-                    trainer_state: dict, config: dict, crash_after_files: int | None = None) -> Path:
+                    trainer_state: dict, config: dict, files: dict | None = None,
+                    crash_after_files: int | None = None) -> Path:
     """Atomically write the checkpoint of `step` under `root`; returns its directory.
 
-    config: {"train": ..., "model": ...} plain JSON. crash_after_files: test hook, raise
+    config: {"train": ..., "model": ...} plain JSON. files: further {name: text or JSON-able dict}
+    written beside them (and covered by the manifest). crash_after_files: test hook, raise
     SimulatedCrash after writing that many files (the manifest is never written then).
     """
     root = Path(root)
@@ -135,6 +142,10 @@ def save_checkpoint(root: str | Path, step: int, *, model_state: dict, optimizer
     tmp.mkdir()
     payloads = {"model.pt": model_state, "optimizer.pt": optimizer_state,
                 "trainer.pt": trainer_state, "config.json": config}
+    clash = sorted(set(files or {}) & set(payloads) | ({MANIFEST} & set(files or {})))
+    if clash:
+        raise ValueError(f"checkpoint file name(s) {clash} are reserved")
+    payloads.update(files or {})
     _write_payloads(tmp, payloads, crash_after_files)
     _write_manifest(tmp, payloads)
     _replace_dir(tmp, final)

@@ -78,7 +78,6 @@ REFRAG_HELP = {
     "group_size": "sampled trajectories per question (GRPO group)",
     "max_hops": "retrievals per question at most (>= 1)",
     "max_new_tokens": "tokens per model turn at most",
-    "max_doc_tokens": "tokens per rendered document at most",
     "temperature": "sampling temperature of RL trajectories",
     "top_p": "nucleus sampling mass of RL trajectories",
     "kl_beta": "weight of the per-token k3 KL penalty to the frozen SFT model (0 disables it)",
@@ -98,7 +97,6 @@ class RefragConfig:
     group_size: int = 4
     max_hops: int = 3
     max_new_tokens: int = 32
-    max_doc_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 0.95
     kl_beta: float = 0.02
@@ -108,7 +106,7 @@ class RefragConfig:
     def __post_init__(self):
         for name in ("sft_steps", "rl_steps"):
             require(name, getattr(self, name), int, minimum=0)
-        for name in ("questions_per_step", "group_size", "max_hops", "max_new_tokens", "max_doc_tokens"):
+        for name in ("questions_per_step", "group_size", "max_hops", "max_new_tokens"):
             require(name, getattr(self, name), int, minimum=1)
         for name in ("temperature", "kl_beta", "rl_lr"):
             require(name, getattr(self, name), float, minimum=0)
@@ -180,7 +178,7 @@ def multihop_loader(records: Sequence[dict], cfg: TrainConfig, rcfg: RefragConfi
     """PackedLoader over the records' multi-hop conversations packed into cfg.seq_len rows."""
     conversations = multihop_conversations(records, manager, cfg.top_k, cfg.seed)
     examples, _ = render_conversations(conversations, tokenizer, max_len=cfg.seq_len,
-                                       max_doc_tokens=rcfg.max_doc_tokens)
+                                       max_doc_tokens=cfg.max_doc_tokens)
     if not examples:
         raise ValueError(f"no multi-hop example fits seq_len={cfg.seq_len}")
     rows = pack_examples(examples, cfg.seq_len, tokenizer.pad_id)
@@ -320,7 +318,7 @@ def train_rl(model: HybridLM, tokenizer: RagTokenizer, retriever, records: Seque
                 traces = run_multihop(generator, tokenizer, retriever, [r["question"] for r in batch],
                                       max_hops=rcfg.max_hops, top_k=cfg.top_k, max_new_tokens=rcfg.max_new_tokens,
                                       temperature=rcfg.temperature, top_p=rcfg.top_p, seed=cfg.seed + step,
-                                      max_doc_tokens=rcfg.max_doc_tokens)
+                                      max_doc_tokens=cfg.max_doc_tokens)
             model.train()
             rewards = [refrag_reward(t, r, rcfg.max_hops) for t, r in zip(traces, batch)]
             advantages = group_advantages(torch.tensor([r.total for r in rewards]), rcfg.group_size)

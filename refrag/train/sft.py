@@ -13,7 +13,8 @@ Per step, rank 0 appends one JSON line to ``<out_dir>/metrics.jsonl``: step, los
 grad_norm, tokens (all ranks), tokens_per_s, peak_mem_mib, skipped (NaN/inf guard),
 skipped_steps (running count) and, when evaluated, val_loss. A non-finite loss or grad norm
 skips the optimizer update (grads are zeroed, the schedule still advances). Checkpoints go to
-``<out_dir>/checkpoints/`` (see `refrag.train.checkpoint`); a run started with the same
+``<out_dir>/checkpoints/`` (see `refrag.train.checkpoint`) with the run's tokenizer and
+prompt-format record inside (`checkpoint_assets`), so evaluation needs nothing else; a run started with the same
 out_dir resumes from the newest one and reproduces the uninterrupted loss curve exactly
 (bit for bit with ``cfg.deterministic``).
 """
@@ -33,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from refrag.data.prompt import FILE_NAME as PROMPT_FORMAT_FILE
 from refrag.train import checkpoint as ckpt
 from refrag.train.config import TrainConfig
 from refrag.train.optim import build_optimizer, build_scheduler
@@ -124,9 +126,19 @@ def save_training_state(root: Path, step: int, skipped: int, wrapped: nn.Module,
                          "scheduler": scheduler.state_dict(), "ranks": per_rank}
         ckpt.save_checkpoint(root, step, model_state=model_state, optimizer_state=optimizer_state,
                              trainer_state=trainer_state,
-                             config={"train": cfg.to_dict(), "model": model_config})
+                             config={"train": cfg.to_dict(), "model": model_config}, files=checkpoint_assets(cfg))
         ckpt.prune_checkpoints(root, cfg.keep_checkpoints)
     barrier(env)
+
+
+def checkpoint_assets(cfg: TrainConfig) -> dict:
+    """Files that make a checkpoint self-contained: ``prompt_format.json`` (the run's
+    `PromptFormat` record) and a copy of the tokenizer as ``tokenizer.json`` when cfg.tokenizer
+    exists (synthetic-data runs without one store only the record)."""
+    files = {PROMPT_FORMAT_FILE: cfg.prompt_format().to_dict()}
+    if Path(cfg.tokenizer).is_file():
+        files[ckpt.TOKENIZER_FILE] = Path(cfg.tokenizer).read_text(encoding="utf-8")
+    return files
 
 
 def restore_training_state(path: Path, wrapped: nn.Module, optimizer, scheduler, train_loader,
