@@ -285,7 +285,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         y = causal_conv1d(x, weight, bias, cu_seqlens=cu, doc_ids=docs)  # x (1, 8, d)
     """
     _check_inputs(x, weight, bias, cu_seqlens, doc_ids, activation)
-    if not use_triton(x, weight, bias, cu_seqlens, doc_ids):
+    if not use_triton(x, weight, bias, cu_seqlens, doc_ids, op="causal_conv1d"):
         return reference.causal_conv1d(x, weight, bias, cu_seqlens, doc_ids, activation)
     b, l, _ = x.shape
     starts = None

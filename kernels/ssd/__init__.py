@@ -164,7 +164,7 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_
     kwargs = dict(chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                   initial_states=initial_states, cu_seqlens=cu_seqlens, doc_ids=doc_ids, doc_mode=doc_mode,
                   return_final_states=return_final_states)
-    if not use_triton(x, dt, A, B, C, D, z, dt_bias, initial_states, cu_seqlens, doc_ids):
+    if not use_triton(x, dt, A, B, C, D, z, dt_bias, initial_states, cu_seqlens, doc_ids, op="ssd_scan"):
         return reference.ssd_scan(x, dt, A, B, C, **kwargs)
     if x.dtype == torch.float64:
         raise ValueError("the Triton ssd_scan computes in fp32: pass fp16, bf16 or fp32 inputs (fp64 runs only "

@@ -13,7 +13,10 @@ CLI (one command, one table)::
         [--rag-checkpoint out/sft/checkpoints] [--split test] [--max-hops 3] [--top-k 3]
 
 The optional single-shot column evaluates an SFT-RAG checkpoint with
-`refrag.eval.evaluate.evaluate_model` (one retrieval, seed format 3.1) on the same questions.
+`refrag.eval.evaluate.evaluate_model` (one retrieval) on the same questions. Like is compared
+with like: each model runs with the prompt format it was trained with (`checkpoint_prompt`:
+question or documents first, document length), its own top_k, retriever and tokenizer; the
+format used is part of each column's result (``prompt``).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch
 
 from refrag.data import EMBEDDED_KB_DIR, RagTokenizer, load_queries
 from refrag.eval.answers import aggregate, format_table, score_answer
+from refrag.data.prompt import PromptFormat
 from refrag.eval.evaluate import evaluate_model, load_trained_model
 from refrag.infer import Engine
 from refrag.infer.multihop import STATUSES, run_multihop
@@ -41,12 +45,13 @@ def retrieved_texts(messages: Sequence[dict]) -> list[str]:
 
 def evaluate_multihop(generator, tokenizer: RagTokenizer, retriever, records: Sequence[dict], *,
                       max_hops: int = 3, top_k: int = 3, max_new_tokens: int = 32, max_doc_tokens: int = 256,
-                      batch_size: int = 32) -> dict:
+                      batch_size: int = 32, question_first: bool = True) -> dict:
     """Metrics of `aggregate` plus ``hops``, one rate per outcome and ``predictions``.
 
     generator: `Engine(model)` of a model in eval mode (or a `CachedEngine`; anything with
     Engine.generate's signature), decoding greedily; records: query records {id, question,
-    answer, type, gold_doc_ids}; questions run through the loop `batch_size` at a time.
+    answer, type, gold_doc_ids}; questions run through the loop `batch_size` at a time;
+    max_doc_tokens, question_first: the prompt format the model was trained with.
     """
     if not records:
         raise ValueError("evaluate_multihop needs at least one question record")
@@ -54,7 +59,8 @@ def evaluate_multihop(generator, tokenizer: RagTokenizer, retriever, records: Se
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
         traces += run_multihop(generator, tokenizer, retriever, [r["question"] for r in batch], max_hops=max_hops,
-                               top_k=top_k, max_new_tokens=max_new_tokens, max_doc_tokens=max_doc_tokens)
+                               top_k=top_k, max_new_tokens=max_new_tokens, max_doc_tokens=max_doc_tokens,
+                               question_first=question_first)
     scored, predictions = [], []
     for record, trace in zip(records, traces):
         score = score_answer(trace.answer or "", record["answer"], record["type"], retrieved_texts(trace.messages))
@@ -81,6 +87,29 @@ def format_comparison(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def checkpoint_prompt(config: dict, record: PromptFormat) -> dict:
+    """Prompt format a checkpoint's model was trained with:
+    {"multihop": bool, "question_first": bool, "max_doc_tokens": int}.
+
+    REFRAG checkpoints store it in config.json (``prompt``); older REFRAG checkpoints were always
+    rendered question first with the REFRAG ``max_doc_tokens``; SFT checkpoints take their
+    `PromptFormat` record (prompt_format.json, see `refrag.eval.evaluate.load_trained_model`).
+    """
+    if "prompt" in config:
+        return dict(config["prompt"])
+    if "refrag" in config and "max_doc_tokens" in config["refrag"]:
+        return {"multihop": True, "question_first": True, "max_doc_tokens": config["refrag"]["max_doc_tokens"]}
+    return {"multihop": False, "question_first": record.question_first, "max_doc_tokens": record.max_doc_tokens}
+
+
+def load_for_eval(checkpoint: str | Path, device: str) -> tuple:
+    """(model, tokenizer, TrainConfig, prompt format dict, checkpoint dir) of a run's newest
+    checkpoint (or a step directory); CheckpointError when missing, partial or corrupt."""
+    trained = load_trained_model(checkpoint, device)
+    prompt = checkpoint_prompt(json.loads((trained.path / "config.json").read_text()), trained.prompt)
+    return trained.model, trained.tokenizer, trained.config, prompt, trained.path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m refrag.eval.multihop",
                                      description="Multi-hop (REFRAG) answer evaluation vs single-shot RAG.")
@@ -88,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rag-checkpoint", help="single-shot SFT-RAG checkpoint of the same model size")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--max-hops", type=int, default=3)
-    parser.add_argument("--top-k", type=int, default=None, help="documents per hop (default: the training top_k)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="documents per hop for both models (default: each model's training top_k)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
@@ -103,8 +133,11 @@ def main_multihop(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.max_hops < 1:
         parser.error(f"--max-hops must be at least 1, got {args.max_hops}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be at least 1, got {args.limit}")
     try:
-        model, tokenizer, train_cfg, _, _ = load_trained_model(args.checkpoint, args.device)
+        model, tokenizer, train_cfg, prompt, path = load_for_eval(args.checkpoint, args.device)
+        rag = load_trained_model(args.rag_checkpoint, args.device) if args.rag_checkpoint else None
     except CheckpointError as err:
         parser.exit(2, f"error: {err}\n")
     kb_source = train_cfg.kb_source or EMBEDDED_KB_DIR
@@ -113,16 +146,22 @@ def main_multihop(argv: list[str] | None = None) -> dict:
     records = load_queries(args.split, kb_source)[:args.limit]
     results = {"refrag": evaluate_multihop(Engine(model, tokenizer), tokenizer, manager, records,
                                            max_hops=args.max_hops, top_k=top_k, max_new_tokens=args.max_new_tokens,
-                                           max_doc_tokens=train_cfg.max_doc_tokens, batch_size=args.batch_size)}
-    if args.rag_checkpoint:
-        try:
-            rag = load_trained_model(args.rag_checkpoint, args.device)
-        except CheckpointError as err:
-            parser.exit(2, f"error: {err}\n")
-        results["single_shot"] = evaluate_model(rag.model, rag.tokenizer, manager, records, rag.prompt,
-                                                top_k=top_k, max_new_tokens=args.max_new_tokens,
+                                           batch_size=args.batch_size, max_doc_tokens=prompt["max_doc_tokens"],
+                                           question_first=prompt["question_first"])}
+    results["refrag"].update(checkpoint=str(path), prompt=prompt, top_k=top_k)
+    if rag is not None:
+        rag_cfg = rag.config
+        rag_top_k = args.top_k or rag_cfg.top_k
+        same_index = (rag_cfg.retriever, rag_cfg.kb_dir) == (train_cfg.retriever, train_cfg.kb_dir)
+        rag_manager = manager if same_index else RetrievalManager(rag_cfg.retriever, knowledge_base=rag_cfg.kb_dir)
+        results["single_shot"] = evaluate_model(rag.model, rag.tokenizer, rag_manager, records, rag.prompt,
+                                                top_k=rag_top_k, max_new_tokens=args.max_new_tokens,
                                                 batch_size=args.batch_size)
-    print(f"split {args.split}, {len(records)} questions, max_hops {args.max_hops}, top_k {top_k}")
+        results["single_shot"].update(checkpoint=str(rag.path), prompt=checkpoint_prompt({}, rag.prompt),
+                                      top_k=rag_top_k)
+    print(f"split {args.split}, {len(records)} questions, max_hops {args.max_hops}")
+    for name, result in results.items():
+        print(f"{name}: {result['checkpoint']} (top_k {result['top_k']}, {result['prompt']})")
     print(format_comparison(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -63,7 +63,7 @@ from refrag.train import checkpoint as ckpt
 from refrag.train.config import TrainConfig, apply_overrides, parse_value, read_config_file, require
 from refrag.train.data import kb_source, prepare_tokenizer, retrieval_manager
 from refrag.train.optim import parameter_groups
-from refrag.train.sft import train_sft
+from refrag.train.sft import checkpoint_assets, train_sft
 from refrag.train.shims import DistEnv, autocast, init_distributed, nvtx_range, seed_everything
 
 REWARD_WEIGHTS = {"answer": 0.6, "relevance": 0.3, "efficiency": 0.1}
@@ -151,11 +151,13 @@ def load_refrag_config(path: str | Path | None, overrides: dict[str, str] | None
 # ---------------------------------------------------------------------- multi-hop SFT data
 
 
-def multihop_conversations(records: Sequence[dict], manager, top_k: int, seed: int) -> list[dict]:
+def multihop_conversations(records: Sequence[dict], manager, top_k: int, seed: int,
+                           question_first: bool = True) -> list[dict]:
     """Teacher-forced multi-hop conversations (gold documents ensured in every hop's list).
 
     Two-hop records: hop 1 queries the question, hop 2 the record's second hop query.
-    Other records: one hop with the question, then the answer.
+    Other records: one hop with the question, then the answer. question_first: the layout
+    (`refrag.data.refrag_conversation`; False puts hop 1's documents before the question).
     """
     conversations = []
     for rec in records:
@@ -167,7 +169,7 @@ def multihop_conversations(records: Sequence[dict], manager, top_k: int, seed: i
             queries, golds = [rec["question"]], [rec["gold_doc_ids"]]
         found = manager.retrieve_many(queries, top_k)
         hops = [(q, with_gold(docs, gold_documents(manager, g), rng)) for q, docs, g in zip(queries, found, golds)]
-        conv = refrag_conversation(rec["question"], rec["answer"], hops)
+        conv = refrag_conversation(rec["question"], rec["answer"], hops, question_first=question_first)
         conv["metadata"] = {"id": rec["id"], "type": rec["type"], "gold_doc_ids": rec["gold_doc_ids"]}
         conversations.append(conv)
     return conversations
@@ -176,7 +178,7 @@ def multihop_conversations(records: Sequence[dict], manager, top_k: int, seed: i
 def multihop_loader(records: Sequence[dict], cfg: TrainConfig, rcfg: RefragConfig, tokenizer: RagTokenizer,
                     manager, env: DistEnv) -> PackedLoader:
     """PackedLoader over the records' multi-hop conversations packed into cfg.seq_len rows."""
-    conversations = multihop_conversations(records, manager, cfg.top_k, cfg.seed)
+    conversations = multihop_conversations(records, manager, cfg.top_k, cfg.seed, cfg.question_first)
     examples, _ = render_conversations(conversations, tokenizer, max_len=cfg.seq_len,
                                        max_doc_tokens=cfg.max_doc_tokens)
     if not examples:
@@ -318,7 +320,7 @@ def train_rl(model: HybridLM, tokenizer: RagTokenizer, retriever, records: Seque
                 traces = run_multihop(generator, tokenizer, retriever, [r["question"] for r in batch],
                                       max_hops=rcfg.max_hops, top_k=cfg.top_k, max_new_tokens=rcfg.max_new_tokens,
                                       temperature=rcfg.temperature, top_p=rcfg.top_p, seed=cfg.seed + step,
-                                      max_doc_tokens=cfg.max_doc_tokens)
+                                      max_doc_tokens=cfg.max_doc_tokens, question_first=cfg.question_first)
             model.train()
             rewards = [refrag_reward(t, r, rcfg.max_hops) for t, r in zip(traces, batch)]
             advantages = group_advantages(torch.tensor([r.total for r in rewards]), rcfg.group_size)
@@ -339,6 +341,11 @@ def train_rl(model: HybridLM, tokenizer: RagTokenizer, retriever, records: Seque
 
 
 # ---------------------------------------------------------------------- CLI
+
+
+def prompt_format(cfg: TrainConfig, rcfg: RefragConfig) -> dict:
+    """How a REFRAG model's prompts were rendered (stored in its checkpoint; evaluation reuses it)."""
+    return {"multihop": True, "question_first": cfg.question_first, "max_doc_tokens": cfg.max_doc_tokens}
 
 
 def initial_model(cfg: TrainConfig, rcfg: RefragConfig, tokenizer: RagTokenizer) -> HybridLM:
@@ -379,7 +386,8 @@ def run_refrag(cfg: TrainConfig, rcfg: RefragConfig, resume: bool = True) -> dic
         result["checkpoint"] = ckpt.save_checkpoint(
             out_dir / "rl" / "checkpoints", rcfg.rl_steps, model_state=model.state_dict(), optimizer_state={},
             trainer_state={"step": rcfg.rl_steps},
-            config={"train": cfg.to_dict(), "model": model.config.to_dict(), "refrag": rcfg.to_dict()})
+            config={"train": cfg.to_dict(), "model": model.config.to_dict(), "refrag": rcfg.to_dict(),
+                    "prompt": prompt_format(cfg, rcfg)}, files=checkpoint_assets(cfg))
     return result
 
 
