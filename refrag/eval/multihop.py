@@ -10,7 +10,11 @@ outcome (``answered``, ``abstained``, ``max_hops``, ``truncated``, ``empty``).
 CLI (one command, one table)::
 
     python -m refrag.eval.multihop --checkpoint out/refrag/rl/checkpoints \\
-        [--rag-checkpoint out/sft/checkpoints] [--split test] [--max-hops 3] [--top-k 3]
+        [--rag-checkpoint out/sft/checkpoints] [--kb KB_DIR --queries FILE_OR_DIR] [--split test] \
+        [--max-hops 3] [--top-k 3]
+
+``--kb``/``--queries`` point both models at another prepared KB and its questions (questions
+whose gold documents are not in that KB are refused).
 
 The optional single-shot column evaluates an SFT-RAG checkpoint with
 `refrag.eval.evaluate.evaluate_model` (one retrieval) on the same questions. Like is compared
@@ -28,6 +32,7 @@ from typing import Sequence
 import torch
 
 from refrag.data import EMBEDDED_KB_DIR, RagTokenizer, load_queries
+from refrag.data.conversations import check_gold_documents
 from refrag.eval.answers import aggregate, format_table, score_answer
 from refrag.data.prompt import PromptFormat
 from refrag.eval.evaluate import evaluate_model, load_trained_model
@@ -115,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Multi-hop (REFRAG) answer evaluation vs single-shot RAG.")
     parser.add_argument("--checkpoint", required=True, help="REFRAG checkpoint (step dir or checkpoints/ dir)")
     parser.add_argument("--rag-checkpoint", help="single-shot SFT-RAG checkpoint of the same model size")
+    parser.add_argument("--kb", help="prepared KB directory for both models (default: each run's training KB)")
+    parser.add_argument("--queries", help="questions: a .jsonl file, a folder with queries/{split}.jsonl or the "
+                                          "queries/ folder (default: the run's KB source; required with --kb)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--max-hops", type=int, default=3)
     parser.add_argument("--top-k", type=int, default=None,
@@ -135,15 +143,17 @@ def main_multihop(argv: list[str] | None = None) -> dict:
         parser.error(f"--max-hops must be at least 1, got {args.max_hops}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be at least 1, got {args.limit}")
+    if args.kb and not args.queries:
+        parser.error("--kb needs --queries (the questions of that knowledge base)")
     try:
         model, tokenizer, train_cfg, prompt, path = load_for_eval(args.checkpoint, args.device)
         rag = load_trained_model(args.rag_checkpoint, args.device) if args.rag_checkpoint else None
-    except CheckpointError as err:
+        top_k = args.top_k or train_cfg.top_k
+        manager = RetrievalManager(train_cfg.retriever, knowledge_base=args.kb or train_cfg.kb_dir)
+        records = load_queries(args.split, args.queries or train_cfg.kb_source or EMBEDDED_KB_DIR)[:args.limit]
+        check_gold_documents(records, manager.knowledge_base.ids, f"the knowledge base {args.kb or train_cfg.kb_dir}")
+    except ValueError as err:  # CheckpointError included
         parser.exit(2, f"error: {err}\n")
-    kb_source = train_cfg.kb_source or EMBEDDED_KB_DIR
-    top_k = args.top_k or train_cfg.top_k
-    manager = RetrievalManager(train_cfg.retriever, knowledge_base=train_cfg.kb_dir)
-    records = load_queries(args.split, kb_source)[:args.limit]
     results = {"refrag": evaluate_multihop(Engine(model, tokenizer), tokenizer, manager, records,
                                            max_hops=args.max_hops, top_k=top_k, max_new_tokens=args.max_new_tokens,
                                            batch_size=args.batch_size, max_doc_tokens=prompt["max_doc_tokens"],
@@ -152,8 +162,9 @@ def main_multihop(argv: list[str] | None = None) -> dict:
     if rag is not None:
         rag_cfg = rag.config
         rag_top_k = args.top_k or rag_cfg.top_k
-        same_index = (rag_cfg.retriever, rag_cfg.kb_dir) == (train_cfg.retriever, train_cfg.kb_dir)
-        rag_manager = manager if same_index else RetrievalManager(rag_cfg.retriever, knowledge_base=rag_cfg.kb_dir)
+        rag_kb = args.kb or rag_cfg.kb_dir
+        same_index = (rag_cfg.retriever, rag_kb) == (train_cfg.retriever, args.kb or train_cfg.kb_dir)
+        rag_manager = manager if same_index else RetrievalManager(rag_cfg.retriever, knowledge_base=rag_kb)
         results["single_shot"] = evaluate_model(rag.model, rag.tokenizer, rag_manager, records, rag.prompt,
                                                 top_k=rag_top_k, max_new_tokens=args.max_new_tokens,
                                                 batch_size=args.batch_size)
