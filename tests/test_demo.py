@@ -54,7 +54,8 @@ def small_configs(tmp_path, kb, **overrides):
 
     source, kb_dir = kb
     extra = {"kb_source": str(source), "kb_dir": str(kb_dir), "tokenizer": str(EMBEDDED_KB_DIR / "tokenizer.json"),
-             "val_rows": "1", "model.d_model": "64", "model.n_head": "2", "seq_len": "384", **overrides}
+             "val_rows": "1", "model.d_model": "64", "model.n_head": "2", "seq_len": "384",
+             "generated_worlds": "0", "min_doc_tokens": "0", **overrides}
     return {run: load_config(CONFIG_DIR / "demo.json", {**extra, "out_dir": str(tmp_path / run),
                                                         "retrieval": "true" if run == "rag" else "false"})
             for run in RUNS}
