@@ -59,3 +59,17 @@ def check_doc_ids(doc_ids: torch.Tensor, batch: int, length: int) -> None:
         raise ValueError(f"doc_ids must have shape {(batch, length)} or ({length},), got {tuple(doc_ids.shape)}")
     if doc_ids.numel() and int(doc_ids.min()) < 0:
         raise ValueError("doc_ids must be non-negative (0 = shared text, k >= 1 = k-th document)")
+
+
+def assert_on_device(ok: torch.Tensor, message: str) -> None:
+    """Raise ValueError(message) unless the 0-d bool tensor ``ok`` holds True, without a host
+    read: at once for a CPU tensor, as a device-side assert on CUDA (the stream then fails
+    with ``message`` at its next sync). For checks of values inside a step that must not wait
+    on the device."""
+    if ok.device.type == "cpu":
+        try:
+            torch._assert_async(ok, message)
+        except RuntimeError:
+            raise ValueError(message) from None
+    else:
+        torch._assert_async(ok, message)
