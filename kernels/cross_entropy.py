@@ -30,6 +30,7 @@ T*V logits plus fp32 softmax/gradient copies: T*V*(b + 8) and more.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from typing import Optional
 
@@ -298,8 +299,8 @@ def _check_inputs(hidden, weight, targets, ignore_index, reduction, z_loss, num_
         raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if z_loss < 0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not math.isfinite(z_loss) or z_loss < 0:
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
     _check_num_valid(num_valid, targets.numel())
 
 
@@ -346,6 +347,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                                           num_valid=int(assistant_mask.sum()))  # mask on the CPU
     """
     _check_inputs(hidden, weight, targets, ignore_index, reduction, z_loss, num_valid)
+    if targets.dtype not in (torch.int32, torch.int64):  # int8/int16/uint8...: index dtypes only
+        targets = targets.long()
     triton_path = use_triton(hidden, weight, targets, op="fused_linear_cross_entropy")
     num_valid = _count_and_check_targets(targets, weight.shape[0], ignore_index, num_valid)
     if not triton_path:

@@ -22,7 +22,11 @@ from refrag.data import EMBEDDED_KB_DIR, load_queries
 from refrag.data.conversations import check_gold_documents
 from refrag.eval.answers import format_table
 from refrag.eval.evaluate import evaluate_model, load_trained_model, write_predictions
+from refrag.fileio import check_writable_file
 from refrag.retrieval import RetrievalManager
+from refrag.validate import number_arg
+
+POSITIVE_INT = number_arg(int, minimum=1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,13 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "queries/ folder (default: the run's KB source; required with --kb)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"],
                    help="split read from a --queries folder (default test)")
-    p.add_argument("--max-doc-tokens", type=int, default=None,
+    p.add_argument("--max-doc-tokens", type=POSITIVE_INT, default=None,
                    help="cut documents at this many tokens instead of the trained cut (robustness checks)")
-    p.add_argument("--top-k", type=int, default=None, help="documents per question (default: the training top_k)")
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--batch-size", type=int, default=32 if torch.cuda.is_available() else 2,
+    p.add_argument("--top-k", type=POSITIVE_INT, default=None, help="documents per question (default: the training top_k)")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=24)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=32 if torch.cuda.is_available() else 2,
                    help="prompts generated together (small on CPU: the reference attention is dense)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--limit", type=POSITIVE_INT, default=None, help="only the first N questions")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="also write metrics and predictions to this file")
     return parser
@@ -61,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.kb and not args.queries:
         parser.error("--kb needs --queries (the questions of that knowledge base)")
     try:
+        if args.json:
+            check_writable_file(args.json, "--json")
         trained = load_trained_model(args.checkpoint, args.device)
         cfg, prompt = trained.config, trained.prompt
         if args.max_doc_tokens is not None:

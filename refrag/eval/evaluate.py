@@ -57,6 +57,8 @@ def evaluate_model(model: HybridLM, tokenizer: RagTokenizer, retrieval_manager, 
     prompt: the model's `PromptFormat` (from its checkpoint: `load_trained_model(...).prompt`).
     Hallucination is judged against the full retrieved texts, also for a model shown none.
     """
+    if not records:
+        raise ValueError("evaluate_model needs at least one question record")
     documents = retrieval_manager.retrieve_many([r["question"] for r in records], top_k)
     conversations = [prompt.conversation(r["question"], docs) for r, docs in zip(records, documents)]
     was_training = model.training

@@ -40,7 +40,8 @@ from refrag.infer import Engine
 from refrag.infer.multihop import STATUSES, run_multihop
 from refrag.retrieval import RetrievalManager
 from refrag.retrieval.documents import document_text
-from refrag.train.checkpoint import CheckpointError
+from refrag.fileio import check_writable_file
+from refrag.validate import number_arg
 
 
 def retrieved_texts(messages: Sequence[dict]) -> list[str]:
@@ -125,10 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                                           "queries/ folder (default: the run's KB source; required with --kb)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--max-hops", type=int, default=3)
-    parser.add_argument("--top-k", type=int, default=None,
+    parser.add_argument("--top-k", type=number_arg(int, minimum=1), default=None,
                         help="documents per hop for both models (default: each model's training top_k)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=number_arg(int, minimum=1), default=32)
+    parser.add_argument("--batch-size", type=number_arg(int, minimum=1), default=32)
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write metrics and predictions to this file")
@@ -146,13 +147,15 @@ def main_multihop(argv: list[str] | None = None) -> dict:
     if args.kb and not args.queries:
         parser.error("--kb needs --queries (the questions of that knowledge base)")
     try:
+        if args.json:
+            check_writable_file(args.json, "--json")
         model, tokenizer, train_cfg, prompt, path = load_for_eval(args.checkpoint, args.device)
         rag = load_trained_model(args.rag_checkpoint, args.device) if args.rag_checkpoint else None
         top_k = args.top_k or train_cfg.top_k
         manager = RetrievalManager(train_cfg.retriever, knowledge_base=args.kb or train_cfg.kb_dir)
         records = load_queries(args.split, args.queries or train_cfg.kb_source or EMBEDDED_KB_DIR)[:args.limit]
         check_gold_documents(records, manager.knowledge_base.ids, f"the knowledge base {args.kb or train_cfg.kb_dir}")
-    except ValueError as err:  # CheckpointError included
+    except ValueError as err:  # CheckpointError, unwritable --json
         parser.exit(2, f"error: {err}\n")
     results = {"refrag": evaluate_multihop(Engine(model, tokenizer), tokenizer, manager, records,
                                            max_hops=args.max_hops, top_k=top_k, max_new_tokens=args.max_new_tokens,
