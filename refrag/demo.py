@@ -36,6 +36,7 @@ import shlex
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -220,8 +221,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m refrag.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="out/demo", help="output directory")
     parser.add_argument("--max-steps", type=number_arg(int, minimum=1), default=None, help="override the config's steps (smoke runs)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every progress bar (model loading, embedding) and warning")
     parser.add_argument("--limit", type=number_arg(int, minimum=1), default=None, help="evaluate only the first N test questions")
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ["REFRAG_VERBOSE"] = "1"  # read by the encoder loader, inherited by subprocesses
+    else:
+        warnings.filterwarnings("ignore", category=UserWarning)  # truncation notes etc.; the report has the counts
     if not torch.cuda.is_available():
         # Tiny shapes gain little from a second intra-op thread, and on a shared CPU extra threads
         # spin against other processes and can slow a step down tenfold.

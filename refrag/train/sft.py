@@ -244,7 +244,9 @@ def _train_sft(cfg: TrainConfig, model: nn.Module, train_loader, val_loader, env
     consecutive_skips = 0
     val_batches = list(itertools.islice(endless(val_loader), cfg.val_rows)) if val_loader is not None else []
     train_iter = endless(train_loader)
-    progress = tqdm(total=cfg.max_steps, initial=start, desc="sft", disable=not env.is_main, dynamic_ncols=True)
+    tty = sys.stderr.isatty()  # redirected to a log: a bar line a minute, not one per step
+    progress = tqdm(total=cfg.max_steps, initial=start, desc="sft", disable=not env.is_main, dynamic_ncols=True,
+                    mininterval=0.1 if tty else 60, maxinterval=10 if tty else 600)
     for step in range(start + 1, cfg.max_steps + 1):
         synchronize(env.device)
         reset_peak_memory(env.device)
