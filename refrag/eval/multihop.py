@@ -91,14 +91,28 @@ def cache_stats(cache: DocumentCache) -> dict:
 
 
 def compare_cache(model, tokenizer: RagTokenizer, retriever, records: Sequence[dict], *,
-                  cache_bytes: int = 1 << 30, **kwargs) -> dict:
+                  cache_bytes: int = 1 << 30, precompute: Sequence[dict] | None = None, **kwargs) -> dict:
     """Serve the questions one at a time (batch 1, as a server answers a user) through the loop
-    with a cold `CachedEngine` and with the plain `Engine`; returns the cache's counters, both
-    wall times, their ratio and the share of questions whose answers agree.
+    with a `CachedEngine` and with the plain `Engine`; returns the cache's counters, both wall
+    times, their ratio and the share of questions whose answers agree.
 
-    kwargs: evaluate_multihop's settings (max_hops, top_k, max_doc_tokens, question_first, ...).
+    The cache starts cold, or holds `precompute` (documents, e.g. the whole KB) encoded ahead
+    of the questions for every slot up to top_k (documents first only; the time it took is
+    ``precompute_seconds``, not part of the ratio). kwargs: evaluate_multihop's settings
+    (max_hops, top_k, max_doc_tokens, question_first, ...).
     """
+    from refrag.infer.serve import precompute_documents
+
     cache = DocumentCache(max_bytes=cache_bytes)
+    extra = {}
+    if precompute:
+        if kwargs.get("question_first", True):
+            raise ValueError("precomputing documents needs the documents-first layout")
+        start = time.perf_counter()
+        extra["precomputed"] = precompute_documents(CachedEngine(model, cache), tokenizer, precompute,
+                                                    kwargs.get("top_k", 3), kwargs.get("max_doc_tokens", 256))
+        extra["precompute_seconds"] = time.perf_counter() - start
+        cache.stats = type(cache.stats)()  # count the questions' lookups only
     runs = {}
     for name, generator in (("uncached", Engine(model, tokenizer)), ("cached", CachedEngine(model, cache))):
         start = time.perf_counter()
@@ -109,7 +123,7 @@ def compare_cache(model, tokenizer: RagTokenizer, retriever, records: Sequence[d
     return {**cache_stats(cache), "seconds_cached": runs["cached"]["seconds"],
             "seconds_uncached": runs["uncached"]["seconds"],
             "latency_ratio": runs["cached"]["seconds"] / runs["uncached"]["seconds"],
-            "same_answers": sum(agree) / len(agree)}
+            "same_answers": sum(agree) / len(agree), **extra}
 
 
 def format_comparison(results: dict[str, dict]) -> str:
@@ -168,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare-cache", action="store_true",
                         help="also serve the questions one at a time with and without the cache and report "
                              "hit rate, both wall times and their ratio (key 'cache')")
+    parser.add_argument("--precompute-kb", action="store_true",
+                        help="with --compare-cache: encode every KB document (each slot up to top_k) before the "
+                             "questions, as a server does offline (documents-first checkpoints only)")
     parser.add_argument("--json", help="also write metrics and predictions to this file")
     return parser
 
@@ -220,7 +237,10 @@ def main_multihop(argv: list[str] | None = None) -> dict:
     if cache is not None:
         print(f"document cache: {results['refrag']['doc_cache']}")
     if args.compare_cache:
-        results["cache"] = compare_cache(model, tokenizer, manager, records, **settings)
+        documents = None
+        if args.precompute_kb:
+            documents = list(manager.knowledge_base.documents)
+        results["cache"] = compare_cache(model, tokenizer, manager, records, precompute=documents, **settings)
         print("serving one question at a time, cached vs uncached: "
               + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in results["cache"].items()))
     if args.json:
