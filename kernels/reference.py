@@ -459,13 +459,15 @@ def doc_attention(q, k, v, *, cu_seqlens=None, doc_ids=None, causal=True, softma
 
 
 def fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="mean",
-                               z_loss=0.0):
+                               z_loss=0.0, num_valid=None):
     """Plain linear + cross-entropy oracle (materializes [T, V] logits).
 
     hidden (..., H), weight (V, H), targets (...) int. Tokens whose target equals
     ignore_index contribute nothing. Per-token loss = lse - logit[target] + z_loss*lse^2.
     reduction "mean" divides by the number of counted tokens (0 when there are none),
-    "sum" sums, "none" returns per-token fp32 losses shaped like targets.
+    "sum" sums, "none" returns per-token fp32 losses shaped like targets. num_valid (the
+    kernel's host-known count of counted tokens) is accepted for a common signature; the
+    oracle counts them itself.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
