@@ -137,7 +137,7 @@ def chunk_bwd_dqk_kernel(x, s_xt, s_xh, dy, s_dyt, s_dyh, z, s_zt, s_zh, dt, g, 
         b_dq = tl.zeros([BT, BK], dtype=tl.float32)
         b_dk = tl.zeros([BT, BK], dtype=tl.float32)
         b_dA = tl.zeros([BT, BT], dtype=tl.float32)
-        b_hdh = tl.zeros([BK, BV], dtype=tl.float32)
+        b_hdh = tl.sum(tl.zeros([BV], dtype=tl.float32), axis=0)  # fp32 scalar
         for i_v in range(tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
             m_tv = m_t[:, None] & (o_v < V)[None, :]
@@ -151,12 +151,12 @@ def chunk_bwd_dqk_kernel(x, s_xt, s_xh, dy, s_dyt, s_dyh, z, s_zt, s_zh, dt, g, 
             b_dq += tl.dot(b_do, tl.trans(b_h), input_precision=PRECISION)  # [BT, BV] @ [BV, BK] -> [BT, BK]
             b_dk += tl.dot(b_x, tl.trans(b_dh), input_precision=PRECISION)  # [BT, BV] @ [BV, BK] -> [BT, BK]
             if STATE_DECAY:
-                b_hdh += b_h.to(tl.float32) * b_dh.to(tl.float32)
+                b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32))
         b_dq = b_dq * tl.exp(b_g)[:, None]
         b_dk = b_dk * tl.where(m_t, b_dt * tl.exp(b_g_last - b_g), 0.0)[:, None]
         b_dg_last = tl.sum(b_dk * b_k.to(tl.float32))
         if STATE_DECAY:
-            b_dg_last += tl.exp(b_g_last) * tl.sum(b_hdh)
+            b_dg_last += tl.exp(b_g_last) * b_hdh
         b_dA = tl.where(m_A, b_dA * tl.exp(b_g[:, None] - b_g[None, :]) * b_dt[None, :], 0.0).to(b_q.dtype)
         b_dq += tl.dot(b_dA, b_k, input_precision=PRECISION)  # [BT, BT] @ [BT, BK] -> [BT, BK]
         b_dk += tl.dot(tl.trans(b_dA), b_q, input_precision=PRECISION)  # [BT, BT] @ [BT, BK] -> [BT, BK]
