@@ -50,6 +50,10 @@ def device_name() -> str:
 
 @functools.lru_cache(maxsize=None)
 def git_commit() -> str:
+    """The checkout's short commit; REFRAG_COMMIT when set (a copy of the tree without .git, as on a
+    lent GPU machine, is told its commit that way)."""
+    if os.environ.get("REFRAG_COMMIT"):
+        return os.environ["REFRAG_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -171,3 +175,11 @@ def optional_import(module: str, attr: str):
         return getattr(mod, attr)
     except Exception:  # noqa: BLE001 - baselines fail to import in many ways (missing CUDA build)
         return None
+
+
+def torch_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Plain-torch baseline of fused_linear_cross_entropy, what a trainer writes without a fused
+    kernel: [T, V] logits in the input dtype, the loss in fp32 (benchmark and meter baseline)."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets)

@@ -66,8 +66,8 @@ def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool) -> nn.Module:
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        if env.world_size == 1 or env.device.type != "cuda":
-            raise ValueError("fsdp needs CUDA and torchrun with more than one process")
+        if env.world_size == 1:
+            raise ValueError("fsdp needs more than one process (torchrun; CUDA with NCCL or CPU with gloo)")
         for block in model.blocks:
             fully_shard(block)
         return fully_shard(model)
@@ -116,7 +116,7 @@ def validation_loss(wrapped: nn.Module, val_batches: list, cfg: TrainConfig, env
     for batch in val_batches:
         input_ids, targets, layout = to_device(batch, env.device)
         with autocast(env.device, cfg.bf16):
-            loss = wrapped(input_ids, layout=layout, targets=targets)
+            loss = wrapped(input_ids, layout=layout, targets=targets, num_loss_tokens=batch.num_loss_tokens)
         total += torch.stack([loss.detach().float(), torch.ones((), device=env.device)])
     wrapped.train()
     total = all_reduce_sum(total, env)
@@ -188,8 +188,9 @@ def train_sft(cfg: TrainConfig, model: nn.Module, train_loader, val_loader=None,
     """Run SFT to `cfg.max_steps`, resuming from `<out_dir>/checkpoints` when one exists
     (``resume=False`` deletes that directory and starts from step 0).
 
-    model: an nn.Module called as ``model(input_ids, layout=layout, targets=targets) -> loss``
-    (built identically on every rank). model_config: its plain-dict config, stored in and
+    model: an nn.Module called as ``model(input_ids, layout=layout, targets=targets,
+    num_loss_tokens=n) -> loss`` (n: targets != -100, counted on the CPU; built identically on
+    every rank). model_config: its plain-dict config, stored in and
     checked against checkpoints. Returns the metric records of the steps this call ran.
     """
     if cfg.deterministic:
@@ -240,10 +241,12 @@ def _train_sft(cfg: TrainConfig, model: nn.Module, train_loader, val_loader, env
         tokens = torch.zeros((), device=env.device)
         for micro in range(cfg.grad_accum):
             with nvtx_range("data", env.device):
-                input_ids, targets, layout = to_device(next(train_iter), env.device)
+                batch = next(train_iter)
+                input_ids, targets, layout = to_device(batch, env.device)
             with grad_sync(wrapped, enabled=micro == cfg.grad_accum - 1):
                 with nvtx_range("forward", env.device), autocast(env.device, cfg.bf16):
-                    loss = wrapped(input_ids, layout=layout, targets=targets)
+                    loss = wrapped(input_ids, layout=layout, targets=targets,
+                                   num_loss_tokens=batch.num_loss_tokens)
                 with nvtx_range("backward", env.device):
                     (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
