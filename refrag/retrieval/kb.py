@@ -55,12 +55,12 @@ def bm25_tokenize(text: str) -> list[str]:
 
 
 def embed_texts(encoder: Encoder, texts: Sequence[str], batch_size: int, show_progress: bool) -> np.ndarray:
-    """Encode in batches with a progress bar: texts (n,) -> float32 (n, encoder.dim)."""
+    """Encode in batches with a progress bar (shown once it runs 10 s): texts (n,) -> float32 (n, encoder.dim)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     chunks = []
     starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="embedding", unit="batch", disable=not show_progress):
+    for start in tqdm(starts, desc="embedding", unit="batch", disable=not show_progress, delay=10):
         chunks.append(encoder.encode(texts[start:start + batch_size], batch_size=batch_size))
     emb = np.concatenate(chunks, axis=0).astype(np.float32)
     if emb.shape != (len(texts), encoder.dim):
