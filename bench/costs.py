@@ -53,10 +53,11 @@ def attention_flops(visible_pairs: int, head_dim: int, q_heads: int) -> Tuple[fl
 
 def linear_cross_entropy_flops(tokens: int, hidden: int, vocab: int,
                                counted_tokens: Optional[int] = None) -> Tuple[float, float]:
-    """Logits GEMM 2 T H V forward; dhidden and dweight GEMMs backward over the tokens whose
-    target counts (ignored tokens have zero gradient, so a minimal backward skips them)."""
+    """Logits GEMM 2 n H V forward, dhidden and dweight GEMMs 4 n H V backward, n = the tokens
+    whose target counts: an ignored token needs no logits (no loss) and has zero gradient, so a
+    minimal implementation skips it in both (fused_linear_cross_entropy does)."""
     counted = tokens if counted_tokens is None else counted_tokens
-    return 2.0 * tokens * hidden * vocab, 4.0 * counted * hidden * vocab
+    return 2.0 * counted * hidden * vocab, 4.0 * counted * hidden * vocab
 
 
 def matmul_flops(tokens: int, weights: Iterable[torch.Tensor]) -> Tuple[float, float]:

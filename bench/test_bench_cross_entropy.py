@@ -9,10 +9,9 @@ the two gradient GEMMs; the baselines spend it on all T tokens.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bench import costs
-from bench.common import DEVICE, SMOKE, Case, fwd_bwd, optional_import, run_case
+from bench.common import DEVICE, SMOKE, Case, fwd_bwd, optional_import, run_case, torch_linear_cross_entropy
 from kernels import fused_linear_cross_entropy, reference
 
 TOKENS = 64 if SMOKE else 16384
@@ -22,11 +21,6 @@ DENSITIES = [1.0, 0.2, 0.05]
 DTYPE = torch.float32 if SMOKE else torch.bfloat16
 
 liger_flce = optional_import("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
-
-
-def torch_linear_cross_entropy(hidden, weight, targets):
-    """What a trainer writes without a fused kernel: logits in the input dtype, the loss in fp32."""
-    return F.cross_entropy(F.linear(hidden, weight).float(), targets)
 
 
 def _ratio(a, b):

@@ -248,7 +248,7 @@ def test_reference_path_reads_the_layout(monkeypatch):
     q, k, v = (t.float() for t in make_qkv(1, docs.numel(), 2, 1, 32))
     o_kernel, lse_kernel = doc_attention(q, k, v, layout=layout, return_lse=True)
     # `kernels.doc_attention` the attribute is the function (kernels/__init__.py), so go via sys.modules
-    monkeypatch.setattr(sys.modules[doc_attention.__module__], "use_triton", lambda *tensors: False)
+    monkeypatch.setattr(sys.modules[doc_attention.__module__], "use_triton", lambda *tensors, **kwargs: False)
     o_ref, lse_ref = doc_attention(q, k, v, layout=layout, return_lse=True)
     torch.testing.assert_close(o_kernel, o_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse_kernel, lse_ref, rtol=1e-5, atol=1e-5)

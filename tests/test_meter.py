@@ -132,6 +132,16 @@ def test_torch_ops_bytes_views_and_host_reads():
     assert m.launches == 0
 
 
+def test_torch_gemm_flops_by_dtype():
+    """torch GEMMs (torch's FLOP formulas: 2 M N K) by operand dtype; elementwise ops have none."""
+    a, b = torch.randn(8, 4, dtype=torch.float16), torch.randn(4, 6, dtype=torch.float16)
+    c = torch.zeros(8, 6)
+    m = measure(lambda: (a @ b, torch.addmm(c, a.float(), b.float(), out=c), c + 1), kernels=False)
+    assert m.aten_op_flops == {"mm": {"fp16": 2 * 8 * 6 * 4}, "addmm.out": {"fp32/ieee": 2 * 8 * 6 * 4}}
+    assert m.aten_flops == {"fp16": 384, "fp32/ieee": 384} and m.summary()["aten_flops"] == dict(m.aten_flops)
+    assert (m + m).aten_flops == {"fp16": 768, "fp32/ieee": 768}
+
+
 def test_hooks_are_restored_even_on_error():
     from triton.runtime import interpreter
 

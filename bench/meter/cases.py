@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from bench import costs
-from bench.common import optional_import
+from bench.common import optional_import, torch_linear_cross_entropy
 from bench.layouts import examples_to_tensors, rag_examples, visible_pairs
 
 LENGTHS = (128, 512)
@@ -352,6 +352,11 @@ CASES: List[Case] = [
          lambda L: attention_setup(L, impl=_reference("doc_attention")), LENGTHS[1:]),
     *_op("reference.fused_linear_cross_entropy", "100% targets",
          lambda L: cross_entropy_setup(L, 1.0, impl=_reference("fused_linear_cross_entropy")), LENGTHS[1:]),
+    # plain torch in the meter's dtype (logits GEMM in fp16, loss in fp32): what the fused op replaces
+    *_op("torch.linear_cross_entropy", "10% targets",
+         lambda L: cross_entropy_setup(L, 0.1, impl=torch_linear_cross_entropy), LENGTHS[1:]),
+    *_op("torch.linear_cross_entropy", "100% targets",
+         lambda L: cross_entropy_setup(L, 1.0, impl=torch_linear_cross_entropy), LENGTHS[1:]),
 ]
 
 # Third-party baselines that run under the interpreter, when installed.

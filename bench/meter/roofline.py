@@ -1,7 +1,9 @@
 """A roofline MODEL of GPU time from the meter's counts: a prediction, never a measurement.
 
 Per Triton kernel: max(unique bytes / bandwidth, sum over operand dtypes of dot FLOPs / peak).
-Per torch op: its input + output bytes / bandwidth (an unfused op reads and writes its tensors).
+Per torch op: its input + output bytes / bandwidth (an unfused op reads and writes its tensors),
+or for a GEMM (torch's FLOP formulas: mm, addmm, bmm, ...) its FLOPs / the operand dtype's peak
+when that is longer.
 Plus a fixed cost per launch (Triton and torch ops alike) and per host sync.
 
 Bandwidth and peaks are the vendors' published dense figures; the launch and sync costs are
@@ -52,9 +54,19 @@ def kernel_seconds(m: Measurement, gpu: Gpu) -> float:
     return total
 
 
+def aten_seconds(m: Measurement, gpu: Gpu) -> float:
+    """Roofline time of the torch ops: each op name bound by its bytes or, for GEMMs (torch's
+    FLOP formulas), its FLOPs at the peak of its operand dtype."""
+    total = 0.0
+    for name, nbytes in m.aten_op_bytes.items():
+        compute = sum(flops / gpu.peak(key) for key, flops in m.aten_op_flops.get(name, {}).items())
+        total += max(nbytes / gpu.bandwidth, compute)
+    return total
+
+
 def predicted_seconds(m: Measurement, gpu: Gpu) -> float:
     """Modelled GPU time of a metered run: kernels + unfused torch ops + launches + host syncs."""
-    return (kernel_seconds(m, gpu) + m.aten_bytes / gpu.bandwidth + (m.launches + m.num_aten_ops) * LAUNCH_S
+    return (kernel_seconds(m, gpu) + aten_seconds(m, gpu) + (m.launches + m.num_aten_ops) * LAUNCH_S
             + m.host_syncs * SYNC_S)
 
 

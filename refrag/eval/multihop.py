@@ -34,7 +34,9 @@ from refrag.infer import Engine
 from refrag.infer.multihop import STATUSES, run_multihop
 from refrag.retrieval import RetrievalManager
 from refrag.retrieval.documents import document_text
-from refrag.train.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
+from refrag.fileio import check_writable_file
+from refrag.train.checkpoint import latest_checkpoint, verify_checkpoint
+from refrag.validate import number_arg
 
 
 def retrieved_texts(messages: Sequence[dict]) -> list[str]:
@@ -118,10 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rag-checkpoint", help="single-shot SFT-RAG checkpoint of the same model size")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--max-hops", type=int, default=3)
-    parser.add_argument("--top-k", type=int, default=None,
+    parser.add_argument("--top-k", type=number_arg(int, minimum=1), default=None,
                         help="documents per hop for both models (default: each model's training top_k)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=number_arg(int, minimum=1), default=32)
+    parser.add_argument("--batch-size", type=number_arg(int, minimum=1), default=32)
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write metrics and predictions to this file")
@@ -137,9 +139,11 @@ def main_multihop(argv: list[str] | None = None) -> dict:
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be at least 1, got {args.limit}")
     try:
+        if args.json:
+            check_writable_file(args.json, "--json")
         model, tokenizer, train_cfg, prompt, path = load_for_eval(args.checkpoint, args.device)
         rag = load_for_eval(args.rag_checkpoint, args.device) if args.rag_checkpoint else None
-    except CheckpointError as err:
+    except ValueError as err:  # CheckpointError, unwritable --json
         parser.exit(2, f"error: {err}\n")
     kb_source = train_cfg.kb_source or EMBEDDED_KB_DIR
     top_k = args.top_k or train_cfg.top_k
