@@ -268,7 +268,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             ctx.d_hidden_v = ctx.d_weight = None
             # grad_output (a scalar) enters in the one pass each gradient needs anyway.
             if d_hidden_v is not None:
-                d_hidden_v.mul_(grad_output.to(d_hidden_v.dtype))
+                d_hidden_v.mul_(grad_output)  # fp32 scalar: not rounded to the hidden dtype first
             if d_weight is not None:
                 if ctx.weight_dtype == torch.float32:
                     d_weight.mul_(grad_output)

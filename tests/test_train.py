@@ -167,6 +167,51 @@ def test_checkpoint_round_trip(tmp_path, reference_ops):
     assert set(state["optimizer"]["state"]) == set(state["model"])
 
 
+def test_checkpoint_is_self_contained(tmp_path, monkeypatch, reference_ops):
+    """A checkpoint carries its tokenizer and prompt-format record: evaluation loads them from
+    another folder, with the training config's relative tokenizer path meaningless there."""
+    from refrag.data.prompt import PromptFormat
+    from refrag.data import load_tokenizer
+    from refrag.data.tokenizer import DEFAULT_TOKENIZER_PATH
+    from refrag.eval.evaluate import load_trained_model
+
+    run_dir = tmp_path / "train_here"
+    (run_dir / "out").mkdir(parents=True)
+    (run_dir / "out" / "tok.json").write_text(DEFAULT_TOKENIZER_PATH.read_text())
+    monkeypatch.chdir(run_dir)
+    run(run_dir, "sc", max_steps=1, tokenizer="out/tok.json", question_first=True, max_doc_tokens=48,
+        retrieval=True)
+    path = ckpt.latest_checkpoint(run_dir / "sc" / "checkpoints")
+    assert {"prompt_format.json", "tokenizer.json"} <= {p.name for p in path.iterdir()}
+    assert set(json.loads((path / "manifest.json").read_text())["files"]) >= {"prompt_format.json", "tokenizer.json"}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    trained = load_trained_model(run_dir / "sc")  # the run's out_dir: newest step
+    assert trained.path == path
+    assert trained.prompt == PromptFormat(retrieval=True, question_first=True, max_doc_tokens=48)
+    assert trained.tokenizer.encode("Nindzer is an economist.") == load_tokenizer().encode("Nindzer is an economist.")
+    (path / "prompt_format.json").write_text("{}")
+    with pytest.raises(ckpt.CheckpointError, match="prompt_format.json is corrupt"):
+        load_trained_model(path)
+
+
+def test_prompt_format_record_round_trip_and_errors(tmp_path):
+    from refrag.data.prompt import PromptFormat
+
+    record = TrainConfig(retrieval=False, question_first=True, max_doc_tokens=40).prompt_format()
+    record.save(tmp_path / "p.json")
+    assert PromptFormat.load(tmp_path / "p.json") == record and not record.retrieval
+    with pytest.raises(ValueError, match="unknown prompt format key"):
+        PromptFormat.from_dict({"retrieval": True, "docs_first": True})
+    with pytest.raises(ValueError, match="version 9"):
+        PromptFormat.from_dict({"format_version": 9})
+    with pytest.raises(ValueError, match="max_doc_tokens must be an int >= 1"):
+        PromptFormat(max_doc_tokens=0)
+    with pytest.raises(ValueError, match="not found"):
+        PromptFormat.load(tmp_path / "missing.json")
+
+
 def test_resume_is_bit_identical(tmp_path, reference_ops):
     full = [r["loss"] for r in run(tmp_path, "full", max_steps=6, grad_accum=2, ckpt_every=3)]
     with pytest.raises(KeyboardInterrupt):  # killed during step 5, after the step-3 checkpoint
@@ -270,18 +315,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, results) -> None:
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, results, fsdp: bool = False) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     kernels.set_backend("reference")
     torch.set_num_threads(1)
     env = init_distributed("cpu")
     model = tiny_model()
-    cfg = TrainConfig(max_steps=3, lr=3e-3, warmup_steps=1, out_dir=out_dir, deterministic=True, val_rows=1)
+    cfg = TrainConfig(max_steps=3, lr=3e-3, warmup_steps=1, out_dir=out_dir, deterministic=True, val_rows=1,
+                      fsdp=fsdp)
     history = train_sft(cfg, model, SyntheticRows(rank=rank, world_size=world_size),
                         SyntheticRows(n_rows=2, seed=99, rank=rank, world_size=world_size),
                         env=env, model_config=model.config.to_dict())
-    results[rank] = ([r["loss"] for r in history], {n: p.detach().clone() for n, p in model.named_parameters()})
+    params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+              for n, p in model.named_parameters()}  # FSDP2 parameters are DTensor shards
+    saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(os.path.join(out_dir, "checkpoints")))["model"]
+    sharded = all(hasattr(p, "full_tensor") for p in model.parameters())
+    results[rank] = ([r["loss"] for r in history], params, saved, sharded)
     torch.distributed.destroy_process_group()
 
 
@@ -289,11 +339,31 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, results) ->
 def test_ddp_two_processes_match_one_process_with_doubled_batch(tmp_path, reference_ops):
     results = mp.Manager().dict()
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), results), nprocs=2, join=True)
-    (losses0, params0), (losses1, params1) = results[0], results[1]
+    (losses0, params0, _, _), (losses1, params1, _, _) = results[0], results[1]
     assert losses0 == losses1
     assert all(torch.equal(params0[n], params1[n]) for n in params0)
     single = run(tmp_path, "single", max_steps=3, grad_accum=2, warmup_steps=1, val_rows=1)
     assert [r["loss"] for r in single] == pytest.approx(losses0, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_match_ddp(tmp_path, reference_ops):
+    """fully_shard (per block, then the root) on 2 CPU processes over gloo: same losses as DDP
+    on the same shards, same parameters after 3 AdamW steps, and a checkpoint holding the full
+    (unsharded) weights."""
+    runs = {}
+    for name, fsdp in (("ddp", False), ("fsdp", True)):
+        results = mp.Manager().dict()
+        mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / name), results, fsdp), nprocs=2, join=True)
+        runs[name] = dict(results)
+    (ddp_losses, ddp_params, _, _), (fsdp_losses, fsdp_params, saved, sharded) = runs["ddp"][0], runs["fsdp"][0]
+    assert sharded and not runs["ddp"][0][3]  # every parameter is a DTensor shard under fully_shard
+    assert runs["fsdp"][0][0] == runs["fsdp"][1][0]
+    assert fsdp_losses == pytest.approx(ddp_losses, rel=1e-5)
+    assert set(fsdp_params) == set(ddp_params)
+    for n in ddp_params:
+        torch.testing.assert_close(fsdp_params[n], ddp_params[n], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(saved[n], ddp_params[n], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["demo", "demo_gpu", "d12", "d16", "d20"])
@@ -317,14 +387,19 @@ def test_cli_rejects_unknown_flags():
 
 def test_conversation_variants():
     from refrag.data import rag_conversation, render_conversation, load_tokenizer
-    from refrag.train.data import question_first, without_retrieval
+    from refrag.data.prompt import PromptFormat
 
     docs = [{"id": "d1", "title": "T", "content": "Nindzer is an economist.", "score": 1.0, "source": "s"}]
     conv = rag_conversation("What is Nindzer?", "economist", docs)
     roles = lambda c: [m["role"] for m in c["messages"]]  # noqa: E731
-    assert roles(question_first(conv)) == ["system", "user", "retrieval", "assistant"]
-    assert roles(without_retrieval(conv)) == ["system", "user", "assistant"]
-    example = render_conversation(question_first(conv), load_tokenizer())
+    question_first = PromptFormat(question_first=True)
+    assert roles(question_first.arrange(conv)) == ["system", "user", "retrieval", "assistant"]
+    assert roles(PromptFormat().arrange(conv)) == roles(conv)
+    assert roles(PromptFormat(retrieval=False, question_first=True).arrange(conv)) == ["system", "user", "assistant"]
+    generation = question_first.conversation("What is Nindzer?", docs)
+    assert roles(generation) == ["system", "user", "retrieval"] and generation["messages"][1]["content"] == "What is Nindzer?"
+    assert roles(PromptFormat().conversation("q", docs)) == ["system", "retrieval", "user"]
+    example = render_conversation(question_first.arrange(conv), load_tokenizer())
     tokenizer = load_tokenizer()
     text = tokenizer.decode(example.input_ids.tolist())
     assert text.index("[USER]") < text.index("[DOC_1]") < text.index("[ASST]") and "[QUERY]" not in text
