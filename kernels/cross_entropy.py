@@ -21,7 +21,7 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.common.autotune import launch
-from kernels.common.checks import check_float
+from kernels.common.checks import assert_on_device, check_float
 from kernels.common.dispatch import use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -210,9 +210,9 @@ def _check_inputs(hidden, weight, targets, ignore_index, reduction, z_loss) -> N
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if z_loss < 0:
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
-    out_of_range = ((targets < 0) | (targets >= weight.shape[0])) & (targets != ignore_index)
-    if targets.numel() and bool(out_of_range.any()):
-        raise ValueError(f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}")
+    # No host read: a CPU tensor raises at once, a CUDA one trips a device-side assert.
+    in_range = ((targets >= 0) & (targets < weight.shape[0])) | (targets == ignore_index)
+    assert_on_device(in_range.all(), f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}")
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from kernels import causal_conv1d, reference
-from kernels.conv1d import CONV1D_CONFIGS, conv_window_starts
+from kernels.conv1d import CONV1D_CONFIGS
+from kernels.layout import DocLayout
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -121,10 +122,11 @@ def test_non_contiguous_input(device):
 
 
 def test_window_starts_worked_example():
-    cu = torch.tensor([0, 4, 7])
-    docs = torch.tensor([0, 1, 1, 2, 0, 3, 3, 0])
-    starts = conv_window_starts(1, 8, cu, docs, torch.device("cpu"))
-    assert starts.tolist() == [[0, 1, 1, 3, 4, 5, 5, 8]]
+    layout = DocLayout.from_cu_seqlens(torch.tensor([0, 4, 7]), torch.tensor([0, 1, 1, 2, 0, 3, 3]))
+    starts = layout.conv_window_starts(8)
+    assert starts.tolist() == [0, 1, 1, 3, 4, 5, 5, 8]
+    assert layout.conv_window_starts(8) is starts
+    assert layout.examples_only().conv_window_starts(8).tolist() == [0, 0, 0, 0, 4, 4, 4, 8]
     assert starts.dtype == torch.int32
 
 
