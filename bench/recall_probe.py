@@ -22,7 +22,7 @@ import time
 import torch
 
 from kernels import DocLayout
-from kernels.common import dispatch
+import kernels
 from refrag.model import HybridLM, preset
 
 VOCAB, KEYS, VALUES, FILLERS = 4096, (100, 1100), (1100, 2100), 3
@@ -67,10 +67,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    dispatch.INTERPRET = False  # CPU: PyTorch reference ops (GPU: Triton)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # CPU: the PyTorch reference ops (the interpreter is far too slow to train); GPU: Triton.
+    with kernels.use_backend("reference" if device == "cpu" else "auto"):
+        train_and_probe(args, device)
+
+
+def train_and_probe(args, device: str) -> None:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = HybridLM(preset("tiny", VOCAB, block_pattern=args.pattern, key_conv=args.key_conv,
                             tie_embeddings=not args.untied)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), args.lr, betas=(0.9, 0.95), weight_decay=0.0)

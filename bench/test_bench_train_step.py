@@ -11,7 +11,8 @@ extra_info is therefore model TFLOP/s (the causal and document masks are not dis
 import pytest
 
 from bench.common import DEVICE, SMOKE, Case, run_case
-from bench.train_setup import block_patterns, build_train_step, effective_seq_len, reference_ops
+import kernels
+from bench.train_setup import block_patterns, build_train_step, effective_seq_len
 
 LENGTHS = [64] if SMOKE else [2048, 4096, 8192, 16384, 32768]
 PATTERNS = block_patterns(SMOKE)
@@ -20,9 +21,9 @@ REFERENCE_MAX_L = {"hybrid": 8192, "pure-M": 32768, "pure-T": 8192}
 
 
 def with_reference_ops(step):
-    """The same train step with the model's kernels swapped for kernels.reference."""
+    """The same train step on the kernels.reference ops."""
     def run():
-        with reference_ops():
+        with kernels.use_backend("reference"):
             step.run()
     return run
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
-import refrag.model.blocks as blocks
-import refrag.model.lm as lm
 from bench.layouts import rag_examples
-from kernels import DocLayout, reference
+from kernels import DocLayout
+from refrag.model.lm import IGNORE_INDEX
 from refrag.model import HybridLM, MambaConfig, ModelConfig, preset
 from refrag.train.config import TrainConfig
 from refrag.train.optim import build_optimizer
@@ -25,13 +24,6 @@ from refrag.train.shims import autocast
 SMOKE_VOCAB, REAL_VOCAB = 128, 32768
 SMOKE_LAYOUT = dict(doc_len=(4, 10), shared=(3, 8))
 REAL_LAYOUT = dict(doc_len=(200, 800), shared=(32, 96))
-
-# Kernel functions the model modules imported by name, and their reference twins.
-MODEL_OPS = {
-    blocks: ("causal_conv1d", "doc_attention", "ssd_scan"),
-    lm: ("fused_linear_cross_entropy",),
-}
-
 
 def block_patterns(smoke: bool) -> Dict[str, str]:
     """Named block patterns benchmarked: hybrid, pure Mamba-2 and pure attention (smoke: hybrid
@@ -47,19 +39,6 @@ def model_config(pattern: str, smoke: bool) -> ModelConfig:
         return ModelConfig(vocab_size=SMOKE_VOCAB, d_model=32, n_layer=2, block_pattern=pattern, n_head=1,
                            mamba=MambaConfig(d_state=16, headdim=32, chunk_size=16))
     return preset("d12", vocab_size=REAL_VOCAB, block_pattern=pattern)
-
-
-@contextlib.contextmanager
-def reference_ops() -> Iterator[None]:
-    """Swap the PyTorch reference ops (kernels.reference) into the model modules, then restore."""
-    saved = [(module, name, getattr(module, name)) for module, names in MODEL_OPS.items() for name in names]
-    try:
-        for module, name, _ in saved:
-            setattr(module, name, getattr(reference, name))
-        yield
-    finally:
-        for module, name, fn in saved:
-            setattr(module, name, fn)
 
 
 def effective_seq_len(layout: DocLayout) -> int:
@@ -124,5 +103,5 @@ def build_train_step(pattern: str, length: int, device: torch.device, smoke: boo
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, config.vocab_size, (1, length), generator=g).to(device)
     targets = torch.roll(input_ids, -1, dims=1)
-    targets[0, layout.doc_ids.long() != 0] = lm.IGNORE_INDEX
+    targets[0, layout.doc_ids.long() != 0] = IGNORE_INDEX
     return TrainStep(model, optimizer, layout, input_ids, targets, bf16=device.type == "cuda")

@@ -2,6 +2,7 @@
 
 Importable by any trainer; nothing here depends on `refrag`. See DESIGN.md for semantics.
 """
+from kernels.common.dispatch import current_backend, set_backend, use_backend
 from kernels.layout import DocLayout
 from kernels.ssd import ssd_scan
 from kernels.selective_scan import selective_scan
@@ -11,6 +12,9 @@ from kernels.state_update import ssd_state_update, causal_conv1d_update
 from kernels.cross_entropy import fused_linear_cross_entropy
 
 __all__ = [
+    "use_backend",
+    "set_backend",
+    "current_backend",
     "DocLayout",
     "ssd_scan",
     "selective_scan",

@@ -282,7 +282,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """
     _check_inputs(x, weight, bias, cu_seqlens, doc_ids, activation, layout)
     b, l, _ = x.shape
-    if not use_triton(x, weight, bias, cu_seqlens, doc_ids):
+    if not use_triton(x, weight, bias, cu_seqlens, doc_ids, op="causal_conv1d"):
         if layout is not None:
             cu_seqlens = layout.cu_seqlens
             doc_ids = torch.nn.functional.pad(layout.doc_ids, (0, l - layout.total_tokens))

@@ -234,7 +234,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         loss = fused_linear_cross_entropy(h, lm_head.weight, targets)  # h (b, l, H)
     """
     _check_inputs(hidden, weight, targets, ignore_index, reduction, z_loss)
-    if not use_triton(hidden, weight, targets):
+    if not use_triton(hidden, weight, targets, op="fused_linear_cross_entropy"):
         return reference.fused_linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, z_loss)
     targets = targets.contiguous()
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):

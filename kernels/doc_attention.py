@@ -544,7 +544,7 @@ def doc_attention(q, k, v, *, cu_seqlens=None, doc_ids=None, causal=True, softma
         return reference.doc_attention(q, k, v, causal=causal, softmax_scale=scale, return_lse=return_lse)
     # built on every path: it also validates the doc ids (one contiguous span per document)
     row_layout = layout if layout is not None else DocLayout.from_batch(b, l, cu_seqlens, doc_ids, q.device)
-    if not use_triton(q, k, v):
+    if not use_triton(q, k, v, op="doc_attention"):
         if layout is not None:
             cu_seqlens = layout.cu_seqlens
             doc_ids = torch.nn.functional.pad(layout.doc_ids, (0, l - layout.total_tokens))

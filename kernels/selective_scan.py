@@ -529,7 +529,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         # u (1, d, 8) -> y (1, d, 8), last (2, d, n)
     """
     _validate(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, initial_state, layout)
-    if not use_triton(u):
+    if not use_triton(u, op="selective_scan"):
         if layout is not None:
             cu_seqlens = layout.cu_seqlens
         return reference_selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,

@@ -198,7 +198,7 @@ def ssd_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: 
     Computes in fp32; y has x's dtype. `config` forces one of SSD_UPDATE_CONFIGS (tests).
     """
     _check_ssd_update_inputs(state, x, dt, A, B, C, D, z, dt_bias)
-    if not use_triton(state, x, dt, A, B, C, D, z, dt_bias):
+    if not use_triton(state, x, dt, A, B, C, D, z, dt_bias, op="ssd_state_update"):
         return reference.ssd_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     x, dt, A, B, C, D, z, dt_bias = _contiguous(x, dt, A, B, C, D, z, dt_bias)
     return ssd_state_update_fwd(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, config)
@@ -233,7 +233,7 @@ def causal_conv1d_update(conv_state: torch.Tensor, x: torch.Tensor, weight: torc
     `config` forces one of CONV_UPDATE_CONFIGS (tests).
     """
     _check_conv_update_inputs(conv_state, x, weight, bias, activation)
-    if not use_triton(conv_state, x, weight, bias):
+    if not use_triton(conv_state, x, weight, bias, op="causal_conv1d_update"):
         return reference.causal_conv1d_update(conv_state, x, weight, bias, activation)
     x, weight, bias = _contiguous(x, weight, bias)
     return causal_conv1d_update_fwd(conv_state, x, weight, bias, activation is not None, config)

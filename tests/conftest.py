@@ -23,6 +23,19 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def reference_ops(device):
+    """Run the ops through kernels.reference on CPU (the pipeline is under test, not the kernels:
+    the interpreter is too slow for whole models). CUDA keeps the Triton kernels."""
+    import kernels
+
+    if device.type == "cpu":
+        with kernels.use_backend("reference"):
+            yield
+    else:
+        yield
+
+
+@pytest.fixture
 def device():
     """The device kernels are tested on: CUDA when present, else CPU (Triton interpreter)."""
     return torch.device("cuda" if HAS_CUDA else "cpu")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.common import dispatch
+import kernels
 from refrag.model import HybridLM, MambaConfig, ModelConfig, parse_block_pattern
 
 VOCAB = 97
@@ -49,12 +49,15 @@ def triton_ops():
 
 
 @pytest.fixture(autouse=True)
-def reference_ops_on_cpu(request, monkeypatch, device):
+def reference_ops_on_cpu(request, device):
     """On CPU, model tests run the kernels' reference path (interpreter off, DESIGN.md dispatch
     rule): the interpreter is too slow for whole models; kernels have their own tests. Tests that
     request `triton_ops` keep the interpreter as integration checks. CUDA always runs Triton."""
     if device.type == "cpu" and "triton_ops" not in request.fixturenames:
-        monkeypatch.setattr(dispatch, "INTERPRET", False)
+        with kernels.use_backend("reference"):
+            yield
+    else:
+        yield
 
 
 # The `tiny` preset's T,M,T,M model on one packed row of four examples and five documents.

@@ -3,27 +3,11 @@ estimate and the attention tile-density measures (checked against the dense mask
 import pytest
 import torch
 
-import refrag.model.blocks as blocks
+import kernels
 import refrag.model.lm as lm
 from bench import scaling_estimate, tile_density
-from bench.train_setup import MODEL_OPS, build_train_step, effective_seq_len, reference_ops
-from kernels import DocLayout, reference
-
-
-def test_reference_ops_swaps_and_restores():
-    before = {(module, name): getattr(module, name) for module, names in MODEL_OPS.items() for name in names}
-    with reference_ops():
-        assert blocks.doc_attention is reference.doc_attention
-        assert blocks.ssd_scan is reference.ssd_scan
-        assert lm.fused_linear_cross_entropy is reference.fused_linear_cross_entropy
-    assert all(getattr(module, name) is fn for (module, name), fn in before.items())
-
-
-def test_reference_ops_restores_after_an_error():
-    kernel_attention = blocks.doc_attention
-    with pytest.raises(RuntimeError), reference_ops():
-        raise RuntimeError("step failed")
-    assert blocks.doc_attention is kernel_attention
+from bench.train_setup import build_train_step, effective_seq_len
+from kernels import DocLayout
 
 
 def test_effective_seq_len_weights_examples_by_their_tokens():
@@ -35,7 +19,7 @@ def test_train_step_baseline_computes_the_same_loss():
     step = build_train_step("T,M", 48, torch.device("cpu"), smoke=True)
     with torch.no_grad():
         ours = step.forward()
-        with reference_ops():
+        with kernels.use_backend("reference"):
             baseline = step.forward()
     torch.testing.assert_close(ours, baseline, atol=1e-4, rtol=1e-4)
     assert step.flops() == step.model.flops_per_token(effective_seq_len(step.layout)) * 48
@@ -45,7 +29,7 @@ def test_train_step_baseline_computes_the_same_loss():
 def test_train_step_runs_the_optimizer():
     step = build_train_step("T,M", 48, torch.device("cpu"), smoke=True)
     head = step.model.lm_head.weight.detach().clone()
-    with reference_ops():
+    with kernels.use_backend("reference"):
         step.run()
     assert not torch.equal(head, step.model.lm_head.weight)
     assert all(p.grad is None for p in step.model.parameters())
@@ -127,11 +111,11 @@ def test_recall_probe_examples_supervise_only_the_values():
     assert row.shape == row_targets.shape == (1, layout.total_tokens) and layout.total_tokens == 3 * 18
 
 
-def test_recall_probe_runs(capsys, monkeypatch):
+def test_recall_probe_runs(capsys):
     from bench.recall_probe import main
-    from kernels.common import dispatch
+    import kernels
 
-    monkeypatch.setattr(dispatch, "INTERPRET", dispatch.INTERPRET)  # main() switches it off: restore it after
 
     main(["--steps", "0", "--rows", "2", "--pairs", "4"])
     assert "recall accuracy" in capsys.readouterr().out
+    assert kernels.current_backend() == "auto"  # the probe's reference switch ends with it

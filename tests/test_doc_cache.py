@@ -9,18 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.common.dispatch as dispatch
 from model_utils import VOCAB, tiny_model, tolerance
 from refrag.infer import Engine
 from refrag.infer.doc_cache import CachedEngine, DocumentCache, segments_from_doc_ids, weights_fingerprint
 
 PATTERNS = [pytest.param("M,M", id="pure-M"), pytest.param("T,M", id="hybrid"), pytest.param("T,T", id="pure-T")]
-
-
-@pytest.fixture
-def reference_ops(device, monkeypatch):
-    """Run kernels through their references on CPU (CUDA always runs the Triton kernels)."""
-    monkeypatch.setattr(dispatch, "INTERPRET", False)
 
 
 def tokens(n: int, seed: int) -> list[int]:

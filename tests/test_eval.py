@@ -112,15 +112,13 @@ class FirstDocuments:
 
 
 @pytest.mark.parametrize("use_retrieval", [True, False], ids=["rag", "no-retrieval"])
-def test_evaluate_model_end_to_end(monkeypatch, use_retrieval):
+def test_evaluate_model_end_to_end(use_retrieval, reference_ops):  # the pipeline is under test, not the kernels
     import torch
 
-    import kernels.common.dispatch as dispatch
     from refrag.data import load_tokenizer
     from refrag.eval.evaluate import evaluate_model
     from refrag.model import HybridLM, MambaConfig, preset
 
-    monkeypatch.setattr(dispatch, "INTERPRET", False)  # exercise the pipeline, not the kernels
     tokenizer = load_tokenizer()
     torch.manual_seed(0)
     model = HybridLM(preset("tiny", vocab_size=tokenizer.vocab_size, d_model=64, n_head=2, block_pattern="T,M",

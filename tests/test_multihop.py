@@ -135,6 +135,27 @@ def test_truncated_and_empty_generations_are_recorded(tok, retriever, raw, statu
     assert trace.status == status and trace.answer is None and trace.num_hops == 1
 
 
+def test_documents_first_layout_keeps_the_question_out_of_the_first_block(tok):
+    """Documents first: everything up to [RETRIEVAL_END] of hop 1 is the same for two questions
+    over the same documents (what lets a per-document cache reuse them across questions)."""
+    shared = [doc("city-001", "Pulbys is a port city."), doc("city-003", "The Ferro River flows through Gindvrask.")]
+    follow_up = "In which city was Synstyl Merkstesk born?"
+    retriever = FakeRetriever({Q1: shared, Q2: shared, follow_up: [doc("person-116", "Born in Pulbys.")]})
+    gen = ScriptedGenerator(tok, {Q1: [("query", follow_up), ("answer", "Pulbys")], Q2: [("answer", "Ferro")]})
+    t1, t2 = run_multihop(gen, tok, retriever, [Q1, Q2], question_first=False)
+    validate_conversation({"messages": t1.messages})
+    assert [m["role"] for m in t1.messages] == ["system", "retrieval", "user", "assistant", "retrieval", "assistant"]
+    assert [m["role"] for m in t2.messages] == ["system", "retrieval", "user", "assistant"]
+    end = tok.token_id("[RETRIEVAL_END]")
+    p1, p2 = gen.calls[0]["prompts"]
+    assert p1[:p1.index(end) + 1] == p2[:p2.index(end) + 1]
+    assert tok.token_id("[QUERY]") not in p1 and tok.decode(p1).index("[RETRIEVAL_END]") < tok.decode(p1).index(Q1)
+    # hop 2 appends the follow-up turn and its block to the same row
+    second = gen.calls[1]["prompts"][0]
+    assert second[:len(p1)] == p1 and second[-1] == tok.token_id("[ASST]")
+    assert t1.status == t2.status == ANSWERED and t1.num_hops == 2
+
+
 def test_questions_advance_in_lockstep(tok, retriever):
     gen = ScriptedGenerator(tok, {
         Q1: [("query", "In which city was Synstyl Merkstesk born?"), ("answer", "Pulbys")],

@@ -198,6 +198,14 @@ def test_multihop_sft_conversations_use_the_gold_chain(tok):
     assert "Synstyl Merkstesk" in trained and "Pulbys" in trained
 
 
+def test_multihop_sft_conversations_documents_first(tok):
+    two_hop, = rl.multihop_conversations([TWO_HOP], StubManager(), top_k=2, seed=0, question_first=False)
+    msgs = two_hop["messages"]
+    assert [m["role"] for m in msgs] == ["system", "retrieval", "user", "assistant", "retrieval", "assistant"]
+    text = tok.decode(render_conversation(two_hop, tok).input_ids.tolist())
+    assert text.index("[RETRIEVAL_END]") < text.index("[USER]") and text.count(TWO_HOP["question"]) == 1
+
+
 def test_config_splits_keys_and_names_unknown_ones(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"preset": "tiny", "group_size": 8, "top_k": 4}))

@@ -1,4 +1,4 @@
-"""sm_90 (H100) compile check without a GPU (kernels/common/aot.py, profiles/sm90_compile.py).
+"""sm_90 (H100) compile check without a GPU (profiles/aot.py, profiles/sm90_compile.py).
 
 Launch recording runs in this process under the interpreter; the compile check runs the
 profile script, whose compile step is a subprocess with the interpreter off. Only the first
@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 import kernels
-from kernels.common import aot
+from profiles import aot
 from kernels.common.dispatch import INTERPRET
 from kernels.conv1d import CONV1D_CONFIGS, causal_conv1d
 from kernels.ssd import ssd_scan_triton
@@ -141,9 +141,9 @@ def test_compile_reports_gpu_only_errors_per_launch(tmp_path):
     launches = [aot.KernelLaunch("square_kernels:square_kernel", {"a": tensor, "out": tensor, "BM": {"value": bm}},
                                  {"num_warps": 4}, f"BM={bm}") for bm in (8, 32)]
     aot.save_launches(launches, str(tmp_path / "launches.json"))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = dict(os.environ, TRITON_INTERPRET="0")  # importing `profiles` would turn it on if absent
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT)])
-    run = subprocess.run([sys.executable, "-m", "kernels.common.aot", str(tmp_path / "launches.json"),
+    run = subprocess.run([sys.executable, "-m", "profiles.aot", str(tmp_path / "launches.json"),
                           str(tmp_path / "results.json"), "--jobs", "1"], env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import kernels.common.dispatch as dispatch
+import kernels
 from kernels import DocLayout
 from refrag.model import HybridLM, MambaConfig, preset
 from refrag.train import checkpoint as ckpt
@@ -105,11 +105,6 @@ class PoisonedAt(torch.nn.Module):
         self.count += 1
         loss = self.inner(input_ids, layout=layout, targets=targets)
         return loss * float("nan") if self.count in self.calls else loss
-
-
-@pytest.fixture
-def reference_ops(monkeypatch):
-    monkeypatch.setattr(dispatch, "INTERPRET", False)
 
 
 @pytest.fixture(autouse=True)
@@ -269,7 +264,7 @@ def _free_port() -> int:
 def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, results) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dispatch.INTERPRET = False
+    kernels.set_backend("reference")
     torch.set_num_threads(1)
     env = init_distributed("cpu")
     model = tiny_model()

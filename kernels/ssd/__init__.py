@@ -201,7 +201,7 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_
     doc_mode = bool(doc_mode)
     kwargs = dict(chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                   initial_states=initial_states, doc_mode=doc_mode, return_final_states=return_final_states)
-    if not use_triton(x, dt, A, B, C, D, z, dt_bias, initial_states, cu_seqlens, doc_ids):
+    if not use_triton(x, dt, A, B, C, D, z, dt_bias, initial_states, cu_seqlens, doc_ids, op="ssd_scan"):
         if layout is not None:
             cu_seqlens = layout.cu_seqlens
             doc_ids = F.pad(layout.doc_ids, (0, x.shape[1] - layout.total_tokens)) if doc_mode else None

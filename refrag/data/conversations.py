@@ -67,17 +67,24 @@ def rag_conversation(question: str, answer: str, documents: list[dict], system: 
 
 
 def refrag_conversation(question: str, answer: str, hops: Sequence[tuple[str, list[dict]]],
-                        system: str = SYSTEM_PROMPT) -> dict:
+                        system: str = SYSTEM_PROMPT, question_first: bool = True) -> dict:
     """Multi-hop conversation: the model asks each follow-up query itself.
 
     hops: [(query, documents), ...]; hop 1's query is normally the question. Messages:
-    system, user, retrieval(hop 1), assistant(query 2), retrieval(hop 2), ..., assistant(answer).
+    system, user, retrieval(hop 1), assistant(query 2), retrieval(hop 2), ..., assistant(answer);
+    with question_first=False (documents first) hop 1's retrieval comes before the user
+    message: system, retrieval(hop 1), user, assistant(query 2), retrieval(hop 2), ...
     """
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    messages = [{"role": "system", "content": system}]
+    user = {"role": "user", "content": question}
+    if question_first:
+        messages.append(user)
     for h, (query, docs) in enumerate(hops, start=1):
         if h > 1:
             messages.append({"role": "assistant", "query": query})
         messages.append({"role": "retrieval", "hop": h, "query": query, "documents": docs})
+        if h == 1 and not question_first:
+            messages.append(user)
     messages.append({"role": "assistant", "content": answer})
     return {"messages": messages}
 

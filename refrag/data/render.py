@@ -14,7 +14,9 @@ same word has inside a document. loss_mask is 1 on what the assistant generates:
 tokens of the k-th document of the example (counting across retrieval blocks), its
 [DOC_j]..[/DOC_j] markers included; markers restart at [DOC_1] in each block. A hop query is
 rendered inside its block when the retrieval message has `hop` and the query is not the text
-of the message right before it (the user's question or the assistant's follow-up query). Documents longer than `max_doc_tokens` are truncated (warning).
+of the message right before it (the user's question or the assistant's follow-up query) nor
+of the message right after it (the question of a documents-first conversation, so the block
+and everything before it stay the same for every question). Documents longer than `max_doc_tokens` are truncated (warning).
 """
 from __future__ import annotations
 
@@ -99,7 +101,8 @@ class _Builder:
         self.add(ids, 0, self.num_docs)
         self.special(f"[/DOC_{slot}]", doc=self.num_docs)
 
-    def message(self, msg: dict, previous: dict | None, is_last: bool) -> None:
+    def message(self, msg: dict, previous: dict | None, following: dict | None) -> None:
+        is_last = following is None
         role = msg["role"]
         if role == "system":
             self.special("[SYS]"), self.text(msg["content"]), self.special("[/SYS]")
@@ -107,7 +110,8 @@ class _Builder:
             self.special("[USER]"), self.text(msg["content"]), self.special("[/USER]")
         elif role == "retrieval":
             self.special("[RETRIEVAL_START]")
-            just_said = previous is not None and msg.get("query") in (previous.get("content"), previous.get("query"))
+            said = [m.get(k) for m in (previous, following) if m is not None for k in ("content", "query")]
+            just_said = msg.get("query") in said
             if "hop" in msg and "query" in msg and not just_said:
                 self.special("[QUERY]"), self.text(msg["query"]), self.special("[/QUERY]")
             for slot, doc in enumerate(msg["documents"], start=1):
@@ -126,7 +130,7 @@ class _Builder:
     def render(self, messages: list[dict]) -> None:
         self.special("[BOS]")
         for i, msg in enumerate(messages):
-            self.message(msg, messages[i - 1] if i else None, i == len(messages) - 1)
+            self.message(msg, messages[i - 1] if i else None, messages[i + 1] if i + 1 < len(messages) else None)
 
     def example(self) -> RenderedExample:
         if self.truncated:

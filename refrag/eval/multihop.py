@@ -13,7 +13,10 @@ CLI (one command, one table)::
         [--rag-checkpoint out/sft/checkpoints] [--split test] [--max-hops 3] [--top-k 3]
 
 The optional single-shot column evaluates an SFT-RAG checkpoint with
-`refrag.eval.evaluate.evaluate_model` (one retrieval, seed format 3.1) on the same questions.
+`refrag.eval.evaluate.evaluate_model` (one retrieval) on the same questions. Like is compared
+with like: each model runs with the prompt format it was trained with (`checkpoint_prompt`:
+question or documents first, document length), its own top_k, retriever and tokenizer; the
+format used is part of each column's result (``prompt``).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from refrag.infer import Engine
 from refrag.infer.multihop import STATUSES, run_multihop
 from refrag.retrieval import RetrievalManager
 from refrag.retrieval.documents import document_text
-from refrag.train.checkpoint import CheckpointError, latest_checkpoint
+from refrag.train.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
 
 
 def retrieved_texts(messages: Sequence[dict]) -> list[str]:
@@ -41,12 +44,13 @@ def retrieved_texts(messages: Sequence[dict]) -> list[str]:
 
 def evaluate_multihop(generator, tokenizer: RagTokenizer, retriever, records: Sequence[dict], *,
                       max_hops: int = 3, top_k: int = 3, max_new_tokens: int = 32, max_doc_tokens: int = 256,
-                      batch_size: int = 32) -> dict:
+                      batch_size: int = 32, question_first: bool = True) -> dict:
     """Metrics of `aggregate` plus ``hops``, one rate per outcome and ``predictions``.
 
     generator: `Engine(model)` of a model in eval mode (or a `CachedEngine`; anything with
     Engine.generate's signature), decoding greedily; records: query records {id, question,
-    answer, type, gold_doc_ids}; questions run through the loop `batch_size` at a time.
+    answer, type, gold_doc_ids}; questions run through the loop `batch_size` at a time;
+    max_doc_tokens, question_first: the prompt format the model was trained with.
     """
     if not records:
         raise ValueError("evaluate_multihop needs at least one question record")
@@ -54,7 +58,8 @@ def evaluate_multihop(generator, tokenizer: RagTokenizer, retriever, records: Se
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
         traces += run_multihop(generator, tokenizer, retriever, [r["question"] for r in batch], max_hops=max_hops,
-                               top_k=top_k, max_new_tokens=max_new_tokens, max_doc_tokens=max_doc_tokens)
+                               top_k=top_k, max_new_tokens=max_new_tokens, max_doc_tokens=max_doc_tokens,
+                               question_first=question_first)
     scored, predictions = [], []
     for record, trace in zip(records, traces):
         score = score_answer(trace.answer or "", record["answer"], record["type"], retrieved_texts(trace.messages))
@@ -81,6 +86,31 @@ def format_comparison(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def checkpoint_prompt(config: dict) -> dict:
+    """Prompt format a checkpoint's model was trained with, from its config.json contents:
+    {"multihop": bool, "question_first": bool, "max_doc_tokens": int}.
+
+    REFRAG checkpoints store it (``prompt``); older REFRAG checkpoints were always rendered
+    question first with the REFRAG ``max_doc_tokens``; SFT checkpoints take their train config.
+    """
+    if "prompt" in config:
+        return dict(config["prompt"])
+    if "refrag" in config:
+        return {"multihop": True, "question_first": True, "max_doc_tokens": config["refrag"]["max_doc_tokens"]}
+    train = config["train"]
+    return {"multihop": False, "question_first": train.get("question_first", False),
+            "max_doc_tokens": train.get("max_doc_tokens", 256)}
+
+
+def load_for_eval(checkpoint: str | Path, device: str) -> tuple:
+    """(model, tokenizer, TrainConfig, prompt format, checkpoint dir) of a run's newest checkpoint
+    (or a step directory); CheckpointError when missing, partial or corrupt."""
+    path = latest_checkpoint(checkpoint) or Path(checkpoint)
+    verify_checkpoint(path)
+    model, tokenizer, train_cfg = load_trained_model(path, device)
+    return model, tokenizer, train_cfg, checkpoint_prompt(json.loads((path / "config.json").read_text())), path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m refrag.eval.multihop",
                                      description="Multi-hop (REFRAG) answer evaluation vs single-shot RAG.")
@@ -88,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rag-checkpoint", help="single-shot SFT-RAG checkpoint of the same model size")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--max-hops", type=int, default=3)
-    parser.add_argument("--top-k", type=int, default=None, help="documents per hop (default: the training top_k)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="documents per hop for both models (default: each model's training top_k)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
@@ -103,28 +134,36 @@ def main_multihop(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.max_hops < 1:
         parser.error(f"--max-hops must be at least 1, got {args.max_hops}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be at least 1, got {args.limit}")
     try:
-        model, tokenizer, train_cfg = load_trained_model(latest_checkpoint(args.checkpoint) or args.checkpoint,
-                                                         args.device)
+        model, tokenizer, train_cfg, prompt, path = load_for_eval(args.checkpoint, args.device)
+        rag = load_for_eval(args.rag_checkpoint, args.device) if args.rag_checkpoint else None
     except CheckpointError as err:
         parser.exit(2, f"error: {err}\n")
-    kb_source = train_cfg["kb_source"] or EMBEDDED_KB_DIR
-    top_k = args.top_k or train_cfg["top_k"]
-    manager = RetrievalManager(train_cfg["retriever"], knowledge_base=train_cfg["kb_dir"])
+    kb_source = train_cfg.kb_source or EMBEDDED_KB_DIR
+    top_k = args.top_k or train_cfg.top_k
+    manager = RetrievalManager(train_cfg.retriever, knowledge_base=train_cfg.kb_dir)
     records = load_queries(args.split, kb_source)[:args.limit]
     results = {"refrag": evaluate_multihop(Engine(model, tokenizer), tokenizer, manager, records,
                                            max_hops=args.max_hops, top_k=top_k, max_new_tokens=args.max_new_tokens,
-                                           batch_size=args.batch_size)}
-    if args.rag_checkpoint:
-        try:
-            rag_model, rag_tokenizer, _ = load_trained_model(
-                latest_checkpoint(args.rag_checkpoint) or args.rag_checkpoint, args.device)
-        except CheckpointError as err:
-            parser.exit(2, f"error: {err}\n")
-        results["single_shot"] = evaluate_model(rag_model, rag_tokenizer, manager, args.split, top_k,
-                                                args.max_new_tokens, kb_source=kb_source,
-                                                batch_size=args.batch_size, limit=args.limit)
-    print(f"split {args.split}, {len(records)} questions, max_hops {args.max_hops}, top_k {top_k}")
+                                           batch_size=args.batch_size, max_doc_tokens=prompt["max_doc_tokens"],
+                                           question_first=prompt["question_first"])}
+    results["refrag"].update(checkpoint=str(path), prompt=prompt, top_k=top_k)
+    if rag is not None:
+        rag_model, rag_tokenizer, rag_cfg, rag_prompt, rag_path = rag
+        rag_top_k = args.top_k or rag_cfg.top_k
+        same_index = (rag_cfg.retriever, rag_cfg.kb_dir) == (train_cfg.retriever, train_cfg.kb_dir)
+        rag_manager = manager if same_index else RetrievalManager(rag_cfg.retriever, knowledge_base=rag_cfg.kb_dir)
+        results["single_shot"] = evaluate_model(rag_model, rag_tokenizer, rag_manager, args.split, rag_top_k,
+                                                args.max_new_tokens, use_retrieval=rag_cfg.retrieval,
+                                                kb_source=kb_source, batch_size=args.batch_size, limit=args.limit,
+                                                max_doc_tokens=rag_prompt["max_doc_tokens"],
+                                                question_first=rag_prompt["question_first"])
+        results["single_shot"].update(checkpoint=str(rag_path), prompt=rag_prompt, top_k=rag_top_k)
+    print(f"split {args.split}, {len(records)} questions, max_hops {args.max_hops}")
+    for name, result in results.items():
+        print(f"{name}: {result['checkpoint']} (top_k {result['top_k']}, {result['prompt']})")
     print(format_comparison(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

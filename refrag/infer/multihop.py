@@ -5,6 +5,12 @@ Conversation (seed section 3.2, rendered by `refrag.data.render_for_generation`)
     system, user(question), retrieval(hop 1, query = question),
     assistant(query 2), retrieval(hop 2), ..., assistant(answer)
 
+or, documents first (``question_first=False``): system, retrieval(hop 1), user(question),
+assistant(query 2), retrieval(hop 2), ... Documents first, the tokens before hop 1's block
+are the same for every question, so a per-document cache (`refrag.infer.doc_cache`) reuses
+hop 1's document encodings across questions, and (both layouts) across the turns of one
+question, since every turn prefills the whole row again.
+
 Each model turn starts after ``[ASST]``: ``[QUERY] text [/QUERY] [/ASST]`` is a follow-up
 query (the engine retrieves with it and appends the next retrieval message), anything else
 up to ``[/ASST]`` (or ``[EOS]``) is the answer. A hop is one retrieval; at most `max_hops`
@@ -120,11 +126,14 @@ def _retrieval_message(hop: int, query: str, documents: list[dict]) -> dict:
 
 def _append_retrieval(trace: MultiHopTrace, query: str, documents: list[dict], tokenizer, max_doc_tokens: int,
                       follow_up: bool) -> None:
-    """Add hop k's messages and its rendered tokens (retrieval block then [ASST]) to the trace."""
+    """Add hop k's messages and its rendered tokens (retrieval block, the question when it
+    follows the documents, then [ASST]) to the trace."""
     hop = trace.num_hops + 1
     if follow_up:
         trace.messages.append({"role": "assistant", "query": query})
     trace.messages.append(_retrieval_message(hop, query, documents))
+    if not any(m["role"] == "user" for m in trace.messages):  # documents first: the question follows hop 1
+        trace.messages.append({"role": "user", "content": trace.question})
     trace.hops.append({"hop": hop, "query": query, "doc_ids": [d["id"] for d in documents]})
     rendered = render_for_generation({"messages": trace.messages}, tokenizer, max_doc_tokens)
     ids = rendered.input_ids.tolist()
@@ -149,12 +158,14 @@ def _finish(trace: MultiHopTrace, turn: Turn, max_hops: int) -> bool:
 
 def run_multihop(generator, tokenizer, retriever, questions: Sequence[str], *, max_hops: int = 3, top_k: int = 5,
                  max_new_tokens: int = 48, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 max_doc_tokens: int = 256, system: str = SYSTEM_PROMPT) -> list[MultiHopTrace]:
+                 max_doc_tokens: int = 256, system: str = SYSTEM_PROMPT,
+                 question_first: bool = True) -> list[MultiHopTrace]:
     """Run the multi-hop loop for every question; returns one MultiHopTrace per question, in order.
 
     max_hops >= 1 retrievals per question (hop 1 retrieves with the question itself);
     max_new_tokens bounds each model turn; temperature / top_p / seed go to the generator
-    (seed + turn index per turn, so turns draw different samples).
+    (seed + turn index per turn, so turns draw different samples); question_first: the
+    layout the model was trained with (False: documents first, see the module doc).
     """
     if isinstance(max_hops, bool) or not isinstance(max_hops, int) or max_hops < 1:
         raise ValueError(f"max_hops must be an integer >= 1, got {max_hops!r}")
@@ -164,8 +175,8 @@ def run_multihop(generator, tokenizer, retriever, questions: Sequence[str], *, m
         if not isinstance(q, str) or not q.strip():
             raise ValueError(f"question {i} must be a non-empty string, got {q!r}")
     parser = TurnParser(tokenizer)
-    traces = [MultiHopTrace(q, [{"role": "system", "content": system}, {"role": "user", "content": q}])
-              for q in questions]
+    traces = [MultiHopTrace(q, [{"role": "system", "content": system}]
+                            + ([{"role": "user", "content": q}] if question_first else [])) for q in questions]
     for trace, docs in zip(traces, retriever.retrieve_many(list(questions), top_k)):
         _append_retrieval(trace, trace.question, docs, tokenizer, max_doc_tokens, follow_up=False)
     turn_index = 0

@@ -153,11 +153,13 @@ def load_refrag_config(path: str | Path | None, overrides: dict[str, str] | None
 # ---------------------------------------------------------------------- multi-hop SFT data
 
 
-def multihop_conversations(records: Sequence[dict], manager, top_k: int, seed: int) -> list[dict]:
+def multihop_conversations(records: Sequence[dict], manager, top_k: int, seed: int,
+                           question_first: bool = True) -> list[dict]:
     """Teacher-forced multi-hop conversations (gold documents ensured in every hop's list).
 
     Two-hop records: hop 1 queries the question, hop 2 the record's second hop query.
-    Other records: one hop with the question, then the answer.
+    Other records: one hop with the question, then the answer. question_first: the layout
+    (`refrag.data.refrag_conversation`; False puts hop 1's documents before the question).
     """
     conversations = []
     for rec in records:
@@ -169,7 +171,7 @@ def multihop_conversations(records: Sequence[dict], manager, top_k: int, seed: i
             queries, golds = [rec["question"]], [rec["gold_doc_ids"]]
         found = manager.retrieve_many(queries, top_k)
         hops = [(q, with_gold(docs, gold_documents(manager, g), rng)) for q, docs, g in zip(queries, found, golds)]
-        conv = refrag_conversation(rec["question"], rec["answer"], hops)
+        conv = refrag_conversation(rec["question"], rec["answer"], hops, question_first=question_first)
         conv["metadata"] = {"id": rec["id"], "type": rec["type"], "gold_doc_ids": rec["gold_doc_ids"]}
         conversations.append(conv)
     return conversations
@@ -178,7 +180,7 @@ def multihop_conversations(records: Sequence[dict], manager, top_k: int, seed: i
 def multihop_loader(records: Sequence[dict], cfg: TrainConfig, rcfg: RefragConfig, tokenizer: RagTokenizer,
                     manager, env: DistEnv) -> PackedLoader:
     """PackedLoader over the records' multi-hop conversations packed into cfg.seq_len rows."""
-    conversations = multihop_conversations(records, manager, cfg.top_k, cfg.seed)
+    conversations = multihop_conversations(records, manager, cfg.top_k, cfg.seed, cfg.question_first)
     examples, _ = render_conversations(conversations, tokenizer, max_len=cfg.seq_len,
                                        max_doc_tokens=rcfg.max_doc_tokens)
     if not examples:
@@ -320,7 +322,7 @@ def train_rl(model: HybridLM, tokenizer: RagTokenizer, retriever, records: Seque
                 traces = run_multihop(generator, tokenizer, retriever, [r["question"] for r in batch],
                                       max_hops=rcfg.max_hops, top_k=cfg.top_k, max_new_tokens=rcfg.max_new_tokens,
                                       temperature=rcfg.temperature, top_p=rcfg.top_p, seed=cfg.seed + step,
-                                      max_doc_tokens=rcfg.max_doc_tokens)
+                                      max_doc_tokens=rcfg.max_doc_tokens, question_first=cfg.question_first)
             model.train()
             rewards = [refrag_reward(t, r, rcfg.max_hops) for t, r in zip(traces, batch)]
             advantages = group_advantages(torch.tensor([r.total for r in rewards]), rcfg.group_size)
@@ -341,6 +343,11 @@ def train_rl(model: HybridLM, tokenizer: RagTokenizer, retriever, records: Seque
 
 
 # ---------------------------------------------------------------------- CLI
+
+
+def prompt_format(cfg: TrainConfig, rcfg: RefragConfig) -> dict:
+    """How a REFRAG model's prompts were rendered (stored in its checkpoint; evaluation reuses it)."""
+    return {"multihop": True, "question_first": cfg.question_first, "max_doc_tokens": rcfg.max_doc_tokens}
 
 
 def initial_model(cfg: TrainConfig, rcfg: RefragConfig, tokenizer: RagTokenizer) -> HybridLM:
@@ -371,7 +378,9 @@ def run_refrag(cfg: TrainConfig, rcfg: RefragConfig, resume: bool = True) -> dic
     out_dir = Path(cfg.out_dir)
     result = {"sft": [], "rl": [], "checkpoint": None}
     if rcfg.sft_steps:
-        sft_cfg = dataclasses.replace(cfg, max_steps=rcfg.sft_steps, out_dir=str(out_dir / "sft"))
+        # the SFT checkpoint records the document length the multi-hop examples were rendered with
+        sft_cfg = dataclasses.replace(cfg, max_steps=rcfg.sft_steps, out_dir=str(out_dir / "sft"),
+                                      max_doc_tokens=rcfg.max_doc_tokens)
         loader = multihop_loader(records, sft_cfg, rcfg, tokenizer, manager, env)
         result["sft"] = train_sft(sft_cfg, model, loader, None, env=env, model_config=model.config.to_dict(),
                                   resume=resume)
@@ -381,7 +390,8 @@ def run_refrag(cfg: TrainConfig, rcfg: RefragConfig, resume: bool = True) -> dic
         result["checkpoint"] = ckpt.save_checkpoint(
             out_dir / "rl" / "checkpoints", rcfg.rl_steps, model_state=model.state_dict(), optimizer_state={},
             trainer_state={"step": rcfg.rl_steps},
-            config={"train": cfg.to_dict(), "model": model.config.to_dict(), "refrag": rcfg.to_dict()})
+            config={"train": cfg.to_dict(), "model": model.config.to_dict(), "refrag": rcfg.to_dict(),
+                    "prompt": prompt_format(cfg, rcfg)})
     return result
 
 

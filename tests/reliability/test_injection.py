@@ -6,7 +6,6 @@ import re
 import pytest
 import torch
 
-import kernels.common.dispatch as dispatch
 from refrag.data import EMBEDDED_KB_DIR, load_queries, load_tokenizer
 from refrag.eval.answers import normalize_answer
 from refrag.eval.injection import (CANARY_ANSWERS, INSTRUCTION, build_injection_split, evaluate_injection,
@@ -111,8 +110,8 @@ class FirstDocuments:
         return [kb_documents()[:top_k] for _ in queries]
 
 
-def test_evaluate_injection_runs_a_model_on_the_embedded_test_split(monkeypatch):
-    monkeypatch.setattr(dispatch, "INTERPRET", False)  # the pipeline is under test, not the kernels
+def test_evaluate_injection_runs_a_model_on_the_embedded_test_split(reference_ops):
+    # the pipeline is under test, not the kernels
     tokenizer = load_tokenizer()
     torch.manual_seed(0)
     model = HybridLM(preset("tiny", vocab_size=tokenizer.vocab_size, d_model=32, n_head=1, block_pattern="T,M",

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import kernels.common.dispatch as dispatch
 from kernels import DocLayout
 from refrag.model import HybridLM, MambaConfig, preset
 from refrag.train.config import TrainConfig
@@ -89,8 +88,8 @@ def tiny_model() -> HybridLM:
     return HybridLM(config)
 
 
-def test_infinite_gradient_step_is_skipped_reported_and_training_continues(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(dispatch, "INTERPRET", False)  # the loop is under test, not the kernels
+def test_infinite_gradient_step_is_skipped_reported_and_training_continues(tmp_path, capsys, reference_ops):
+    # the loop is under test, not the kernels
     model = InfGradAt(tiny_model(), calls={2})
     cfg = TrainConfig(max_steps=4, lr=3e-3, warmup_steps=1, out_dir=str(tmp_path / "inf"), deterministic=True,
                       seed=0, val_rows=0)

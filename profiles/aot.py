@@ -16,7 +16,7 @@ Two phases, two processes (the interpreter flag is read when ``kernels`` is impo
 
 Numbers are static, from the compiler: no GPU runs anything.
 
-Command line (phase 2): ``python -m kernels.common.aot launches.json results.json [--jobs N]``.
+Command line (phase 2): ``python -m profiles.aot launches.json results.json [--jobs N]``.
 """
 from __future__ import annotations
 

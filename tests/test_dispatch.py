@@ -1,0 +1,69 @@
+"""The backend switch (kernels.use_backend): which path an op takes, and that the choice is
+scoped, per op when asked, and restored on errors."""
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+from kernels.common import dispatch
+
+
+def _conv_inputs():
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(1, 12, 8, generator=gen), torch.randn(8, 3, generator=gen)
+
+
+def test_reference_backend_runs_the_oracle_exactly():
+    x, w = _conv_inputs()
+    with kernels.use_backend("reference"):
+        y = kernels.causal_conv1d(x, w)
+    assert torch.equal(y, reference.causal_conv1d(x, w))
+
+
+@pytest.mark.skipif(not dispatch.INTERPRET, reason="needs the Triton interpreter on CPU")
+def test_per_op_choice_leaves_the_other_ops_alone(monkeypatch):
+    calls = []
+    monkeypatch.setattr(reference, "causal_conv1d", lambda *a, **k: calls.append("conv") or a[0])
+    x, w = _conv_inputs()
+    with kernels.use_backend("reference", ops="doc_attention"):
+        assert kernels.current_backend("doc_attention") == "reference"
+        assert kernels.current_backend("causal_conv1d") == "auto"
+        kernels.causal_conv1d(x, w)  # still the Triton kernel (interpreter)
+    assert calls == []
+    with kernels.use_backend("reference", ops=["causal_conv1d"]):
+        kernels.causal_conv1d(x, w)
+    assert calls == ["conv"]
+
+
+def test_choice_is_restored_after_an_error_and_nests():
+    with pytest.raises(RuntimeError, match="boom"), kernels.use_backend("reference"):
+        with kernels.use_backend("auto", ops="ssd_scan"):
+            assert kernels.current_backend("ssd_scan") == "auto"
+            assert kernels.current_backend("doc_attention") == "reference"
+        assert kernels.current_backend("ssd_scan") == "reference"
+        raise RuntimeError("boom")
+    assert kernels.current_backend() == "auto" and kernels.current_backend("ssd_scan") == "auto"
+
+
+def test_bad_names_are_refused():
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
+        with kernels.use_backend("cuda"):
+            pass
+    with pytest.raises(ValueError, match="unknown op"):
+        with kernels.use_backend("reference", ops="ssd"):
+            pass
+    assert kernels.current_backend() == "auto"
+
+
+def test_triton_backend_on_cpu_without_interpreter_says_so(monkeypatch):
+    monkeypatch.setattr(dispatch, "INTERPRET", False)
+    x, w = _conv_inputs()
+    assert torch.equal(kernels.causal_conv1d(x, w), reference.causal_conv1d(x, w))  # auto: the reference
+    with kernels.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.causal_conv1d(x, w)
+
+
+def test_every_public_op_is_switchable():
+    public = {name for name in kernels.__all__ if name[0].islower() and name not in
+              ("use_backend", "set_backend", "current_backend")}
+    assert public <= set(dispatch.OPS)
