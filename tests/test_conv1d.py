@@ -155,6 +155,13 @@ def _bad_cases(device):
         ((x, w), {"cu_seqlens": torch.tensor([0, 5, 3], device=device)}, "non-decreasing"),
         ((x, w), {"doc_ids": torch.zeros(7, dtype=torch.long, device=device)}, "doc_ids must have shape"),
         ((x, w.to("meta")), {}, "one device"),
+        ((x, w), {"cu_seqlens": [0, 3, 8]}, "cu_seqlens must be a torch.Tensor"),
+        ((x, w), {"layout": DocLayout.from_examples([(9, [])], device=device)}, "layout covers 9 tokens"),
+        ((x, w), {"layout": DocLayout.from_examples([(8, [])], device=device),
+                  "cu_seqlens": torch.tensor([0, 8], device=device)}, "either layout or cu_seqlens"),
+        ((torch.randn(2, 8, 4, device=device), w), {"layout": DocLayout.from_examples([(8, [])], device=device)},
+         "batch 1"),
+        ((x, w), {"layout": (0, 8)}, "layout must be a kernels.DocLayout"),
     ]
 
 
@@ -183,3 +190,16 @@ def test_offsets_past_int32(device):
     y = causal_conv1d(x, weight)
     tail = reference.causal_conv1d(x[:, -200 - (w - 1):], weight)[:, w - 1:]
     torch.testing.assert_close(y[:, -200:], tail, atol=2e-2, rtol=2e-2)
+
+
+def test_layout_equals_keyword_form(device):
+    """layout= and cu_seqlens/doc_ids give bitwise the same outputs and gradients; padding past
+    the layout gives 0."""
+    layout = DocLayout.from_examples([(17, [(3, 4), (4, 8)]), (0, []), (23, [(0, 6)])], device=device)
+    x, weight, bias, dy = make_inputs(device, 1, 44, 12, 4, torch.float32)
+    docs = torch.nn.functional.pad(layout.doc_ids, (0, 4))
+    keyword = forward_backward(causal_conv1d, x, weight, bias, dy, cu_seqlens=layout.cu_seqlens, doc_ids=docs)
+    with_layout = forward_backward(causal_conv1d, x, weight, bias, dy, layout=layout)
+    for a, b in zip(keyword, with_layout):
+        assert torch.equal(a, b)
+    assert with_layout[0][:, 40:].abs().sum() == 0
