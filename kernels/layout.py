@@ -428,6 +428,15 @@ class DocLayout:
             self._cache[key] = value
         return self._cache[key]
 
+    def memo(self, key, build):
+        """``build(self)`` computed once on this layout's device and cached under ``key``: for
+        per-batch values a caller derives from the layout (e.g. a model's RoPE tables), so every
+        layer and every step on this batch reuses them. ``key`` must name what ``build`` does."""
+        key = ("memo", key)
+        if key not in self._cache:
+            self._cache[key] = build(self)
+        return self._cache[key]
+
     def examples_only(self) -> "DocLayout":
         """The layout with every token shared text (documents dropped), cached: for the ops of a
         layer that ignores documents (a Mamba block without doc_mode)."""

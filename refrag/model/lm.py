@@ -117,12 +117,17 @@ class HybridLM(nn.Module):
             raise ValueError(f"layout is on {layout.device} but input_ids on {input_ids.device}")
 
     def _context(self, input_ids: torch.Tensor, layout: DocLayout | None) -> SequenceContext:
+        c = self.config
         if layout is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        else:
-            positions = layout.position_ids(per_document=self.config.doc_positions == "block")[None]
-        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        return SequenceContext(layout, positions, cos, sin)
+            cos, sin = rotary_cos_sin(positions, c.head_dim, c.rope_theta)
+            return SequenceContext(layout, positions, cos, sin)
+
+        def rope(layout: DocLayout):  # once per layout (batch), shared by every layer and call
+            positions = layout.position_ids(per_document=c.doc_positions == "block")[None]
+            return (positions, *rotary_cos_sin(positions, c.head_dim, c.rope_theta))
+
+        return SequenceContext(layout, *layout.memo(("rope", c.doc_positions, c.head_dim, c.rope_theta), rope))
 
     # ------------------------------------------------------------------ generation
 
