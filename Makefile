@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench gpu-check wheels clean
 
 venv: $(STAMP)
 
@@ -35,7 +35,22 @@ demo: $(STAMP)
 	$(BIN)/python -m refrag.demo
 
 bench: $(STAMP)
+	@mkdir -p bench/results
 	$(BIN)/python -m pytest bench/ --benchmark-only --benchmark-json=bench/results/latest.json
+	$(BIN)/python -m bench.report bench/results/latest.json
+
+# Every GPU number in one prepared command (bench/gpu_check.py; README "On a GPU"). It needs no
+# venv and installs nothing from a registry, so it runs as is on a GPU machine whose python3 has
+# CUDA torch, triton and pytest-benchmark; `make wheels` beforehand (where the registry is
+# reachable) brings the fla / Liger baselines along in .wheels/. On a CPU: DRY_RUN=1.
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+BUDGET ?= 480
+gpu-check:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m bench.gpu_check --budget-s $(BUDGET) \
+		$(if $(OUT),--out $(OUT)) $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run)
+
+wheels:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY)) -m bench.wheels download
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -14,7 +14,7 @@ import os
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -23,6 +23,23 @@ SMOKE = not HAS_CUDA or os.environ.get("REFRAG_BENCH_SMOKE") == "1"
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 QUANTILES = (0.5, 0.2, 0.8)
 CPU_REPS = 1  # interpreted kernels take seconds per call on CPU
+SMOKE_LENGTH = 64
+FULL_LENGTHS = (2048, 4096, 8192, 16384, 32768)
+
+
+def bench_lengths() -> List[int]:
+    """Packed lengths the length-swept suites run: REFRAG_BENCH_LENGTHS (comma-separated) when set
+    (bench.gpu_check runs 8K and 16K only), else SMOKE_LENGTH in smoke mode, else FULL_LENGTHS."""
+    chosen = os.environ.get("REFRAG_BENCH_LENGTHS", "").strip()
+    if chosen:
+        try:
+            lengths = [int(n) for n in chosen.split(",")]
+        except ValueError:
+            raise ValueError(f"REFRAG_BENCH_LENGTHS must be comma-separated integers, got {chosen!r}") from None
+        if not lengths or min(lengths) <= 0:
+            raise ValueError(f"REFRAG_BENCH_LENGTHS must hold positive lengths, got {chosen!r}")
+        return lengths
+    return [SMOKE_LENGTH] if SMOKE else list(FULL_LENGTHS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,6 +50,10 @@ def device_name() -> str:
 
 @functools.lru_cache(maxsize=None)
 def git_commit() -> str:
+    """The checkout's short commit; REFRAG_COMMIT when set (a copy of the tree without .git, as on a
+    lent GPU machine, is told its commit that way)."""
+    if os.environ.get("REFRAG_COMMIT"):
+        return os.environ["REFRAG_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -77,16 +98,18 @@ def time_fn(fn: Callable[[], object], rep: int = CPU_REPS) -> Timing:
     return Timing(float(med), float(p20), float(p80))
 
 
-def peak_memory_bytes(fn: Callable[[], object]) -> Optional[int]:
-    """Peak CUDA memory allocated while running `fn` once, above what was live before (None on CPU)."""
+def peak_memory(fn: Callable[[], object]) -> Tuple[Optional[int], Optional[int]]:
+    """Peak CUDA memory allocated while running `fn` once: (above what was live before, in all:
+    parameters, optimizer state and inputs included). (None, None) on CPU."""
     if not HAS_CUDA:
-        return None
+        return None, None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    peak = torch.cuda.max_memory_allocated()
+    return peak - base, peak
 
 
 @dataclass
@@ -113,8 +136,8 @@ def run_case(benchmark, ours: Case, baselines: Dict[str, Optional[Case]], tokens
         "tokens_per_s": tokens / seconds,
         "tflops": ours.flops / seconds / 1e12 if ours.flops else None,
         "gbps": ours.bytes / seconds / 1e9 if ours.bytes else None,
-        "peak_mem_bytes": peak_memory_bytes(ours.fn),
     })
+    extra["peak_mem_bytes"], extra["peak_mem_total_bytes"] = peak_memory(ours.fn)
     extra.update(ours.extra)
     for name, case in baselines.items():
         if case is None:
@@ -124,10 +147,14 @@ def run_case(benchmark, ours: Case, baselines: Dict[str, Optional[Case]], tokens
             base = time_fn(case.fn)
             extra[f"{name}_median_ms"] = base.median_ms
             extra[f"speedup_vs_{name}"] = base.median_ms / timing.median_ms
-            extra[f"{name}_peak_mem_bytes"] = peak_memory_bytes(case.fn)
+            extra[f"{name}_peak_mem_bytes"], extra[f"{name}_peak_mem_total_bytes"] = peak_memory(case.fn)
         except torch.cuda.OutOfMemoryError:
             extra[f"{name}_median_ms"] = "OOM"
             torch.cuda.empty_cache()
+        except Exception as error:  # noqa: BLE001 - a broken baseline must not lose our own numbers
+            if SMOKE:
+                raise  # CPU smoke runs are where a broken baseline call is caught
+            extra[f"{name}_median_ms"] = f"error: {type(error).__name__}: {str(error)[:300]}"
 
 
 def fwd_bwd(forward: Callable[[], torch.Tensor], inputs) -> Callable[[], None]:

@@ -3,11 +3,11 @@ causal-conv1d package when installed. Memory-bound: bytes = read x + write y (+ 
 import pytest
 import torch
 
-from bench.common import DEVICE, SMOKE, Case, fwd_bwd, optional_import, run_case
+from bench.common import DEVICE, SMOKE, Case, bench_lengths, fwd_bwd, optional_import, run_case
 from bench.layouts import examples_to_tensors, rag_examples
 from kernels import DocLayout, causal_conv1d, reference
 
-LENGTHS = [64] if SMOKE else [2048, 4096, 8192, 16384, 32768]
+LENGTHS = bench_lengths()
 CHANNELS, WIDTH = (16, 4) if SMOKE else (4352, 4)
 DTYPE = torch.float32 if SMOKE else torch.bfloat16
 DOC_LEN = (4, 10) if SMOKE else (200, 800)

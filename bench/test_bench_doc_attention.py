@@ -8,11 +8,11 @@ Bytes: q, k, v, o once (+ do, dq, dk, dv for backward)."""
 import pytest
 import torch
 
-from bench.common import DEVICE, SMOKE, Case, fwd_bwd, optional_import, run_case
+from bench.common import DEVICE, SMOKE, Case, bench_lengths, fwd_bwd, optional_import, run_case
 from bench.layouts import examples_to_tensors, rag_examples, visible_pairs
 from kernels import DocLayout, doc_attention, reference
 
-LENGTHS = [64] if SMOKE else [2048, 4096, 8192, 16384, 32768]
+LENGTHS = bench_lengths()
 HQ, HK, D = (4, 1, 32) if SMOKE else (16, 4, 128)
 DTYPE = torch.float32 if SMOKE else torch.bfloat16
 DOC_LEN = (4, 10) if SMOKE else (200, 800)

@@ -6,10 +6,10 @@ FLOP model: ~9 flops per (token, channel, state) forward (decay exp, two FMAs, C
 import pytest
 import torch
 
-from bench.common import DEVICE, SMOKE, Case, fwd_bwd, optional_import, run_case
+from bench.common import DEVICE, SMOKE, Case, bench_lengths, fwd_bwd, optional_import, run_case
 from kernels import reference, selective_scan
 
-LENGTHS = [64] if SMOKE else [2048, 4096, 8192, 16384, 32768]
+LENGTHS = bench_lengths()
 DIM, NSTATE = (8, 4) if SMOKE else (1536, 16)
 DTYPE = torch.float32 if SMOKE else torch.bfloat16
 REFERENCE_MAX_L = 64 if SMOKE else 2048

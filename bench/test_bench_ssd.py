@@ -7,10 +7,10 @@ backward ~2.5x forward. Bytes: read x, dt, B, C, write y once (ideal, fp16/bf16)
 import pytest
 import torch
 
-from bench.common import DEVICE, SMOKE, Case, fwd_bwd, optional_import, run_case
+from bench.common import DEVICE, SMOKE, Case, bench_lengths, fwd_bwd, optional_import, run_case
 from kernels import DocLayout, reference, ssd_scan
 
-LENGTHS = [64] if SMOKE else [2048, 4096, 8192, 16384, 32768]
+LENGTHS = bench_lengths()
 HEADS, P, N, G = (2, 8, 8, 1) if SMOKE else (32, 64, 128, 1)
 CHUNK = 16 if SMOKE else 64
 DTYPE = torch.float32 if SMOKE else torch.bfloat16

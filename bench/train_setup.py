@@ -2,8 +2,9 @@
 the train-step benchmark (bench/test_bench_train_step.py) and the profiling driver
 (profiles/train_step.py).
 
-Real mode: the d12 preset (d_model 768, 12 layers, vocab 32768), bf16 autocast on CUDA.
-Smoke mode: a 2-layer d_model-32 model on CPU (Triton interpreter), fp32.
+Real mode: the d12 preset (d_model 768, 12 layers, vocab 32768) with the named block pattern, and
+the d16 hybrid ("hybrid-d16", d_model 1024, 16 layers) for its memory at long context; bf16
+autocast on CUDA. Smoke mode: a 2-layer d_model-32 model on CPU (Triton interpreter), fp32.
 """
 from __future__ import annotations
 
@@ -25,20 +26,25 @@ SMOKE_VOCAB, REAL_VOCAB = 128, 32768
 SMOKE_LAYOUT = dict(doc_len=(4, 10), shared=(3, 8))
 REAL_LAYOUT = dict(doc_len=(200, 800), shared=(32, 96))
 
+# Benchmarked models that are not d12, by name (the rest are d12 with their block pattern).
+MODEL_SIZES = {"hybrid-d16": "d16"}
+
+
 def block_patterns(smoke: bool) -> Dict[str, str]:
-    """Named block patterns benchmarked: hybrid, pure Mamba-2 and pure attention (smoke: hybrid
-    only, which runs both block types; an interpreted train step takes seconds)."""
+    """Named block patterns benchmarked: hybrid, pure Mamba-2 and pure attention at d12, and the
+    d16 hybrid (smoke: hybrid only, which runs both block types; an interpreted train step takes
+    seconds)."""
     if smoke:
         return {"hybrid": "T,M"}
-    return {"hybrid": "T*4+[T,M]*2+M*4", "pure-M": "M*12", "pure-T": "T*12"}
+    return {"hybrid": "T*4+[T,M]*2+M*4", "pure-M": "M*12", "pure-T": "T*12", "hybrid-d16": "T*6+[T,M]*2+M*6"}
 
 
-def model_config(pattern: str, smoke: bool) -> ModelConfig:
-    """The benchmarked model: d12 with the given block pattern, or a tiny smoke model."""
+def model_config(pattern: str, smoke: bool, size: str = "d12") -> ModelConfig:
+    """The benchmarked model: the `size` preset with the given block pattern, or a tiny smoke model."""
     if smoke:
         return ModelConfig(vocab_size=SMOKE_VOCAB, d_model=32, n_layer=2, block_pattern=pattern, n_head=1,
                            mamba=MambaConfig(d_state=16, headdim=32, chunk_size=16))
-    return preset("d12", vocab_size=REAL_VOCAB, block_pattern=pattern)
+    return preset(size, vocab_size=REAL_VOCAB, block_pattern=pattern)
 
 
 def effective_seq_len(layout: DocLayout) -> int:
@@ -92,10 +98,12 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)
 
 
-def build_train_step(pattern: str, length: int, device: torch.device, smoke: bool, seed: int = 0) -> TrainStep:
-    """Model, AdamW (the trainer's `build_optimizer`) and one synthetic packed RAG row of `length` tokens."""
+def build_train_step(pattern: str, length: int, device: torch.device, smoke: bool, seed: int = 0,
+                     size: str = "d12") -> TrainStep:
+    """Model (`size` preset, `pattern` blocks), AdamW (the trainer's `build_optimizer`) and one
+    synthetic packed RAG row of `length` tokens."""
     torch.manual_seed(seed)
-    config = model_config(pattern, smoke)
+    config = model_config(pattern, smoke, size)
     model = HybridLM(config).to(device)
     optimizer = build_optimizer(model, TrainConfig())
     examples = rag_examples(length, seed=seed, **(SMOKE_LAYOUT if smoke else REAL_LAYOUT))

@@ -10,6 +10,7 @@ from kernels.conv1d import causal_conv1d
 from kernels.doc_attention import doc_attention
 from kernels.state_update import ssd_state_update, causal_conv1d_update
 from kernels.cross_entropy import fused_linear_cross_entropy
+from kernels.gated_rms_norm import gated_rms_norm
 
 __all__ = [
     "use_backend",
@@ -23,4 +24,5 @@ __all__ = [
     "ssd_state_update",
     "causal_conv1d_update",
     "fused_linear_cross_entropy",
+    "gated_rms_norm",
 ]

@@ -250,6 +250,21 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     return y.to(out_dtype)
 
 
+# ----------------------------------------------------------------------------- gated RMSNorm
+
+
+def gated_rms_norm(y, z, weight, eps=1e-5, group_size=None):
+    """rmsnorm(y * silu(z)) * weight over groups of `group_size` channels of the last dim
+    (all of it when None); z None gives a plain RMSNorm. Returns y's dtype."""
+    cdt = _compute_dtype(y)
+    gated = y.to(cdt) if z is None else y.to(cdt) * F.silu(z.to(cdt))
+    n = gated.shape[-1]
+    size = n if group_size is None else group_size
+    groups = gated.reshape(*gated.shape[:-1], n // size, size)
+    normed = groups * torch.rsqrt(groups.square().mean(-1, keepdim=True) + eps)
+    return (normed.reshape(gated.shape) * weight.to(cdt)).to(y.dtype)
+
+
 # ----------------------------------------------------------------------------- Mamba-1 selective scan
 
 

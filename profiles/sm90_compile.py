@@ -32,6 +32,7 @@ from kernels.cross_entropy import CROSS_ENTROPY_CONFIGS, fused_linear_cross_entr
 from kernels.doc_attention import BWD_CONFIGS as ATTENTION_BWD_CONFIGS
 from kernels.doc_attention import FWD_CONFIGS as ATTENTION_FWD_CONFIGS
 from kernels.doc_attention import _doc_attention
+from kernels.gated_rms_norm import GATED_RMS_NORM_CONFIGS, gated_rms_norm
 from kernels.layout import DocLayout
 from kernels.selective_scan import BWD_CONFIGS as SCAN_BWD_CONFIGS
 from kernels.selective_scan import FWD_CONFIGS as SCAN_FWD_CONFIGS
@@ -161,6 +162,15 @@ def cross_entropy_masked(config, dtype):
     _backward([loss], [hidden, weight])
 
 
+def gated_norm_mamba(config, dtype):
+    """Mamba-2 output norm at d16 width (d_inner 2048, one group), z a slice of a projection."""
+    gen = torch.Generator().manual_seed(0)
+    proj = _leaf((160, 2 * 2048), dtype, gen)
+    y, weight = _leaf((160, 2048), dtype, gen), _leaf((2048,), torch.float32, gen)
+    out = gated_rms_norm(y, proj[:, :2048], weight, 1e-5, config=config)
+    _backward([out], [y, proj, weight])
+
+
 def _paired(*config_lists) -> list:
     """Tuples taking the i-th entry of every list (cycling the shorter ones): each config runs once."""
     longest = max(len(c) for c in config_lists)
@@ -179,6 +189,7 @@ def workloads() -> dict:
         "doc_attention d128": (attention_configs, partial(doc_attention_packed, head_dim=128)),
         "state_update": (_paired(SSD_UPDATE_CONFIGS, CONV_UPDATE_CONFIGS), state_update_step),
         "cross_entropy": (CROSS_ENTROPY_CONFIGS, cross_entropy_masked),
+        "gated_rms_norm": (GATED_RMS_NORM_CONFIGS, gated_norm_mamba),
     }
 
 

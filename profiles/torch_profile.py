@@ -2,8 +2,11 @@
 same named ranges as profiles/train_step.py, export a chrome trace, per-kernel and per-range
 CSVs and the markdown summary, all under profiles/<device>/.
 
-    python -m profiles.torch_profile [--pattern hybrid] [--length 8192] [--steps 3] [--warmup 3]
-                                     [--out-root profiles]
+    python -m profiles.torch_profile [--pattern hybrid] [--length 8192] [--steps 5] [--warmup 3]
+                                     [--smoke] [--out-root profiles]
+
+Without CUDA it profiles the smoke model at 64 tokens, one step, unless told otherwise
+(profiles.train_step.parse_args), and prints each step as it ends.
 
 On CUDA the kernel table lists device kernels (time on the GPU); on CPU (smoke mode, Triton
 interpreter) it lists CPU operators by self time, which says nothing about GPU performance.
@@ -62,12 +65,13 @@ def main(argv=None) -> None:
     args = parse_args(rest)
     on_cuda = torch.cuda.is_available()
     device = torch.device("cuda" if on_cuda else "cpu")
-    step, examples = prepare(args.pattern, args.length, args.smoke or not on_cuda, device)
-    run_steps(step, examples, args.warmup, device)
+    step, examples = prepare(args.pattern, args.length, args.smoke, device)
+    run_steps(step, examples, args.warmup, device, label="warm-up")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
         with phase("profile"):
-            run_steps(step, examples, args.steps, device)
+            run_steps(step, examples, args.steps, device, label="profiled")
+    print("[profile] writing the trace and summaries", flush=True)
 
     out_dir = own.out_root / device_slug(device_name())
     out_dir.mkdir(parents=True, exist_ok=True)

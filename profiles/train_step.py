@@ -1,6 +1,11 @@
 """Run N HybridLM train steps with named ranges, for Nsight Systems / Nsight Compute.
 
-    python -m profiles.train_step [--pattern hybrid|pure-M|pure-T] [--length 8192] [--steps 5] [--warmup 3]
+    python -m profiles.train_step [--pattern hybrid|pure-M|pure-T|hybrid-d16] [--length 8192] [--steps 5]
+                                  [--warmup 3] [--smoke]
+
+Without CUDA (or with --smoke) it runs the smoke model of bench/ and, unless told otherwise, at
+the smoke length (64 tokens) for one step and no warm-up: the Triton interpreter takes seconds
+per step even there. Each step prints its time as it ends.
 
 Ranges (NVTX on CUDA, and torch.profiler record_function everywhere): ``step`` around each
 profiled step, inside it ``data`` (host layout build and copy of the packed row), ``forward``
@@ -20,7 +25,8 @@ from typing import Iterator
 import torch
 
 from bench.layouts import rag_examples
-from bench.train_setup import REAL_LAYOUT, SMOKE_LAYOUT, TrainStep, block_patterns, build_train_step
+from bench.common import SMOKE_LENGTH
+from bench.train_setup import MODEL_SIZES, REAL_LAYOUT, SMOKE_LAYOUT, TrainStep, block_patterns, build_train_step
 from kernels import DocLayout
 
 
@@ -56,10 +62,11 @@ def load_batch(step: TrainStep, examples, device: torch.device) -> None:
     step.targets = step.targets.cpu().to(device, non_blocking=True)
 
 
-def run_steps(step: TrainStep, examples, steps: int, device: torch.device) -> list[float]:
-    """`steps` annotated train steps; returns each step's wall time in seconds (device-synchronized)."""
+def run_steps(step: TrainStep, examples, steps: int, device: torch.device, label: str = "") -> list[float]:
+    """`steps` annotated train steps; returns each step's wall time in seconds (device-synchronized).
+    With a `label`, prints each step's time as it ends."""
     times = []
-    for _ in range(steps):
+    for i in range(steps):
         t0 = time.perf_counter()
         with phase("step"):
             with phase("data"):
@@ -68,6 +75,8 @@ def run_steps(step: TrainStep, examples, steps: int, device: torch.device) -> li
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        if label:
+            print(f"[profile] {label} step {i + 1}/{steps}: {times[-1]:.2f} s", flush=True)
     return times
 
 
@@ -90,7 +99,10 @@ def prepare(pattern: str, length: int, smoke: bool, device: torch.device):
     """The train step with annotated blocks and its packed-row examples (the same row every step)."""
     if pattern not in block_patterns(smoke):
         raise ValueError(f"unknown pattern {pattern!r}; choose one of {', '.join(block_patterns(smoke))}")
-    step = build_train_step(block_patterns(smoke)[pattern], length, device, smoke)
+    print(f"[profile] building the {'smoke' if smoke else MODEL_SIZES.get(pattern, 'd12')} {pattern} model, "
+          f"{length} tokens on {device.type}", flush=True)
+    step = build_train_step(block_patterns(smoke)[pattern], length, device, smoke,
+                            size=MODEL_SIZES.get(pattern, "d12"))
     examples = rag_examples(length, **(SMOKE_LAYOUT if smoke else REAL_LAYOUT))
     annotate_blocks(step.model)
     return step, examples
@@ -98,23 +110,28 @@ def prepare(pattern: str, length: int, smoke: bool, device: torch.device):
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pattern", default="hybrid", help="block pattern name: hybrid, pure-M or pure-T")
-    parser.add_argument("--length", type=int, default=8192, help="tokens per packed row")
-    parser.add_argument("--steps", type=int, default=5, help="profiled steps")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, autotune)")
+    parser.add_argument("--pattern", default="hybrid", help="model name: hybrid, pure-M, pure-T or hybrid-d16")
+    parser.add_argument("--length", type=int, help="tokens per packed row (default 8192; smoke: 64)")
+    parser.add_argument("--steps", type=int, help="profiled steps (default 5; smoke: 1)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first: compile, autotune (default 3; smoke: 0)")
     parser.add_argument("--smoke", action="store_true", default=os.environ.get("REFRAG_BENCH_SMOKE") == "1",
-                        help="tiny model (the CPU smoke configuration of bench/)")
-    return parser.parse_args(argv)
+                        help="tiny model (the CPU smoke configuration of bench/); implied without CUDA")
+    args = parser.parse_args(argv)
+    args.smoke = args.smoke or not torch.cuda.is_available()
+    defaults = dict(length=SMOKE_LENGTH, steps=1, warmup=0) if args.smoke else dict(length=8192, steps=5, warmup=3)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    smoke = args.smoke or device.type == "cpu"
-    step, examples = prepare(args.pattern, args.length, smoke, device)
-    run_steps(step, examples, args.warmup, device)
+    step, examples = prepare(args.pattern, args.length, args.smoke, device)
+    run_steps(step, examples, args.warmup, device, label="warm-up")
     with cuda_profiler_range(device), phase("profile"):
-        times = run_steps(step, examples, args.steps, device)
+        times = run_steps(step, examples, args.steps, device, label="profiled")
     median = sorted(times)[len(times) // 2]
     print(f"{args.pattern} L={args.length}: median step {median * 1e3:.1f} ms, "
           f"{step.tokens / median:.0f} tokens/s over {args.steps} steps")

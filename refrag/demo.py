@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from refrag.data import EMBEDDED_KB_DIR
 from refrag.eval.answers import QUESTION_TYPES, format_table
+from refrag.fileio import read_jsonl
 from refrag.eval.evaluate import evaluate_model, load_trained_model, write_predictions
 from refrag.retrieval import RetrievalManager, prepare_kb
 from refrag.train.__main__ import run_sft
@@ -122,7 +123,7 @@ def _steps_logged(out_dir: str) -> int:
 
 def read_metrics(out_dir: str) -> list[dict]:
     """Step records of a run's metrics.jsonl."""
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [record for _, record in read_jsonl(Path(out_dir) / "metrics.jsonl", allow_nan=True)]
 
 
 def smoothed(values: list[float], decay: float = 0.95) -> list[float]:

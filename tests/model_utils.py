@@ -66,9 +66,11 @@ STEP_VOCAB = 256
 
 
 def tiny_train_step(device):
-    """(model, input_ids (1, L), targets (1, L), layout) for one training step of the tiny
-    preset on a packed row with documents; the layout is built (on the CPU, as the loader
-    does) and moved before the step. Every matrix is random so every gradient is live."""
+    """(model, input_ids (1, L), targets (1, L), layout, num_loss_tokens) for one training step
+    of the tiny preset on a packed row with documents; the layout and the loss-token count are
+    built on the CPU (as the loader does) before the step. Every matrix is random so every
+    gradient is live. Run it as ``model(ids, layout=layout, targets=targets,
+    num_loss_tokens=num_loss_tokens)``."""
     from kernels import DocLayout
     from refrag.model import preset
 
@@ -83,4 +85,5 @@ def tiny_train_step(device):
     ids = torch.randint(0, STEP_VOCAB, (1, layout.total_tokens), generator=gen)
     targets = torch.randint(0, STEP_VOCAB, (1, layout.total_tokens), generator=gen)
     targets[0, layout.doc_ids != 0] = -100
-    return model.to(device), ids.to(device), targets.to(device), layout.to(device)
+    num_loss_tokens = int((targets != -100).sum())
+    return model.to(device), ids.to(device), targets.to(device), layout.to(device), num_loss_tokens

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Suites measured against the PyTorch reference (kernels.reference, or the model running it);
 # other suites (e.g. the document-cache TTFT) name their own baselines.
 REFERENCE_OPS = {"ssd_scan", "selective_scan", "causal_conv1d", "doc_attention", "fused_linear_cross_entropy",
-                 "train_step"}
+                 "train_step", "gated_rms_norm"}
 REQUIRED_INFO = ("op", "median_ms", "tokens_per_s")
 TIMEOUT_S = 600
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from kernels import fused_linear_cross_entropy, reference
 from kernels.cross_entropy import CROSS_ENTROPY_CONFIGS, LOGITS_BUDGET, logits_chunk_size
@@ -48,9 +49,10 @@ def loss_and_grads(fn, hidden, weight, targets, dtype=None, grad_out=None, **kwa
     return loss, h.grad, w.grad
 
 
-def check_against_reference(hidden, weight, targets, grad_out=None, chunk_size=None, config=None, **kwargs):
+def check_against_reference(hidden, weight, targets, grad_out=None, chunk_size=None, config=None, num_valid=None,
+                            **kwargs):
     out = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, grad_out=grad_out,
-                         chunk_size=chunk_size, config=config, **kwargs)
+                         chunk_size=chunk_size, config=config, num_valid=num_valid, **kwargs)
     ref64 = loss_and_grads(reference.fused_linear_cross_entropy, hidden, weight, targets,
                            dtype=torch.float64, grad_out=grad_out, **kwargs)
     plain = loss_and_grads(plain_linear_cross_entropy, hidden, weight, targets, grad_out=grad_out, **kwargs)
@@ -167,6 +169,12 @@ def _bad_calls(device):
         ((h, w, torch.tensor([0, 1, 10, 2], device=device)), {}, r"\[0, 10\)"),
         ((h, w, torch.tensor([0, -1, 3, 2], device=device)), {}, r"\[0, 10\)"),
         ((h, w.to("meta"), t), {}, "one device"),
+        ((h, w.half(), t), {}, "share a dtype"),
+        ((h, w, t), {"num_valid": 3}, "num_valid=3 differs"),
+        ((h, w, t), {"num_valid": 5}, r"num_valid must lie in \[0, 4\]"),
+        ((h, w, t), {"num_valid": -1}, r"num_valid must lie in \[0, 4\]"),
+        ((h, w, t), {"num_valid": 4.0}, "num_valid must be a Python int"),
+        ((h, w, t), {"num_valid": torch.tensor(4)}, "num_valid must be a Python int"),
     ]
 
 
@@ -174,6 +182,136 @@ def test_bad_inputs_raise(device):
     for args, kwargs, match in _bad_calls(device):
         with pytest.raises(ValueError, match=match):
             fused_linear_cross_entropy(*args, **kwargs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.9], ids=["all-valid", "10pct-valid"])
+def test_num_valid_from_caller(device, reduction, ignore_frac):
+    """A caller-supplied count gives the same losses and gradients as the counted path, also with
+    every token valid (no compaction) and with 90% ignored (most tokens compacted away)."""
+    hidden, weight, targets = make_inputs(device, (2, 12), 16, 300, torch.float32, ignore_frac=ignore_frac)
+    grad_out = torch.randn(2, 12, generator=torch.Generator().manual_seed(5)).to(device) \
+        if reduction == "none" else None
+    num_valid = int((targets != -100).sum())
+    counted = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, grad_out=grad_out,
+                             reduction=reduction, chunk_size=8)
+    given = check_against_reference(hidden, weight, targets, grad_out=grad_out, chunk_size=8,
+                                    reduction=reduction, num_valid=num_valid)
+    for name, a, b in zip(("loss", "grad_hidden", "grad_weight"), counted, given):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
+def test_no_loss_tokens(device):
+    """num_valid = 0: no GEMM runs; loss 0 ("mean" divides by at least 1) and zero gradients."""
+    hidden, weight, targets = make_inputs(device, (2, 5), 8, 257, torch.float32, ignore_frac=1.0)
+    loss, grad_hidden, grad_weight = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets,
+                                                    num_valid=0)
+    assert loss.item() == 0.0 and grad_hidden.shape == hidden.shape
+    assert torch.count_nonzero(grad_hidden) == 0 and torch.count_nonzero(grad_weight) == 0
+
+
+def _gemm_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gemms_see_only_loss_tokens(device, reduction):
+    """Forward + backward GEMM FLOPs are those of the n loss tokens alone: 6 n H V (2 n H V more for
+    "none", whose backward recomputes the logits), whatever the number of ignored tokens."""
+    T, H, V = 60, 16, 200
+    for ignore_frac in (0.0, 0.9):
+        hidden, weight, targets = make_inputs(device, (T,), H, V, torch.float32, ignore_frac=ignore_frac)
+        n = int((targets != -100).sum())
+        flops = _gemm_flops(lambda: loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets,
+                                                   reduction=reduction, num_valid=n, chunk_size=16))
+        assert flops == (8 if reduction == "none" else 6) * n * H * V, (ignore_frac, n, flops)
+        assert ignore_frac == 0.0 or n < 0.15 * T
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"),
+                                   pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.gpu)])
+def test_grad_weight_accumulates_in_fp32(device, dtype):
+    """hidden in fp16/bf16 with the fp32 master weight (how the model calls it): the fp32 weight
+    gradient's error (Frobenius, vs fp64) is at most that of torch's linear + cross-entropy in the
+    low dtype, whose GEMM accumulates in fp32 but rounds dW once. Rounding each chunk's dW to the
+    low dtype (10 chunks here) fails this. bf16 needs a GPU: the interpreter truncates fp32 -> bf16.
+    """
+    hidden, weight, targets = make_inputs(device, (160,), 64, 1000, torch.float32, ignore_frac=0.5)
+    hidden, weight = hidden.to(dtype), weight.to(dtype).float()  # a master weight the low dtype represents
+    ours = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, chunk_size=8)[2]
+    ref64 = loss_and_grads(reference.fused_linear_cross_entropy, hidden, weight, targets, dtype=torch.float64)[2]
+    plain = loss_and_grads(lambda h, w, t: plain_linear_cross_entropy(h, w.to(h.dtype), t), hidden, weight,
+                           targets)[2]
+    assert ours.dtype == torch.float32 and plain.dtype == torch.float32
+    err, base = (ours.double() - ref64).norm().item(), (plain.double() - ref64).norm().item()
+    assert err <= base, f"dW error {err:.4g} > torch's {base:.4g}"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fp32_weight_with_fp16_hidden(device, reduction):
+    """Mixed operands: GEMMs in fp16, gradients in each input's dtype, within the 2x rule of torch
+    casting the weight itself."""
+    hidden, weight, targets = make_inputs(device, (2, 30), 16, 500, torch.float16)
+    weight = weight.float()
+    grad_out = torch.randn(2, 30, generator=torch.Generator().manual_seed(7)).to(device) \
+        if reduction == "none" else None
+    out = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, grad_out=grad_out,
+                         reduction=reduction, chunk_size=8, z_loss=0.01)
+    ref64 = loss_and_grads(reference.fused_linear_cross_entropy, hidden, weight, targets, dtype=torch.float64,
+                           grad_out=grad_out, reduction=reduction, z_loss=0.01)
+    plain = loss_and_grads(lambda h, w, t, **kw: plain_linear_cross_entropy(h, w.to(h.dtype), t, **kw),
+                           hidden, weight, targets, grad_out=grad_out, reduction=reduction, z_loss=0.01)
+    for name, o, r64, rlp in zip(("loss", "grad_hidden", "grad_weight"), out, ref64, plain):
+        assert o.dtype == rlp.dtype, name
+        assert_within_rule(o, r64, rlp, ATOL[torch.float16], name)
+
+
+def test_none_reduction_with_broadcast_grad(device):
+    """loss.sum().backward() hands backward a stride-0 grad_output."""
+    hidden, weight, targets = make_inputs(device, (40,), 8, 257, torch.float32)
+    h = hidden.clone().requires_grad_()
+    fused_linear_cross_entropy(h, weight, targets, reduction="none", chunk_size=8).sum().backward()
+    h_ref = hidden.double().requires_grad_()
+    reference.fused_linear_cross_entropy(h_ref, weight.double(), targets, reduction="sum").backward()
+    torch.testing.assert_close(h.grad.double(), h_ref.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_second_backward_raises(device):
+    """Gradients are computed in the forward and consumed (scaled in place) by the first backward."""
+    hidden, weight, targets = make_inputs(device, (12,), 8, 257, torch.float32)
+    loss = fused_linear_cross_entropy(hidden.requires_grad_(), weight, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_num_valid_makes_no_host_read(device):
+    """Counted by the meter: with num_valid, forward + backward read nothing back from the device;
+    without it, the count is the one read."""
+    from bench.meter import measure
+
+    hidden, weight, targets = make_inputs(device, (2, 9), 8, 257, torch.float32, ignore_frac=0.6)
+    num_valid = int((targets != -100).sum())
+    for given, reads in ((num_valid, 0), (None, 1)):
+        m = measure(lambda: loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, num_valid=given,
+                                           chunk_size=4), kernels=False)
+        assert m.host_syncs == reads, (given, m.host_reads, m.sync_ops)
+
+
+@pytest.mark.gpu
+def test_num_valid_makes_no_host_sync(device):
+    hidden, weight, targets = make_inputs(device, (4, 256), 64, 1000, torch.bfloat16, ignore_frac=0.8)
+    hidden.requires_grad_()
+    num_valid = int((targets != -100).sum())
+    fused_linear_cross_entropy(hidden, weight, targets, num_valid=num_valid).backward()  # warm-up, autotune
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused_linear_cross_entropy(hidden, weight, targets, num_valid=num_valid).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.gpu

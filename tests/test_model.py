@@ -401,10 +401,10 @@ def test_train_step_never_syncs_and_replays_in_a_cuda_graph(device):
     debug mode "error") and the step captured in a CUDA graph replays to the eager result."""
     if device.type != "cuda":
         pytest.skip("needs a CUDA device")
-    model, ids, targets, layout = tiny_train_step(device)
+    model, ids, targets, layout, num_loss_tokens = tiny_train_step(device)
 
     def step():
-        loss = model(ids, layout=layout, targets=targets)
+        loss = model(ids, layout=layout, targets=targets, num_loss_tokens=num_loss_tokens)
         loss.backward()
         return loss
 
@@ -452,11 +452,11 @@ def test_tiny_train_step_reads_nothing_from_the_device(triton_ops, device):
         pytest.skip("counts the Triton interpreter's launches")
     from bench.meter import measure
 
-    model, ids, targets, layout = tiny_train_step(device)
+    model, ids, targets, layout, num_loss_tokens = tiny_train_step(device)
 
     def step():
         model.zero_grad(set_to_none=True)
-        model(ids, layout=layout, targets=targets).backward()
+        model(ids, layout=layout, targets=targets, num_loss_tokens=num_loss_tokens).backward()
 
     first = measure(step, kernels=False)  # builds the layout's tables (on its CPU copy)
     assert first.num_host_reads == 0, dict(first.host_reads)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from profiles import summarize
 
@@ -87,11 +88,14 @@ def test_kernel_regex_names_triton_kernels():
 
 @pytest.mark.slow
 def test_torch_profile_cpu_smoke(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "profiles.torch_profile", "--length", "64", "--steps", "1", "--warmup", "0",
-         "--out-root", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "REFRAG_BENCH_SMOKE": "1"})
+    """With no shape arguments on a CPU it picks the smoke model at 64 tokens, one step, and says so."""
+    smoke = ["--smoke"] if torch.cuda.is_available() else []
+    env = {k: v for k, v in os.environ.items() if k != "REFRAG_BENCH_SMOKE"}
+    result = subprocess.run([sys.executable, "-m", "profiles.torch_profile", *smoke, "--out-root", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "building the smoke hybrid model, 64 tokens" in result.stdout
+    assert "[profile] profiled step 1/1:" in result.stdout
     (device_dir,) = tmp_path.iterdir()
     stem = device_dir / "torch_hybrid_L64"
     assert Path(f"{stem}_trace.json").stat().st_size > 0

@@ -102,7 +102,8 @@ def test_prepare_kb_writes_all_files_and_meta(kb_dir):
     assert kb.embeddings.shape == (len(DOCS), 64) and kb.embeddings.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(kb.embeddings, axis=1), 1.0, rtol=1e-5)
     assert kb.stats()["per_source"] == {"bio": 2, "registry": 1, "atlas": 2, "news": 1}
-    assert not list(kb_dir.parent.glob(".kb.*")), "temp or old directories left behind"
+    leftovers = [p.name for p in kb_dir.parent.glob(".kb.*") if p.name != ".kb.lock"]  # the lock file stays
+    assert not leftovers, "temp or old directories left behind"
 
 
 def test_hnsw_index_above_threshold(tmp_path, docs_file):
@@ -169,7 +170,7 @@ def test_failed_rebuild_leaves_old_kb_intact(tmp_path, kb_dir):
     with pytest.raises(RuntimeError, match="crash while embedding"):
         prepare_kb(tmp_path / "documents.jsonl", kb_dir, ExplodingEncoder(64), show_progress=False)
     assert {p.name: p.read_bytes() for p in kb_dir.iterdir() if p.is_file()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "documents.jsonl", "kb"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".kb.lock", "bad.jsonl", "documents.jsonl", "kb"]
     KnowledgeBase.load(kb_dir)
 
 
@@ -186,7 +187,7 @@ def test_crash_while_writing_leaves_old_kb_and_no_temp_files(tmp_path, kb_dir, m
         prepare_kb(write_jsonl(tmp_path / "fewer.jsonl", DOCS[:2]), kb_dir, ENCODER, show_progress=False)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in kb_dir.iterdir() if p.is_file()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["documents.jsonl", "fewer.jsonl", "kb"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".kb.lock", "documents.jsonl", "fewer.jsonl", "kb"]
     assert len(KnowledgeBase.load(kb_dir)) == len(DOCS)
 
 

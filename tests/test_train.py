@@ -6,6 +6,7 @@ so the tiny HybridLM runs its ops on the PyTorch reference path (`reference_ops`
 import json
 import math
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 
@@ -36,6 +37,10 @@ class Row:
 
     def layout(self, device=None) -> DocLayout:
         return DocLayout.from_examples(self.examples, device=device)
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int((self.targets != -100).sum())
 
 
 def make_row(gen: torch.Generator) -> Row:
@@ -101,7 +106,7 @@ class PoisonedAt(torch.nn.Module):
         self.inner, self.calls, self.count = model, calls, 0
         self.blocks = model.blocks
 
-    def forward(self, input_ids, layout=None, targets=None):
+    def forward(self, input_ids, layout=None, targets=None, num_loss_tokens=None):
         self.count += 1
         loss = self.inner(input_ids, layout=layout, targets=targets)
         return loss * float("nan") if self.count in self.calls else loss
@@ -183,8 +188,12 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
                              trainer_state=trainer, config=config, crash_after_files=2)
     assert ckpt.latest_checkpoint(root).name == "step_000001"
     assert torch.equal(ckpt.load_checkpoint(ckpt.latest_checkpoint(root))["model"]["w"], weights["w"])
-    with pytest.raises(ckpt.CheckpointError, match="partial"):
-        ckpt.load_checkpoint(root / ".partial-step_000002")
+    assert not list(root.glob(".step_000002.*-*")), "the aborted save left its temp directory"
+    partial = root / "step_000002"
+    shutil.copytree(root / "step_000001", partial)
+    (partial / ckpt.MANIFEST).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="no manifest.json: it is partial"):
+        ckpt.load_checkpoint(partial)
 
 
 def test_corrupt_and_mismatched_checkpoints_refused(tmp_path):

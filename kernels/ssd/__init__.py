@@ -4,14 +4,19 @@ Mapping onto a chunked linear-attention scan (as flash-linear-attention's simple
 q = C, k = B, v = x * dt, per-token log-decay dt * A (scalar per head). Stages:
 
 1. `DocLayout.chunk_table`: chunks that never straddle a sequence (or, in doc_mode,
-   a document) boundary; `chunks.chunk_decay_cumsum`: chunk-local cumsum g of dt * A.
+   a document) boundary; `cumsum.chunk_dt_cumsum`: dt_bias + softplus and the chunk-local
+   cumsum g of dt * A.
 2. `chunk_h.chunk_fwd_h`: state entering every chunk (two states in doc_mode).
-3. `chunk_o.chunk_fwd_o`: outputs from the entering state plus the causal intra-chunk part.
-4. Backward: `chunk_bwd_dh` (reverse state recurrence), `chunk_bwd_dqk` (dC, dB, dg),
-   `chunk_bwd_dv` (dx and the dt-through-v part), `chunk_decay_grad` (dg -> d(dt * A)).
+3. `chunk_o.chunk_fwd_o`: outputs from the entering state plus the causal intra-chunk part,
+   with the D skip term, the z gate, zeros on padding and the cast to the input dtype.
+4. Backward: the states are recomputed (`chunk_fwd_h`), then `chunk_bwd_dh` (reverse
+   state recurrence), `chunk_bwd_dqk` (dC, dB, dg), `chunk_bwd_dv` (dx, dz, dD and the
+   dt-through-v part) and `chunk_dt_grad` (dg -> d dt through dt * A, softplus and dt_bias;
+   dA, d dt_bias).
 
-The dt preprocessing (dt_bias, softplus), the D skip term and the z gate are torch
-elementwise ops around the Triton core, so autograd covers their gradients.
+Forward saves only the inputs and two fp32 (T, H) tensors (dt after softplus and g). Dot
+operands are in the input dtype with fp32 accumulation (`tuning.dot_precision`); chunk
+states are stored in the input dtype. x, z, B, C and dt are read through their strides.
 """
 from __future__ import annotations
 
@@ -31,50 +36,54 @@ from kernels.common.checks import (
     check_shape,
 )
 from kernels.common.dispatch import use_triton
+from kernels.layout import ChunkTable, DocLayout
 from kernels.ssd.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from kernels.ssd.chunk_o import chunk_bwd_dqk, chunk_bwd_dv, chunk_fwd_o
-from kernels.layout import ChunkTable, DocLayout
-from kernels.ssd.chunks import chunk_decay_cumsum, chunk_decay_grad
+from kernels.ssd.cumsum import chunk_dt_cumsum, chunk_dt_grad
 from kernels.ssd.tuning import CONFIGS, dot_precision
 
 __all__ = ["ssd_scan", "ssd_scan_triton", "CONFIGS"]
 
 
+def _rows(t: Optional[torch.Tensor], *tail: int) -> Optional[torch.Tensor]:
+    """(b, l, *tail) -> (b * l, *tail), a view when the strides allow (projection slices do),
+    copied only when the last dimension is not unit-stride."""
+    if t is None:
+        return None
+    t = t.reshape(-1, *tail)
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
 class ChunkScanFunction(torch.autograd.Function):
-    """The Triton core: packed tokens, no D/z terms, dt already processed."""
+    """The whole Triton SSD on packed tokens: x, z (T, H, P); dt (T, H) raw; B, C (T, G, N)."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, initial_states, table: ChunkTable, doc_mode: bool,
-                config: Optional[triton.Config]):
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_states, table: ChunkTable, total: int,
+                softplus: bool, doc_mode: bool, config: Optional[triton.Config]):
         precision = dot_precision(x.dtype)
-        g = chunk_decay_cumsum(dt, A, table)
-        h, hc, final = chunk_fwd_h(x, dt, g, B, initial_states, table, doc_mode, precision, config)
-        y = chunk_fwd_o(x, dt, g, C, B, h, table, precision, config)
-        ctx.save_for_backward(x, dt, A, B, C, g, h, hc)
-        ctx.table, ctx.doc_mode, ctx.config = table, doc_mode, config
-        ctx.has_initial_states = initial_states is not None
+        dtp, g = chunk_dt_cumsum(dt, dt_bias, A, softplus, table)
+        h, _, final = chunk_fwd_h(x, dtp, g, B, initial_states, table, doc_mode, precision, config)
+        y = chunk_fwd_o(x, z, dtp, g, C, B, h, D, table, total, precision, config)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, dtp, g)
+        ctx.table, ctx.total, ctx.softplus, ctx.doc_mode, ctx.config = table, total, softplus, doc_mode, config
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, g, h, hc = ctx.saved_tensors
-        table, config = ctx.table, ctx.config
+        x, dt, A, B, C, D, z, dt_bias, initial_states, dtp, g = ctx.saved_tensors
+        table, total, config = ctx.table, ctx.total, ctx.config
         precision = dot_precision(x.dtype)
-        dy = dy.contiguous()
+        dy = _rows(dy, *dy.shape[1:])
         dfinal = None if dfinal is None else dfinal.contiguous()
-        dh, dh0, dg_last = chunk_bwd_dh(C, g, dy, h, hc, dfinal, table, ctx.doc_mode, precision, config)
-        dC, dB, dg = chunk_bwd_dqk(x, dt, g, C, B, h, dy, dh, table, precision, config)
-        dx, ddt = chunk_bwd_dv(x, dt, g, C, B, dy, dh, table, precision, config)
-        da = chunk_decay_grad(dg, dg_last, table)
-        ddt = ddt + da * A
-        dA = (da * dt).sum(0)
-        dh0 = dh0 if ctx.has_initial_states else None
-        return dx, ddt, dA, dB, dC, dh0, None, None, None
-
-
-def _packed(t: torch.Tensor, *tail: int) -> torch.Tensor:
-    """(b, l, *tail) -> contiguous (b * l, *tail)."""
-    return t.reshape(-1, *tail).contiguous()
+        h, hc, _ = chunk_fwd_h(x, dtp, g, B, initial_states, table, ctx.doc_mode, precision, config)
+        dh, dh0, dg_last = chunk_bwd_dh(C, g, dy, z, h, hc, dfinal, table, ctx.doc_mode, precision, config)
+        dC, dB, dg = chunk_bwd_dqk(x, dy, z, dtp, g, C, B, h, dh, table, total, precision, config)
+        dx, dz, ddt_v, dD = chunk_bwd_dv(x, dy, z, dtp, g, C, B, h, dh, D, table, total, precision, config)
+        ddt, dA, ddt_bias = chunk_dt_grad(dt, dt_bias, A, ctx.softplus, dtp, dg, dg_last, ddt_v, table, total)
+        dD = None if dD is None else dD.to(D.dtype)
+        ddt_bias = None if ddt_bias is None else ddt_bias.to(dt_bias.dtype)
+        dh0 = dh0 if initial_states is not None else None
+        return dx, ddt, dA.to(A.dtype), dB, dC, dD, dz, ddt_bias, dh0, None, None, None, None, None
 
 
 def ssd_scan_triton(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -88,21 +97,14 @@ def ssd_scan_triton(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=No
     g, n = B.shape[2:]
     if layout is None:
         layout = DocLayout.from_batch(b, l, cu_seqlens, doc_ids if doc_mode else None, x.device)
+    total = layout.total_tokens
     table = layout.chunk_table(chunk_size, doc_mode)
-    dt_f = dt.float() if dt_bias is None else dt.float() + dt_bias.float()
-    dt_f = F.softplus(dt_f) if dt_softplus else dt_f
     h0 = None if initial_states is None else initial_states.float().contiguous()
-    y, final = ChunkScanFunction.apply(_packed(x, h, p), _packed(dt_f, h), A.float().contiguous(),
-                                       _packed(B, g, n), _packed(C, g, n), h0, table, doc_mode, config)
+    y, final = ChunkScanFunction.apply(_rows(x, h, p), _rows(dt, h), A.contiguous(), _rows(B, g, n),
+                                       _rows(C, g, n), None if D is None else D.contiguous(), _rows(z, h, p),
+                                       None if dt_bias is None else dt_bias.contiguous(), h0, table, total,
+                                       dt_softplus, doc_mode, config)
     y = y.view(b, l, h, p)
-    if D is not None:
-        y = y + x.float() * (D.float()[:, None] if D.dim() == 1 else D.float())
-    if z is not None:
-        y = y * F.silu(z.float())
-    if layout.total_tokens < b * l:  # padding past the layout's tokens (b == 1)
-        live = (torch.arange(l, device=x.device) < layout.total_tokens)[None, :, None, None]
-        y = torch.where(live, y, torch.zeros_like(y))
-    y = y.to(x.dtype)
     return (y, final) if return_final_states else y
 
 

@@ -3,10 +3,15 @@
 Per chunk (q = C, k = B, v = x * dt, g = chunk-local cumsum of dt * A, h_in the state
 the chunk reads, L its last token):
 
-    y_t = exp(g_t) q_t h_in + sum_{s <= t} exp(g_t - g_s) (q_t . k_s) v_s
+    y_t = exp(g_t) q_t h_in + sum_{s <= t} exp(g_t - g_s) (q_t . k_s) dt_s x_s + D x_t
+    out_t = y_t * silu(z_t)                      (when z is given)
 
-Grouped B/C: head i_h reads group i_h // HPG (HPG = heads per group); dq and dk are
-summed over the heads of a group inside the kernel.
+Grouped B/C: head i_h reads group i_h // HPG (HPG = heads per group). The output and dv
+kernels run one program per (V-block, chunk, group) and loop over the group's heads, so
+C.B^T is formed once per (chunk, group, V-block); dq and dk are summed over the heads of a
+group inside the kernel. Dot operands are in the input dtype (decays, dt and the gate are
+applied in fp32 before the cast), accumulation in fp32. Inputs are read through their
+token and head strides (views of one projection need no copy); outputs are contiguous.
 """
 from __future__ import annotations
 
@@ -16,72 +21,100 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ssd.chunks import ChunkTable
 from kernels.common.autotune import launch
+from kernels.ssd.chunk_h import _gated_do
+from kernels.ssd.chunks import ChunkTable
 from kernels.ssd.tuning import autotuned, max_blocks
 
 
 @triton.jit
-def chunk_fwd_o_kernel(x, dt, g, q, k, h, y, chunks, H, K, V, HPG, BT: tl.constexpr, BK: tl.constexpr,
-                       BV: tl.constexpr, PRECISION: tl.constexpr):
-    """y[chunk tokens, head, V-block] (without the D and z terms)."""
-    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    i_g = i_h // HPG
+def _load_tk(t, s_t, s_g, o_t, i_g, o_k, m_tk):
+    """[BT, BK] tile of a (T, G, K) tensor with unit last stride."""
+    return tl.load(t + o_t[:, None] * s_t + i_g * s_g + o_k[None, :], mask=m_tk, other=0.0)
+
+
+@triton.jit
+def chunk_fwd_o_kernel(x, s_xt, s_xh, z, s_zt, s_zh, dt, g, q, s_qt, s_qg, k, s_kt, s_kg, h, D, y, chunks, H, K,
+                       V, HPG, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_D: tl.constexpr,
+                       D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, PRECISION: tl.constexpr):
+    """out[chunk tokens, heads of the group, V-block], D term and z gate included."""
+    i_v, i_c, i_g = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     bos = tl.load(chunks + i_c * 3).to(tl.int64)
     eos = tl.load(chunks + i_c * 3 + 1).to(tl.int64)
     o_i = tl.arange(0, BT)
     o_t = bos + o_i
     m_t = o_t < eos
     o_v = i_v * BV + tl.arange(0, BV)
-    m_tv = m_t[:, None] & (o_v < V)[None, :]
-    b_o = tl.zeros([BT, BV], dtype=tl.float32)
-    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    m_v = o_v < V
+    m_tv = m_t[:, None] & m_v[None, :]
+    m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
+    b_CB = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k < K)[None, :]
-        p_qk = (o_t[:, None] * (H // HPG) + i_g) * K + o_k[None, :]
-        b_q = tl.load(q + p_qk, mask=m_tk, other=0.0).to(tl.float32)
-        b_k = tl.load(k + p_qk, mask=m_tk, other=0.0).to(tl.float32)
-        b_h = tl.load(h + (i_c * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
-                      mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.0)
-        b_o += tl.dot(b_q, b_h, input_precision=PRECISION)  # [BT, BK] @ [BK, BV] -> [BT, BV]
-        b_A += tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BT, BK] @ [BK, BT] -> [BT, BT]
-    b_g = tl.load(g + o_t * H + i_h, mask=m_t, other=0.0)
-    b_o = b_o * tl.exp(b_g)[:, None]
-    m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
-    b_A = tl.where(m_A, b_A * tl.exp(b_g[:, None] - b_g[None, :]), 0.0)
-    b_x = tl.load(x + (o_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-    b_v = b_x * tl.load(dt + o_t * H + i_h, mask=m_t, other=0.0)[:, None]
-    b_o += tl.dot(b_A, b_v, input_precision=PRECISION)  # [BT, BT] @ [BT, BV] -> [BT, BV]
-    tl.store(y + (o_t[:, None] * H + i_h) * V + o_v[None, :], b_o, mask=m_tv)
+        b_q = _load_tk(q, s_qt, s_qg, o_t, i_g, o_k, m_tk)
+        b_k = _load_tk(k, s_kt, s_kg, o_t, i_g, o_k, m_tk)
+        b_CB += tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BT, BK] @ [BK, BT] -> [BT, BT]
+    for i_hh in range(HPG):
+        i_h = i_g * HPG + i_hh
+        b_o = tl.zeros([BT, BV], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            b_q = _load_tk(q, s_qt, s_qg, o_t, i_g, o_k, m_t[:, None] & (o_k < K)[None, :])
+            b_h = tl.load(h + (i_c * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                          mask=(o_k < K)[:, None] & m_v[None, :], other=0.0).to(b_q.dtype)
+            b_o += tl.dot(b_q, b_h, input_precision=PRECISION)  # [BT, BK] @ [BK, BV] -> [BT, BV]
+        b_g = tl.load(g + o_t * H + i_h, mask=m_t, other=0.0)
+        b_dt = tl.load(dt + o_t * H + i_h, mask=m_t, other=0.0)
+        b_o = b_o * tl.exp(b_g)[:, None]
+        b_x = tl.load(x + o_t[:, None] * s_xt + i_h * s_xh + o_v[None, :], mask=m_tv, other=0.0)
+        b_A = tl.where(m_A, b_CB * tl.exp(b_g[:, None] - b_g[None, :]) * b_dt[None, :], 0.0)
+        b_o += tl.dot(b_A.to(b_x.dtype), b_x, input_precision=PRECISION)  # [BT, BT] @ [BT, BV] -> [BT, BV]
+        if HAS_D:
+            if D_PER_CHANNEL:
+                b_D = tl.load(D + i_h * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+            else:
+                b_D = tl.load(D + i_h).to(tl.float32)
+            b_o += b_x.to(tl.float32) * b_D
+        if HAS_Z:
+            b_z = tl.load(z + o_t[:, None] * s_zt + i_h * s_zh + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+            b_o = b_o * b_z * tl.sigmoid(b_z)
+        tl.store(y + (o_t[:, None] * H + i_h) * V + o_v[None, :], b_o.to(y.dtype.element_ty), mask=m_tv)
 
 
 chunk_fwd_o_tuned = autotuned(chunk_fwd_o_kernel)
 
 
-def chunk_fwd_o(x, dt, g, q, k, h, table: ChunkTable, precision: str, config: Optional[triton.Config]):
-    """Chunk outputs. x (T, H, V); dt, g (T, H) fp32; q, k (T, G, K); h (NT, H, K, V) fp32.
-    Returns y (T, H, V) fp32, zero on tokens outside every chunk (padding)."""
+def chunk_fwd_o(x, z, dt, g, q, k, h, D, table: ChunkTable, total: int, precision: str,
+                config: Optional[triton.Config]):
+    """Chunk outputs. x, z (T, H, V) (z or None), q, k (T, G, K), unit last stride; dt, g
+    (T, H) fp32; h (NT, H, K, V); D (H,), (H, V) or None; chunks cover tokens [0, total).
+    Returns out (T, H, V) in x's dtype, zero on padding tokens."""
     T, H, V = x.shape
-    K = q.shape[2]
-    y = torch.zeros(T, H, V, dtype=torch.float32, device=x.device)
+    G, K = q.shape[1:]
+    y = torch.empty(T, H, V, dtype=x.dtype, device=x.device)
+    y[total:].zero_()
     if table.num_chunks:
         def grid(meta):
-            return (triton.cdiv(V, meta["BV"]), table.num_chunks, H)
+            return (triton.cdiv(V, meta["BV"]), table.num_chunks, G)
 
-        launch(chunk_fwd_o_tuned, grid, config, x=x, dt=dt, g=g, q=q, k=k, h=h, y=y, chunks=table.chunks,
-               H=H, K=K, V=V, HPG=H // q.shape[1], BT=table.chunk_size, PRECISION=precision)
+        zz = x if z is None else z
+        launch(chunk_fwd_o_tuned, grid, config, x=x, s_xt=x.stride(0), s_xh=x.stride(1), z=zz, s_zt=zz.stride(0),
+               s_zh=zz.stride(1), dt=dt, g=g, q=q, s_qt=q.stride(0), s_qg=q.stride(1), k=k, s_kt=k.stride(0),
+               s_kg=k.stride(1), h=h, D=dt if D is None else D, y=y, chunks=table.chunks, H=H, K=K, V=V, HPG=H // G,
+               BT=table.chunk_size, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
+               HAS_Z=z is not None, PRECISION=precision)
     return y
 
 
 @triton.jit
-def chunk_bwd_dqk_kernel(x, dt, g, q, k, h, do, dh, dq, dk, dg, chunks, T, H, K, V, HPG,
-                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+def chunk_bwd_dqk_kernel(x, s_xt, s_xh, dy, s_dyt, s_dyh, z, s_zt, s_zh, dt, g, q, s_qt, s_qg, k, s_kt, s_kg, h,
+                         dh, dq, dk, dg, chunks, T, H, K, V, HPG, BT: tl.constexpr, BK: tl.constexpr,
+                         BV: tl.constexpr, HAS_Z: tl.constexpr, PRECISION: tl.constexpr):
     """dq, dk for one (chunk, group, K-block), summed over the group's heads, and this
     K-block's share of dg (gradient w.r.t. g) for each head: dg_t = q_t.dq_t - k_t.dk_t,
     plus, at the chunk's last token, the gradient of S_c through exp(g_L)."""
     i_k, i_c, i_g = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    G = H // HPG
     bos = tl.load(chunks + i_c * 3).to(tl.int64)
     eos = tl.load(chunks + i_c * 3 + 1).to(tl.int64)
     o_i = tl.arange(0, BT)
@@ -89,9 +122,8 @@ def chunk_bwd_dqk_kernel(x, dt, g, q, k, h, do, dh, dq, dk, dg, chunks, T, H, K,
     m_t = o_t < eos
     o_k = i_k * BK + tl.arange(0, BK)
     m_tk = m_t[:, None] & (o_k < K)[None, :]
-    p_qk = (o_t[:, None] * G + i_g) * K + o_k[None, :]
-    b_q = tl.load(q + p_qk, mask=m_tk, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_qk, mask=m_tk, other=0.0).to(tl.float32)
+    b_q = _load_tk(q, s_qt, s_qg, o_t, i_g, o_k, m_tk)
+    b_k = _load_tk(k, s_kt, s_kg, o_t, i_g, o_k, m_tk)
     m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
     b_dq_group = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk_group = tl.zeros([BT, BK], dtype=tl.float32)
@@ -107,107 +139,173 @@ def chunk_bwd_dqk_kernel(x, dt, g, q, k, h, do, dh, dq, dk, dg, chunks, T, H, K,
             o_v = i_v * BV + tl.arange(0, BV)
             m_tv = m_t[:, None] & (o_v < V)[None, :]
             m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
-            p_tv = (o_t[:, None] * H + i_h) * V + o_v[None, :]
             p_state = (i_c * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
-            b_v = tl.load(x + p_tv, mask=m_tv, other=0.0).to(tl.float32) * b_dt[:, None]
-            b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
-            b_h = tl.load(h + p_state, mask=m_kv, other=0.0)
-            b_dh = tl.load(dh + p_state, mask=m_kv, other=0.0)
-            b_dA += tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BT, BV] @ [BV, BT] -> [BT, BT]
+            b_x = tl.load(x + o_t[:, None] * s_xt + i_h * s_xh + o_v[None, :], mask=m_tv, other=0.0)
+            b_do = _gated_do(dy, s_dyt, s_dyh, z, s_zt, s_zh, o_t, i_h, o_v, m_tv, HAS_Z).to(b_x.dtype)
+            b_h = tl.load(h + p_state, mask=m_kv, other=0.0).to(b_x.dtype)
+            b_dh = tl.load(dh + p_state, mask=m_kv, other=0.0).to(b_x.dtype)
+            b_dA += tl.dot(b_do, tl.trans(b_x), input_precision=PRECISION)  # [BT, BV] @ [BV, BT] -> [BT, BT]
             b_dq += tl.dot(b_do, tl.trans(b_h), input_precision=PRECISION)  # [BT, BV] @ [BV, BK] -> [BT, BK]
-            b_dk += tl.dot(b_v, tl.trans(b_dh), input_precision=PRECISION)  # [BT, BV] @ [BV, BK] -> [BT, BK]
+            b_dk += tl.dot(b_x, tl.trans(b_dh), input_precision=PRECISION)  # [BT, BV] @ [BV, BK] -> [BT, BK]
         b_dq = b_dq * tl.exp(b_g)[:, None]
-        b_dk = b_dk * tl.where(m_t, tl.exp(b_g_last - b_g), 0.0)[:, None]
-        b_dg_last = tl.sum(b_dk * b_k)
-        b_dA = tl.where(m_A, b_dA * tl.exp(b_g[:, None] - b_g[None, :]), 0.0)
+        b_dk = b_dk * tl.where(m_t, b_dt * tl.exp(b_g_last - b_g), 0.0)[:, None]
+        b_dg_last = tl.sum(b_dk * b_k.to(tl.float32))
+        b_dA = tl.where(m_A, b_dA * tl.exp(b_g[:, None] - b_g[None, :]) * b_dt[None, :], 0.0).to(b_q.dtype)
         b_dq += tl.dot(b_dA, b_k, input_precision=PRECISION)  # [BT, BT] @ [BT, BK] -> [BT, BK]
         b_dk += tl.dot(tl.trans(b_dA), b_q, input_precision=PRECISION)  # [BT, BT] @ [BT, BK] -> [BT, BK]
-        b_dg = tl.sum(b_q * b_dq, axis=1) - tl.sum(b_k * b_dk, axis=1) + tl.where(o_t == eos - 1, b_dg_last, 0.0)
+        b_dg = tl.sum(b_q.to(tl.float32) * b_dq, axis=1) - tl.sum(b_k.to(tl.float32) * b_dk, axis=1)
+        b_dg += tl.where(o_t == eos - 1, b_dg_last, 0.0)
         tl.store(dg + (i_k * T + o_t) * H + i_h, b_dg, mask=m_t)
         b_dq_group += b_dq
         b_dk_group += b_dk
-    tl.store(dq + p_qk, b_dq_group.to(dq.dtype.element_ty), mask=m_tk)
-    tl.store(dk + p_qk, b_dk_group.to(dk.dtype.element_ty), mask=m_tk)
+    p_out = (o_t[:, None] * (H // HPG) + i_g) * K + o_k[None, :]
+    tl.store(dq + p_out, b_dq_group.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + p_out, b_dk_group.to(dk.dtype.element_ty), mask=m_tk)
 
 
 chunk_bwd_dqk_tuned = autotuned(chunk_bwd_dqk_kernel, reset_to_zero=["dg"])
 
 
-def chunk_bwd_dqk(x, dt, g, q, k, h, do, dh, table: ChunkTable, precision: str, config: Optional[triton.Config]):
-    """Gradients w.r.t. q (C) and k (B) in their dtypes, (T, G, K), zero on padding, and
-    dg (T, H) fp32, the gradient w.r.t. the chunk-local cumsum g (without the state-decay
-    part, which `chunk_bwd_dh` returns per chunk)."""
+def chunk_bwd_dqk(x, dy, z, dt, g, q, k, h, dh, table: ChunkTable, total: int, precision: str,
+                  config: Optional[triton.Config]):
+    """Gradients w.r.t. q (C) and k (B), contiguous (T, G, K) in their dtypes, zero on
+    padding, and dg (K-blocks, T, H) fp32 partial sums of the gradient w.r.t. the
+    chunk-local cumsum g (without the state-decay part, which `chunk_bwd_dh` returns)."""
     T, H, V = x.shape
     G, K = q.shape[1:]
     nk_max = max_blocks(K, "BK", config)
-    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
+    dq = torch.empty(T, G, K, dtype=q.dtype, device=q.device)
+    dk = torch.empty(T, G, K, dtype=k.dtype, device=k.device)
+    dq[total:].zero_()
+    dk[total:].zero_()
     dg = torch.zeros(nk_max, T, H, dtype=torch.float32, device=x.device)
     if table.num_chunks:
         def grid(meta):
             return (triton.cdiv(K, meta["BK"]), table.num_chunks, G)
 
-        launch(chunk_bwd_dqk_tuned, grid, config, x=x, dt=dt, g=g, q=q, k=k, h=h, do=do, dh=dh, dq=dq, dk=dk,
-               dg=dg, chunks=table.chunks, T=T, H=H, K=K, V=V, HPG=H // G, BT=table.chunk_size,
+        zz = dy if z is None else z
+        launch(chunk_bwd_dqk_tuned, grid, config, x=x, s_xt=x.stride(0), s_xh=x.stride(1), dy=dy,
+               s_dyt=dy.stride(0), s_dyh=dy.stride(1), z=zz, s_zt=zz.stride(0), s_zh=zz.stride(1), dt=dt, g=g, q=q,
+               s_qt=q.stride(0), s_qg=q.stride(1), k=k, s_kt=k.stride(0), s_kg=k.stride(1), h=h, dh=dh, dq=dq, dk=dk,
+               dg=dg, chunks=table.chunks, T=T, H=H, K=K, V=V, HPG=H // G, BT=table.chunk_size, HAS_Z=z is not None,
                PRECISION=precision)
-    return dq, dk, dg.sum(0)
+    return dq, dk, dg
 
 
 @triton.jit
-def chunk_bwd_dv_kernel(x, dt, g, q, k, do, dh, dx, ddt, chunks, T, H, K, V, HPG,
-                        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-    """dv for one (chunk, head, V-block), written as dx = dv * dt, and this V-block's share
-    of the gradient w.r.t. dt through v = x * dt."""
-    i_v, i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    i_g = i_h // HPG
+def chunk_bwd_dv_kernel(x, s_xt, s_xh, dy, s_dyt, s_dyh, z, s_zt, s_zh, dt, g, q, s_qt, s_qg, k, s_kt, s_kg, h,
+                        dh, D, dx, dz, ddt, dD, chunks, T, H, K, V, HPG, BT: tl.constexpr, BK: tl.constexpr,
+                        BV: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """For one (V-block, chunk, group), per head of the group: dv written as dx = dv * dt
+    (+ D * do), this V-block's share of the gradient w.r.t. dt through v = x * dt, the
+    chunk's share of dD and, with a gate, dz (the pre-gate output is recomputed here)."""
+    i_v, i_c, i_g = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     bos = tl.load(chunks + i_c * 3).to(tl.int64)
     eos = tl.load(chunks + i_c * 3 + 1).to(tl.int64)
     o_i = tl.arange(0, BT)
     o_t = bos + o_i
     m_t = o_t < eos
     o_v = i_v * BV + tl.arange(0, BV)
-    m_tv = m_t[:, None] & (o_v < V)[None, :]
-    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
-    b_At = tl.zeros([BT, BT], dtype=tl.float32)
+    m_v = o_v < V
+    m_tv = m_t[:, None] & m_v[None, :]
+    # b_At[s, t] = k_s . q_t, used where the query t comes at or after the key s
+    m_At = (o_i[:, None] <= o_i[None, :]) & m_t[:, None] & m_t[None, :]
+    b_BC = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k < K)[None, :]
-        p_qk = (o_t[:, None] * (H // HPG) + i_g) * K + o_k[None, :]
-        b_q = tl.load(q + p_qk, mask=m_tk, other=0.0).to(tl.float32)
-        b_k = tl.load(k + p_qk, mask=m_tk, other=0.0).to(tl.float32)
-        b_dh = tl.load(dh + (i_c * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
-                       mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.0)
-        b_At += tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION)  # [BT, BK] @ [BK, BT] -> [BT, BT]
-        b_dv += tl.dot(b_k, b_dh, input_precision=PRECISION)  # [BT, BK] @ [BK, BV] -> [BT, BV]
-    b_g = tl.load(g + o_t * H + i_h, mask=m_t, other=0.0)
-    b_g_last = tl.load(g + (eos - 1) * H + i_h)
-    b_dv = b_dv * tl.where(m_t, tl.exp(b_g_last - b_g), 0.0)[:, None]
-    # b_At[s, t] = k_s . q_t, used where the query t comes at or after the key s
-    m_At = (o_i[:, None] <= o_i[None, :]) & m_t[:, None] & m_t[None, :]
-    b_At = tl.where(m_At, b_At * tl.exp(b_g[None, :] - b_g[:, None]), 0.0)
-    p_tv = (o_t[:, None] * H + i_h) * V + o_v[None, :]
-    b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
-    b_dv += tl.dot(b_At, b_do, input_precision=PRECISION)  # [BT, BT] @ [BT, BV] -> [BT, BV]
-    b_x = tl.load(x + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-    b_dt = tl.load(dt + o_t * H + i_h, mask=m_t, other=0.0)
-    tl.store(dx + p_tv, (b_dv * b_dt[:, None]).to(dx.dtype.element_ty), mask=m_tv)
-    tl.store(ddt + (i_v * T + o_t) * H + i_h, tl.sum(b_dv * b_x, axis=1), mask=m_t)
+        b_q = _load_tk(q, s_qt, s_qg, o_t, i_g, o_k, m_tk)
+        b_k = _load_tk(k, s_kt, s_kg, o_t, i_g, o_k, m_tk)
+        b_BC += tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION)  # [BT, BK] @ [BK, BT] -> [BT, BT]
+    for i_hh in range(HPG):
+        i_h = i_g * HPG + i_hh
+        b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+        b_y = tl.zeros([BT, BV], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_tk = m_t[:, None] & (o_k < K)[None, :]
+            m_kv = (o_k < K)[:, None] & m_v[None, :]
+            p_state = (i_c * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+            b_k = _load_tk(k, s_kt, s_kg, o_t, i_g, o_k, m_tk)
+            b_dh = tl.load(dh + p_state, mask=m_kv, other=0.0).to(b_k.dtype)
+            b_dv += tl.dot(b_k, b_dh, input_precision=PRECISION)  # [BT, BK] @ [BK, BV] -> [BT, BV]
+            if HAS_Z:
+                b_q = _load_tk(q, s_qt, s_qg, o_t, i_g, o_k, m_tk)
+                b_h = tl.load(h + p_state, mask=m_kv, other=0.0).to(b_q.dtype)
+                b_y += tl.dot(b_q, b_h, input_precision=PRECISION)  # [BT, BK] @ [BK, BV] -> [BT, BV]
+        b_g = tl.load(g + o_t * H + i_h, mask=m_t, other=0.0)
+        b_g_last = tl.load(g + (eos - 1) * H + i_h)
+        b_dt = tl.load(dt + o_t * H + i_h, mask=m_t, other=0.0)
+        b_dv = b_dv * tl.where(m_t, tl.exp(b_g_last - b_g), 0.0)[:, None]
+        b_At = tl.where(m_At, b_BC * tl.exp(b_g[None, :] - b_g[:, None]), 0.0)
+        p_x = o_t[:, None] * s_xt + i_h * s_xh + o_v[None, :]
+        b_x = tl.load(x + p_x, mask=m_tv, other=0.0)
+        b_xf = b_x.to(tl.float32)
+        if HAS_D:
+            if D_PER_CHANNEL:
+                b_D = tl.load(D + i_h * V + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+            else:
+                b_D = tl.load(D + i_h).to(tl.float32)
+        b_dy = tl.load(dy + o_t[:, None] * s_dyt + i_h * s_dyh + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        if HAS_Z:
+            b_z = tl.load(z + o_t[:, None] * s_zt + i_h * s_zh + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+            b_sig = tl.sigmoid(b_z)
+            b_y = b_y * tl.exp(b_g)[:, None]
+            b_y += tl.dot(tl.trans((b_At * b_dt[:, None]).to(b_x.dtype)), b_x, input_precision=PRECISION)
+            if HAS_D:
+                b_y += b_xf * b_D
+            b_dz = b_dy * b_y * b_sig * (1.0 + b_z * (1.0 - b_sig))
+            tl.store(dz + (o_t[:, None] * H + i_h) * V + o_v[None, :], b_dz.to(dz.dtype.element_ty), mask=m_tv)
+            b_do = b_dy * b_z * b_sig
+        else:
+            b_do = b_dy
+        b_dv += tl.dot(b_At.to(b_x.dtype), b_do.to(b_x.dtype), input_precision=PRECISION)  # [BT, BT] @ [BT, BV]
+        b_dx = b_dv * b_dt[:, None]
+        if HAS_D:
+            b_dx += b_do * b_D
+            b_dDx = tl.where(m_tv, b_do * b_xf, 0.0)
+            if D_PER_CHANNEL:
+                tl.store(dD + (i_c * H + i_h) * V + o_v, tl.sum(b_dDx, axis=0), mask=m_v)
+            else:
+                tl.store(dD + (i_v * tl.num_programs(1) + i_c) * H + i_h, tl.sum(b_dDx))
+        tl.store(dx + (o_t[:, None] * H + i_h) * V + o_v[None, :], b_dx.to(dx.dtype.element_ty), mask=m_tv)
+        tl.store(ddt + (i_v * T + o_t) * H + i_h, tl.sum(b_dv * b_xf, axis=1), mask=m_t)
 
 
-chunk_bwd_dv_tuned = autotuned(chunk_bwd_dv_kernel, reset_to_zero=["ddt"])
+chunk_bwd_dv_tuned = autotuned(chunk_bwd_dv_kernel, reset_to_zero=["ddt", "dD"])
 
 
-def chunk_bwd_dv(x, dt, g, q, k, do, dh, table: ChunkTable, precision: str, config: Optional[triton.Config]):
-    """Gradient w.r.t. x (T, H, V) in x's dtype and the part of the gradient w.r.t. dt
-    (T, H) fp32 that flows through v = x * dt; both zero on padding."""
+def chunk_bwd_dv(x, dy, z, dt, g, q, k, h, dh, D, table: ChunkTable, total: int, precision: str,
+                 config: Optional[triton.Config]):
+    """Gradients w.r.t. x and z, contiguous (T, H, V) in their dtypes, zero on padding;
+    ddt (V-blocks, T, H) fp32 partial sums of the gradient w.r.t. dt through v = x * dt;
+    dD in D's shape, fp32 (None without D). Inputs as for `chunk_fwd_o`, plus dy and dh."""
     T, H, V = x.shape
     G, K = q.shape[1:]
+    NT = table.num_chunks
     nv_max = max_blocks(V, "BV", config)
-    dx = torch.zeros_like(x)
+    dx = torch.empty(T, H, V, dtype=x.dtype, device=x.device)
+    dx[total:].zero_()
+    dz = None
+    if z is not None:
+        dz = torch.empty(T, H, V, dtype=z.dtype, device=z.device)
+        dz[total:].zero_()
     ddt = torch.zeros(nv_max, T, H, dtype=torch.float32, device=x.device)
-    if table.num_chunks:
+    dD = None
+    if D is not None:
+        dD = torch.zeros((NT, H, V) if D.dim() == 2 else (nv_max, NT, H), dtype=torch.float32, device=x.device)
+    if NT:
         def grid(meta):
-            return (triton.cdiv(V, meta["BV"]), table.num_chunks, H)
+            return (triton.cdiv(V, meta["BV"]), NT, G)
 
-        launch(chunk_bwd_dv_tuned, grid, config, x=x, dt=dt, g=g, q=q, k=k, do=do, dh=dh, dx=dx, ddt=ddt,
-               chunks=table.chunks, T=T, H=H, K=K, V=V, HPG=H // G, BT=table.chunk_size, PRECISION=precision)
-    return dx, ddt.sum(0)
+        zz = dy if z is None else z
+        launch(chunk_bwd_dv_tuned, grid, config, x=x, s_xt=x.stride(0), s_xh=x.stride(1), dy=dy,
+               s_dyt=dy.stride(0), s_dyh=dy.stride(1), z=zz, s_zt=zz.stride(0), s_zh=zz.stride(1), dt=dt, g=g, q=q,
+               s_qt=q.stride(0), s_qg=q.stride(1), k=k, s_kt=k.stride(0), s_kg=k.stride(1), h=h, dh=dh,
+               D=dt if D is None else D, dx=dx, dz=dx if dz is None else dz, ddt=ddt, dD=ddt if dD is None else dD,
+               chunks=table.chunks, T=T, H=H, K=K, V=V, HPG=H // G, BT=table.chunk_size, HAS_D=D is not None,
+               D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_Z=z is not None, PRECISION=precision)
+    if dD is not None:
+        dD = dD.sum(0) if D.dim() == 2 else dD.sum((0, 1))
+    return dx, dz, ddt, dD

@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 from typing import Sequence
 
+from refrag.fileio import jsonl_lines, loads_strict
 from refrag.retrieval.documents import read_text_utf8
 
 EMBEDDED_KB_DIR = Path(__file__).parent / "kb"
@@ -48,12 +49,14 @@ def load_queries(split: str = "train", kb_dir: str | Path = EMBEDDED_KB_DIR) -> 
     if not path.is_file():
         raise ValueError(f"{path}: query split not found")
     records = []
-    for lineno, line in enumerate(read_text_utf8(path).splitlines(), start=1):
+    for lineno, line in enumerate(jsonl_lines(read_text_utf8(path)), start=1):
         if line.strip():
             try:
-                record = json.loads(line)
+                record = loads_strict(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: {e}") from None
             records.append(validate_query(record, f"{path}:{lineno}"))
     return records
 

@@ -32,6 +32,11 @@ class PackedBatch:
         """bool (B, L): positions whose target is learned (targets != -100)."""
         return self.targets != IGNORE_INDEX
 
+    @property
+    def num_loss_tokens(self) -> int:
+        """Number of learned positions, counted on the CPU (the model's loss takes it to skip a host sync)."""
+        return int(self.loss_mask.sum())
+
     def layout(self, device=None):
         """DocLayout of the flattened (1, B*L) batch (the varlen convention of the kernels):
         built and validated on the CPU, then copied to `device` without blocking."""

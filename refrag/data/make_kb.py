@@ -26,6 +26,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from refrag import fileio
+
 DEFAULT_SEED = 20240611
 IDK = "I don't know"
 SPLIT_SIZES = {"test": 200, "val": 200}
@@ -491,9 +493,7 @@ def split_questions(questions: list[dict], rng: random.Random) -> dict[str, list
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    fileio.write_jsonl(path, records)
 
 
 def generate(out: Path, seed: int = DEFAULT_SEED) -> dict[str, int]:

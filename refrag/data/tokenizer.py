@@ -17,6 +17,7 @@ from typing import Iterable, Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from refrag.data.schema import MAX_DOCS_PER_BLOCK
+from refrag.fileio import jsonl_lines
 from refrag.retrieval.documents import document_text, read_documents, read_text_utf8
 
 ROLE_TOKENS = ["[SYS]", "[/SYS]", "[USER]", "[/USER]", "[ASST]", "[/ASST]", "[QUERY]", "[/QUERY]"]
@@ -109,7 +110,7 @@ def corpus_texts(kb: str | Path) -> Iterator[str]:
         yield document_text(doc)
     if kb.is_dir():
         for split in sorted((kb / "queries").glob("*.jsonl")):
-            for line in read_text_utf8(split).splitlines():
+            for line in jsonl_lines(read_text_utf8(split)):
                 if line.strip():
                     record = json.loads(line)
                     yield record.get("question", "")

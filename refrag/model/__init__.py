@@ -11,6 +11,7 @@ Public API::
 
     model = HybridLM(config)                             # fp32 weights; autocast is the trainer's job
     loss = model(input_ids, layout=layout, targets=targets)   # (1, L) packed row + kernels.DocLayout
+    loss = model(input_ids, layout=layout, targets=targets, num_loss_tokens=batch.num_loss_tokens)  # no host sync
     loss = model(input_ids, targets=targets)                  # (b, L): each row one example, no docs
     logits = model(input_ids, layout=layout)                  # no targets -> (b, L, V) fp32 logits
     hidden = model.hidden_states(input_ids, layout=layout)    # (b, L, d_model) after the final norm

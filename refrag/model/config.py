@@ -6,10 +6,13 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from refrag.validate import require
+
 BLOCK_LETTERS = ("T", "M")
 MLP_KINDS = ("relu2", "swiglu")
 DOC_POSITIONS = ("block", "sequential")
 _REPEAT = re.compile(r"^(?P<body>.+?)\*(?P<count>\d+)$")
+MAX_LAYERS = 1024  # a block pattern expanding past this is a typo, not a model (it would exhaust memory)
 
 
 @dataclass
@@ -92,6 +95,8 @@ class ModelConfig:
             raise ValueError(f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
         if isinstance(self.key_conv, bool) or self.key_conv not in (0, 2, 3, 4):
             raise ValueError(f"key_conv must be 0 (off) or a conv width 2..4, got {self.key_conv!r}")
+        require("rope_theta", self.rope_theta, float, above=0, label="model config key")
+        require("norm_eps", self.norm_eps, float, above=0, below=1, label="model config key")
         if self.doc_positions not in DOC_POSITIONS:
             raise ValueError(f"doc_positions must be one of {DOC_POSITIONS}, got {self.doc_positions!r}")
         if self.d_inner % self.mamba.headdim:
@@ -177,6 +182,8 @@ def parse_block_pattern(pattern: str) -> list[str]:
     layers = []
     for term in pattern.replace(" ", "").split("+"):
         layers.extend(_parse_term(term, pattern))
+        if len(layers) > MAX_LAYERS:
+            raise ValueError(f"block_pattern {pattern!r} expands to more than {MAX_LAYERS} layers")
     return layers
 
 
@@ -187,8 +194,9 @@ def _parse_term(term: str, pattern: str) -> list[str]:
     match = _REPEAT.match(term)
     if match:
         term, count = match["body"], int(match["count"])
-        if count < 1:
-            raise ValueError(f"block_pattern {pattern!r}: repeat count must be at least 1, got {count}")
+        if not 1 <= count <= MAX_LAYERS:
+            raise ValueError(f"block_pattern {pattern!r}: repeat count must be at least 1 and at most "
+                             f"{MAX_LAYERS}, got {count}")
     if term.startswith("[") != term.endswith("]"):
         raise ValueError(f"block_pattern {pattern!r}: unbalanced brackets in term {term!r}")
     if term.startswith("["):

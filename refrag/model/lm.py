@@ -56,9 +56,11 @@ class HybridLM(nn.Module):
     # ------------------------------------------------------------------ training forward
 
     def forward(self, input_ids: torch.Tensor, layout: DocLayout | None = None,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
+                targets: torch.Tensor | None = None, num_loss_tokens: int | None = None) -> torch.Tensor:
         """Mean loss over targets != -100 when targets (same shape as input_ids) are given,
         else fp32 logits (b, L, vocab). input_ids (1, L) with layout, or (b, L) without.
+        num_loss_tokens: the number of targets != -100 when the caller counted them on the host
+        (the loader's ``PackedBatch.num_loss_tokens``); it spares the loss its one host sync.
 
         Packed example::
 
@@ -72,17 +74,17 @@ class HybridLM(nn.Module):
             raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(targets.shape)}")
         hidden, weight = self._head_operands(hidden)
-        return fused_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX)
+        return fused_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX,
+                                          num_valid=num_loss_tokens)
 
     def _head_operands(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden and the LM-head weight in one dtype: the autocast dtype when autocast is on
-        (what nn.Linear would compute in), else the weight's dtype."""
+        """hidden in the dtype nn.Linear would compute in: the autocast dtype when autocast is on,
+        else the weight's. An fp32 weight stays fp32 (the loss casts it for its GEMMs and returns
+        its gradient accumulated in fp32, with no bf16 round trip); any other is cast too."""
         device_type = hidden.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-        else:
-            dtype = self.lm_head.weight.dtype
-        return hidden.to(dtype), self.lm_head.weight.to(dtype)
+        weight = self.lm_head.weight
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        return hidden.to(dtype), (weight if weight.dtype == torch.float32 else weight.to(dtype))
 
     def hidden_states(self, input_ids: torch.Tensor, layout: DocLayout | None = None) -> torch.Tensor:
         """Final-norm hidden states (b, L, d_model) for input_ids (1, L) + layout or (b, L)."""

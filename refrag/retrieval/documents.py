@@ -1,9 +1,11 @@
 """Knowledge-base documents: the `documents.jsonl` record format and its validation.
 
 One JSON object per line: {"id": str, "title": str, "content": str, "source": str,
-"metadata": {...} (optional)}. Ids are short path-safe names (letters, digits and
-`_ . : -`, starting with a letter or digit), so no id can name a path outside a KB.
-Every error names the file and line.
+"metadata": {...} (optional, finite numbers only, at most 100 levels deep)}. Ids are short
+path-safe names (letters, digits and `_ . : -`, starting with a letter or digit), so no id can
+name a path outside a KB. Lines end at ``\n`` only (`refrag.fileio.jsonl_lines`: U+2028 and
+friends inside a string are content); NaN/Infinity and duplicate keys are refused
+(`refrag.fileio.loads_strict`). Every error names the file and line.
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+from refrag.fileio import check_finite_tree, jsonl_lines, loads_strict, write_jsonl
+
+ID_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
 REQUIRED_FIELDS = ("id", "title", "content", "source")
 OPTIONAL_FIELDS = ("metadata",)
 
@@ -41,13 +45,16 @@ def validate_document(record: object, where: str) -> dict:
         raise ValueError(f"{where}: document {record['id']!r} has empty content")
     if not record["source"].strip():
         raise ValueError(f"{where}: document {record['id']!r} has an empty source")
-    if "metadata" in record and not isinstance(record["metadata"], dict):
-        raise ValueError(f"{where}: field 'metadata' must be an object")
+    if "metadata" in record:
+        if not isinstance(record["metadata"], dict):
+            raise ValueError(f"{where}: field 'metadata' must be an object")
+        check_finite_tree(record["metadata"], f"{where}: field 'metadata'")
     return {f: record[f] for f in REQUIRED_FIELDS + OPTIONAL_FIELDS if f in record}
 
 
 def parse_documents(lines: Iterable[str], name: str) -> list[dict]:
-    """Validate JSON lines (blank lines skipped); duplicate ids and an empty list are errors."""
+    """Validate JSON lines (blank lines skipped); duplicate ids and an empty list are errors.
+    Split text into lines with `refrag.fileio.jsonl_lines` (`\n` only)."""
     docs: list[dict] = []
     first_line: dict[str, int] = {}
     for lineno, line in enumerate(lines, start=1):
@@ -55,9 +62,11 @@ def parse_documents(lines: Iterable[str], name: str) -> list[dict]:
             continue
         where = f"{name}:{lineno}"
         try:
-            record = json.loads(line)
+            record = loads_strict(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
         doc = validate_document(record, where)
         if doc["id"] in first_line:
             raise ValueError(f"{where}: duplicate document id {doc['id']!r} (first on line {first_line[doc['id']]})")
@@ -83,7 +92,7 @@ def read_documents(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: documents file not found")
-    return parse_documents(read_text_utf8(path).splitlines(), str(path))
+    return parse_documents(jsonl_lines(read_text_utf8(path)), str(path))
 
 
 def check_no_overlap(existing: Iterable[str], new_docs: list[dict]) -> None:
@@ -100,6 +109,5 @@ def document_text(doc: dict) -> str:
 
 
 def write_documents(path: Path, docs: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps(d, ensure_ascii=False) + "\n")
+    """documents.jsonl as `parse_documents(jsonl_lines(...))` reads it back."""
+    write_jsonl(path, docs)

@@ -1,9 +1,10 @@
 """On-disk knowledge base: documents, embeddings, FAISS index, BM25 index, meta.json.
 
-Layout of a KB directory (written atomically: built in a temp directory next to the
-target, then renamed into place, so an interrupted build leaves the old KB intact; an
-existing KB is first renamed to `.NAME.old-*`, and only a crash between those two renames
-would leave it there instead of at NAME):
+Layout of a KB directory (written with `refrag.fileio.atomic_directory`: built in a temp
+directory next to the target and swapped into place under the lock ``.NAME.lock``; a crash at
+any point leaves the old or the new KB, and a swap interrupted between its two renames is
+finished by the next `load`, `save` or `add_documents`; `add_documents` holds the lock from
+reading the KB to writing it back, so concurrent adds queue instead of losing one another):
 
     documents.jsonl   validated documents, in index order
     embeddings.npy    float32 (count, dim), L2-normalized rows
@@ -19,9 +20,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -29,9 +27,9 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from refrag.fileio import atomic_directory, file_lock, jsonl_lines, lock_path, recover_directory, sha256_file
 from refrag.retrieval.documents import (check_no_overlap, document_text, parse_documents, read_documents,
                                         read_text_utf8, write_documents)
-from refrag.fileio import sha256_file
 from refrag.retrieval.encoders import DEFAULT_ENCODER, Encoder, load_encoder
 
 FORMAT_VERSION = 1
@@ -200,15 +198,13 @@ class KnowledgeBase:
                 "bm25_tokenizer": BM25_TOKENIZER, "sources": self.sources}
 
     def save(self, out: str | Path) -> Path:
-        """Write the KB to `out` atomically (temp dir + rename). Refuses to replace a non-empty
-        directory that is not a KB. Returns the resolved path."""
+        """Write the KB to `out` atomically (`refrag.fileio.atomic_directory`). Refuses to replace a
+        non-empty directory that is not a KB. Returns the resolved path."""
         import faiss
 
         out = Path(out).resolve()
-        check_replaceable(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+        check_writable_target(out)
+        with atomic_directory(out) as tmp:
             write_documents(tmp / "documents.jsonl", self.documents)
             np.save(tmp / "embeddings.npy", self.embeddings, allow_pickle=False)
             faiss.write_index(self.index, str(tmp / "index.faiss"))
@@ -217,10 +213,6 @@ class KnowledgeBase:
             checksums = {name: sha256_file(tmp / name) for name in files}
             meta = {**self.meta(), "files": checksums, "checksum": overall_checksum(checksums)}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-            replace_directory(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self.path = out
         return out
 
@@ -234,9 +226,10 @@ class KnowledgeBase:
         import faiss
 
         path = Path(path).resolve()
+        recover_directory(path)
         meta = read_meta(path)
         verify_files(path, meta)
-        docs = parse_documents(read_text_utf8(path / "documents.jsonl").splitlines(),
+        docs = parse_documents(jsonl_lines(read_text_utf8(path / "documents.jsonl")),
                                str(path / "documents.jsonl"))
         emb = load_embeddings(path / "embeddings.npy")
         index = read_faiss_index(path / "index.faiss")
@@ -273,15 +266,21 @@ def check_replaceable(out: Path) -> None:
         raise ValueError(f"refusing to replace {out}: it exists and is not a knowledge base directory")
 
 
-def replace_directory(tmp: Path, out: Path) -> None:
-    """Move `tmp` to `out`; an existing `out` is renamed aside first and deleted after the swap."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old)
+def check_writable_target(out: Path) -> None:
+    """`out` can be (re)written as a KB: replaceable, and its parent a writable directory (checked by
+    creating its lock file, so an unwritable target fails before any embedding)."""
+    check_replaceable(out)
+    parent = next((p for p in [out.parent, *out.parent.parents] if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise ValueError(f"cannot write the knowledge base to {out}: {parent} is not a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot write the knowledge base to {out}: {e.strerror} ({e.filename})") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK | os.X_OK)):
+        raise ValueError(f"cannot write the knowledge base to {out}: permission denied")
+    with file_lock(lock_path(out), what=f"knowledge base {out}"):
+        pass
 
 
 def read_meta(path: Path) -> dict:
@@ -378,18 +377,27 @@ def check_consistency(path: Path, meta: dict, docs: list[dict], emb: np.ndarray,
 def prepare_kb(docs_path: str | Path, out: str | Path, encoder: str | Encoder = DEFAULT_ENCODER, *,
                batch_size: int = 64, hnsw_threshold: int = HNSW_THRESHOLD,
                show_progress: bool = True) -> KnowledgeBase:
-    """Validate `docs_path` (documents.jsonl), embed, index and write the KB to `out` atomically."""
-    check_replaceable(Path(out).resolve())
-    kb = KnowledgeBase.build(read_documents(docs_path), encoder, batch_size=batch_size,
-                             hnsw_threshold=hnsw_threshold, show_progress=show_progress)
-    kb.save(out)
+    """Validate `docs_path` (documents.jsonl), embed, index and write the KB to `out` atomically.
+    `out` is checked writable before any embedding."""
+    out = Path(out).resolve()
+    check_writable_target(out)
+    documents = read_documents(docs_path)
+    encoder = load_encoder(encoder)
+    with file_lock(lock_path(out), what=f"knowledge base {out}"):
+        kb = KnowledgeBase.build(documents, encoder, batch_size=batch_size,
+                                 hnsw_threshold=hnsw_threshold, show_progress=show_progress)
+        kb.save(out)
     return kb
 
 
 def add_documents(kb_path: str | Path, docs_path: str | Path, *, batch_size: int = 64,
                   show_progress: bool = True) -> KnowledgeBase:
-    """Append the documents of `docs_path` to the KB at `kb_path` (embedding only them), atomically."""
+    """Append the documents of `docs_path` to the KB at `kb_path` (embedding only them), atomically.
+    The KB's lock is held from reading to writing back, so concurrent adds are serialized."""
     new_docs = read_documents(docs_path)
-    kb = KnowledgeBase.load(kb_path).add_documents(new_docs, batch_size=batch_size, show_progress=show_progress)
-    kb.save(kb_path)
+    kb_path = Path(kb_path).resolve()
+    with file_lock(lock_path(kb_path), what=f"knowledge base {kb_path}"):
+        kb = KnowledgeBase.load(kb_path).add_documents(new_docs, batch_size=batch_size,
+                                                       show_progress=show_progress)
+        kb.save(kb_path)
     return kb

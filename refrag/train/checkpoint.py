@@ -9,17 +9,20 @@ A checkpoint is a directory ``<root>/step_000123/`` holding
 - ``config.json``   the training config and the model config
 - ``manifest.json`` sha256 and size of every file above, written LAST
 
-Saving writes every file into ``<root>/.partial-step_000123/``, fsyncs each, writes the
-manifest, fsyncs the directory and only then renames it into place (``os.replace``), so a
-crash at any point leaves either no new checkpoint or a complete one. Loading reads with
-``torch.load(weights_only=True)``, refuses a directory without manifest (partial) or with a
-file whose hash or size differs (corrupt), and refuses a checkpoint whose model config differs
-from the running one, naming the differing keys.
+Saving writes every file into a temp directory and swaps it into place with
+`refrag.fileio.atomic_directory` (fsync of every file and directory, one lock per checkpoint
+directory, a swap interrupted between its renames finished on the next open, stale temp
+directories of killed saves deleted), so a crash at any point leaves either no new checkpoint
+or a complete one. Loading reads with ``torch.load(weights_only=True)``, refuses a directory
+without manifest (partial), with a manifest that does not list exactly the four files, or
+with a file whose hash or size differs (corrupt), and refuses a checkpoint whose model config
+differs from the running one, naming the differing keys, or one holding NaN/inf weights.
+`latest_valid_checkpoint` skips
+(and reports) corrupt newer checkpoints so training falls back to the intact older one.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -28,9 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from refrag.fileio import sha256_file
+from refrag.fileio import atomic_directory, fsync_path, lock_path, recover_directory, sha256_file
 
 MANIFEST = "manifest.json"
+PAYLOADS = ("model.pt", "optimizer.pt", "trainer.pt", "config.json")
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -75,49 +79,21 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_payloads(tmp: Path, payloads: dict, crash_after_files: int | None) -> None:
     for written, (name, payload) in enumerate(payloads.items()):
         if crash_after_files is not None and written == crash_after_files:
             raise SimulatedCrash(f"simulated crash after {written} checkpoint files in {tmp}")
         path = tmp / name
         if name.endswith(".json"):
-            path.write_text(json.dumps(payload, indent=2, sort_keys=True))
+            path.write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=False))
         else:
             torch.save(payload, path)
-        _fsync_file(path)
 
 
 def _write_manifest(tmp: Path, names) -> None:
     files = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in names}
     path = tmp / MANIFEST
     path.write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=2, sort_keys=True))
-    _fsync_file(path)
-    _fsync_dir(tmp)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        stale = final.with_name(f".stale-{final.name}")
-        shutil.rmtree(stale, ignore_errors=True)
-        os.replace(final, stale)
-        os.replace(tmp, final)
-        shutil.rmtree(stale)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(final.parent)
 
 
 def save_checkpoint(root: str | Path, step: int, *, model_state: dict, optimizer_state: dict,
@@ -125,19 +101,17 @@ def save_checkpoint(root: str | Path, step: int, *, model_state: dict, optimizer
     """Atomically write the checkpoint of `step` under `root`; returns its directory.
 
     config: {"train": ..., "model": ...} plain JSON. crash_after_files: test hook, raise
-    SimulatedCrash after writing that many files (the manifest is never written then).
+    SimulatedCrash after writing that many files (nothing is swapped into place then).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = root / f".partial-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     payloads = {"model.pt": model_state, "optimizer.pt": optimizer_state,
                 "trainer.pt": trainer_state, "config.json": config}
-    _write_payloads(tmp, payloads, crash_after_files)
-    _write_manifest(tmp, payloads)
-    _replace_dir(tmp, final)
+    with atomic_directory(final) as tmp:
+        _write_payloads(tmp, payloads, crash_after_files)
+        _write_manifest(tmp, payloads)
+    fsync_path(root)
     return final
 
 
@@ -153,13 +127,21 @@ def verify_checkpoint(path: str | Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} is corrupt ({err})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path}: format version {manifest.get('format_version')!r}, "
-                              f"expected {FORMAT_VERSION}")
-    for name, entry in manifest["files"].items():
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise CheckpointError(f"checkpoint {path}: format version {version!r}, expected {FORMAT_VERSION}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or sorted(files) != sorted(PAYLOADS):
+        listed = sorted(files) if isinstance(files, dict) else files
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} must list exactly {', '.join(PAYLOADS)}, "
+                              f"it lists {listed!r} (corrupt or edited manifest)")
+    for name, entry in files.items():
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is missing {name}")
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or \
+                not isinstance(entry.get("sha256"), str):
+            raise CheckpointError(f"checkpoint {path}: {MANIFEST} entry of {name} is malformed")
         if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
             raise CheckpointError(f"checkpoint {path}: {name} is corrupt (sha256 differs from the manifest)")
     return manifest
@@ -194,8 +176,11 @@ def load_checkpoint(path: str | Path, model_config: dict | None = None, map_loca
     refused with a CheckpointError listing the differing keys.
     """
     path = Path(path)
+    recover_directory(path)
     verify_checkpoint(path)
     config = json.loads((path / "config.json").read_text())
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"checkpoint {path}: config.json has no model config (key 'model')")
     if model_config is not None:
         diffs = config_differences(config["model"], model_config)
         if diffs:
@@ -203,14 +188,23 @@ def load_checkpoint(path: str | Path, model_config: dict | None = None, map_loca
                                   + "; ".join(diffs))
     state = {name: torch.load(path / f"{name}.pt", map_location=map_location, weights_only=True)
              for name in ("model", "optimizer", "trainer")}
+    bad = [name for name, t in state["model"].items()
+           if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds non-finite weights ({', '.join(bad[:5])}): "
+                              "it was saved by a run that diverged")
     return {**state, "config": config, "path": path}
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete-looking checkpoint directories under `root` (with a manifest), oldest first."""
+    """Complete-looking checkpoint directories under `root` (with a manifest), oldest first.
+    Interrupted swaps are finished and stale temp directories deleted first."""
     root = Path(root)
     if not root.is_dir():
         return []
+    names = {m.group(1) for p in root.iterdir() if (m := re.match(r"^\.(step_\d+)\.(?:tmp|old)-", p.name))}
+    for name in sorted(names):
+        recover_directory(root / name)
     found = [(int(m.group(1)), p) for p in root.iterdir()
              if (m := _STEP_DIR.match(p.name)) and (p / MANIFEST).is_file()]
     return [p for _, p in sorted(found)]
@@ -222,10 +216,20 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def latest_valid_checkpoint(root: str | Path, warn=print) -> Path | None:
+    """The newest checkpoint under `root` that passes `verify_checkpoint`, or None; each newer
+    corrupt one is skipped with a `warn` line naming it and the problem."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as err:
+            warn(f"skipping corrupt checkpoint {path}: {err}; falling back to an older one")
+    return None
+
+
 def prune_checkpoints(root: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints and any leftover partial directories."""
-    root = Path(root)
+    """Delete all but the newest `keep` checkpoints (list_checkpoints also clears leftovers)."""
     for path in list_checkpoints(root)[:-keep]:
         shutil.rmtree(path)
-    for partial in root.glob(".partial-step_*"):
-        shutil.rmtree(partial)
+        lock_path(path).unlink(missing_ok=True)

@@ -1,7 +1,9 @@
 """Training configuration: one flat dataclass, read from JSON and `--key value` overrides.
 
 Every key is validated: an unknown key (in the file or an override) raises a ValueError that
-names it. The ``model`` key is a dict of `refrag.model.preset` overrides (for example
+names it; numbers go through `refrag.validate.require` (finite, in range: NaN and infinity are
+refused), and files and overrides are parsed with `refrag.fileio.loads_strict` (no NaN/Infinity
+literals, no duplicate keys). The ``model`` key is a dict of `refrag.model.preset` overrides (for example
 ``{"block_pattern": "T,M,T,M"}``); override one of them on the command line with
 ``--model.block_pattern T,M``.
 """
@@ -11,6 +13,9 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from refrag.fileio import check_finite_tree, loads_strict
+from refrag.validate import require
 
 GROUPS = {
     "model": ("preset", "model"),
@@ -109,16 +114,16 @@ class TrainConfig:
             require(name, getattr(self, name), int, minimum=1)
         for name in ("extra_questions", "counterfactual_copies", "val_rows", "warmup_steps", "eval_every", "ckpt_every", "seed"):
             require(name, getattr(self, name), int, minimum=0)
-        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip"):
+        for name in ("lr", "weight_decay", "grad_clip"):
             require(name, getattr(self, name), float, minimum=0)
+        require("min_lr_ratio", self.min_lr_ratio, float, minimum=0, maximum=1)
         for name in ("beta1", "beta2"):
-            require(name, getattr(self, name), float, minimum=0)
-            if getattr(self, name) >= 1:
-                raise ValueError(f"config key {name} must be below 1, got {getattr(self, name)}")
+            require(name, getattr(self, name), float, minimum=0, below=1)
         for name in ("retrieval", "question_first", "document_loss", "deterministic", "fsdp", "bf16"):
             require(name, getattr(self, name), bool)
         if not isinstance(self.model, dict):
             raise ValueError(f"config key model must be a dict of ModelConfig overrides, got {self.model!r}")
+        check_finite_tree(self.model, "config key model")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"config key device must be auto, cpu or cuda, got {self.device!r}")
         if self.retriever not in ("dense", "bm25", "hybrid"):
@@ -138,23 +143,16 @@ class TrainConfig:
         return cls(**values)
 
 
-def require(name: str, value, kind: type, minimum: float | None = None) -> None:
-    """Raise a ValueError naming config key `name` unless `value` is a `kind` (ints pass as floats) >= minimum."""
-    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        ok = True
-    if not ok:
-        raise ValueError(f"config key {name} must be {kind.__name__}, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"config key {name} must be >= {minimum}, got {value!r}")
-
-
-def parse_value(raw: str):
-    """JSON value when it parses (numbers, true/false, dicts), else the raw string."""
+def parse_value(raw: str, key: str = "value"):
+    """JSON value when it parses (numbers, true/false, dicts), else the raw string. NaN, Infinity
+    and duplicate keys are refused (ValueError naming config key `key`), so ``--lr NaN`` never
+    reaches a config."""
     try:
-        return json.loads(raw)
+        return loads_strict(raw)
     except json.JSONDecodeError:
         return raw
+    except ValueError as err:
+        raise ValueError(f"config key {key}: {raw!r} refused: {err}") from None
 
 
 def apply_overrides(values: dict, overrides: dict[str, str]) -> dict:
@@ -165,11 +163,11 @@ def apply_overrides(values: dict, overrides: dict[str, str]) -> dict:
         if sub and top != "model":
             raise ValueError(f"unknown config key {key!r}: only model.<name> keys may be dotted")
         if sub:
-            values["model"][sub] = parse_value(raw)
+            values["model"][sub] = parse_value(raw, key)
         elif key in ("preset", "kb_source", "kb_dir", "tokenizer", "retriever", "out_dir", "device"):
             values[key] = raw
         else:
-            values[key] = parse_value(raw)
+            values[key] = parse_value(raw, key)
     return values
 
 
@@ -180,7 +178,10 @@ def read_config_file(path: str | Path | None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
-    values = json.loads(path.read_text())
+    try:
+        values = loads_strict(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"config file {path}: {err}") from None
     if not isinstance(values, dict):
         raise ValueError(f"config file {path} must hold a JSON object")
     return values

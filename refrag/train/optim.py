@@ -49,7 +49,10 @@ class WarmupCosine:
         return lr_multiplier(step, self.warmup_steps, self.max_steps, self.min_lr_ratio)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR stepping `lr_multiplier` once per optimizer step."""
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR stepping `lr_multiplier` once per optimizer step, positioned after `start_step`
+    steps (resume: the schedule is a function of the step and the config, never of saved state;
+    the optimizer's groups must then hold ``initial_lr``, set by a first build at step 0)."""
     schedule = WarmupCosine(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=start_step - 1)

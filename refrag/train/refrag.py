@@ -56,6 +56,7 @@ from refrag.data import RagTokenizer, load_queries, pack_examples, refrag_conver
 from refrag.data.conversations import gold_documents, with_gold
 from refrag.data.loader import PackedLoader
 from refrag.eval.answers import exact_match, token_f1
+from refrag.fileio import dumps_line
 from refrag.infer import Engine
 from refrag.infer.multihop import ABSTAINED, ANSWERED, TRUNCATED, MultiHopTrace, run_multihop
 from refrag.model import HybridLM, ModelConfig, preset
@@ -108,12 +109,12 @@ class RefragConfig:
     def __post_init__(self):
         for name in ("sft_steps", "rl_steps"):
             require(name, getattr(self, name), int, minimum=0)
-        for name in ("questions_per_step", "group_size", "max_hops", "max_new_tokens", "max_doc_tokens"):
+        for name in ("questions_per_step", "max_hops", "max_new_tokens", "max_doc_tokens"):
             require(name, getattr(self, name), int, minimum=1)
+        require("group_size", self.group_size, int, minimum=2)  # GRPO advantages of a group of 1 are all 0
         for name in ("temperature", "kl_beta", "rl_lr"):
             require(name, getattr(self, name), float, minimum=0)
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"config key top_p must be in (0, 1], got {self.top_p!r}")
+        require("top_p", self.top_p, float, above=0, maximum=1)
         unknown = [t for t in self.types if t not in QUESTION_TYPES]
         if unknown or not self.types:
             raise ValueError(f"config key question_types: unknown type(s) {unknown}; choose from {QUESTION_TYPES}")
@@ -137,7 +138,7 @@ def load_refrag_config(path: str | Path | None, overrides: dict[str, str] | None
     train_overrides = {}
     for key, raw in (overrides or {}).items():
         if key in REFRAG_HELP:
-            refrag_values[key] = raw if key in ("init_checkpoint", "question_types") else parse_value(raw)
+            refrag_values[key] = raw if key in ("init_checkpoint", "question_types") else parse_value(raw, key)
         else:
             train_overrides[key] = raw
     train_values = apply_overrides(values, train_overrides)
@@ -337,7 +338,7 @@ def train_rl(model: HybridLM, tokenizer: RagTokenizer, retriever, records: Seque
             record = {"step": step, "loss": loss.item(), "kl": kl, "grad_norm": float(grad_norm),
                       **step_metrics(traces, batch, rewards), "seconds": time.perf_counter() - t0}
             history.append(record)
-            log.write(json.dumps(record) + "\n")
+            log.write(dumps_line(record, allow_nan=True))
             log.flush()
     return history
 

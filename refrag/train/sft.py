@@ -12,18 +12,25 @@ each rank's validation loader, fixed once at the start.
 Per step, rank 0 appends one JSON line to ``<out_dir>/metrics.jsonl``: step, loss, lr,
 grad_norm, tokens (all ranks), tokens_per_s, peak_mem_mib, skipped (NaN/inf guard),
 skipped_steps (running count) and, when evaluated, val_loss. A non-finite loss or grad norm
-skips the optimizer update (grads are zeroed, the schedule still advances). Checkpoints go to
-``<out_dir>/checkpoints/`` (see `refrag.train.checkpoint`); a run started with the same
-out_dir resumes from the newest one and reproduces the uninterrupted loss curve exactly
-(bit for bit with ``cfg.deterministic``).
+skips the optimizer update (grads are zeroed, the schedule still advances);
+``MAX_CONSECUTIVE_SKIPS`` skipped steps in a row stop the run with an error (it diverged), and
+weights that are not finite are never saved. Checkpoints go to ``<out_dir>/checkpoints/``
+(see `refrag.train.checkpoint`); a run started with the same out_dir resumes from the newest
+intact one (a corrupt newer one is skipped with a warning) and reproduces the uninterrupted
+loss curve exactly (bit for bit with ``cfg.deterministic``). Resuming applies the *current*
+config's optimization settings: the learning-rate schedule (lr, warmup_steps, max_steps,
+min_lr_ratio) is recomputed at the checkpoint's step and weight_decay / betas replace the saved
+ones, so ``--max_steps 200`` extends a 100-step run with the new cosine; a checkpoint past
+``max_steps`` is refused. Rank 0 holds the lock ``<out_dir>/.run.lock`` for the whole run: a
+second run with the same out_dir fails at once with a clear error instead of interleaving.
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from refrag.fileio import file_lock, read_jsonl, write_jsonl
 from refrag.train import checkpoint as ckpt
 from refrag.train.config import TrainConfig
 from refrag.train.optim import build_optimizer, build_scheduler
@@ -50,6 +58,7 @@ from refrag.train.shims import (
 )
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+MAX_CONSECUTIVE_SKIPS = 20
 
 
 def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool) -> nn.Module:
@@ -116,7 +125,7 @@ def validation_loss(wrapped: nn.Module, val_batches: list, cfg: TrainConfig, env
     for batch in val_batches:
         input_ids, targets, layout = to_device(batch, env.device)
         with autocast(env.device, cfg.bf16):
-            loss = wrapped(input_ids, layout=layout, targets=targets)
+            loss = wrapped(input_ids, layout=layout, targets=targets, num_loss_tokens=batch.num_loss_tokens)
         total += torch.stack([loss.detach().float(), torch.ones((), device=env.device)])
     wrapped.train()
     total = all_reduce_sum(total, env)
@@ -125,10 +134,16 @@ def validation_loss(wrapped: nn.Module, val_batches: list, cfg: TrainConfig, env
 
 def save_training_state(root: Path, step: int, skipped: int, wrapped: nn.Module, optimizer, scheduler,
                         train_loader, cfg: TrainConfig, model_config: dict, env: DistEnv) -> None:
-    """Collective: every rank contributes its loader position and RNG; rank 0 writes."""
+    """Collective: every rank contributes its loader position and RNG; rank 0 writes. Weights that
+    are not finite are refused (ValueError) rather than saved over the last good checkpoint."""
     model_state, optimizer_state = get_state_dict(wrapped, optimizer, options=FULL_STATE)
     per_rank = gather_objects({"loader": train_loader.state_dict(), "rng": ckpt.capture_rng_state()}, env)
     if env.is_main:
+        bad = [name for name, t in model_state.items() if torch.is_tensor(t) and t.is_floating_point()
+               and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise ValueError(f"step {step}: weights {', '.join(bad[:5])} are not finite; refusing to save them "
+                             "(the run diverged: lower lr or check the data)")
         trainer_state = {"step": step, "skipped_steps": skipped, "world_size": env.world_size,
                          "scheduler": scheduler.state_dict(), "ranks": per_rank}
         ckpt.save_checkpoint(root, step, model_state=model_state, optimizer_state=optimizer_state,
@@ -138,17 +153,21 @@ def save_training_state(root: Path, step: int, skipped: int, wrapped: nn.Module,
     barrier(env)
 
 
-def restore_training_state(path: Path, wrapped: nn.Module, optimizer, scheduler, train_loader,
+def restore_training_state(path: Path, wrapped: nn.Module, optimizer, train_loader,
                            model_config: dict, env: DistEnv) -> tuple[int, int]:
-    """Load a checkpoint into model, optimizer, scheduler, loader and RNG; returns (step, skipped)."""
+    """Load a checkpoint into model, optimizer, loader and RNG; returns (step, skipped). The
+    optimizer keeps the hyperparameters it was built with (the current config's), only its
+    moments come from the checkpoint; the caller rebuilds the schedule at the returned step."""
     state = ckpt.load_checkpoint(path, model_config=model_config)
     trainer = state["trainer"]
     if trainer["world_size"] != env.world_size:
         raise ckpt.CheckpointError(f"checkpoint {path} was written by {trainer['world_size']} ranks, "
                                    f"this run has {env.world_size}; data positions cannot be mapped")
+    current = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     set_state_dict(wrapped, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(full_state_dict=True))
-    scheduler.load_state_dict(trainer["scheduler"])
+    for group, hyper in zip(optimizer.param_groups, current):
+        group.update(hyper)
     own = trainer["ranks"][env.rank]
     train_loader.load_state_dict(own["loader"])
     ckpt.restore_rng_state(own["rng"])
@@ -156,11 +175,17 @@ def restore_training_state(path: Path, wrapped: nn.Module, optimizer, scheduler,
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines past `last_step` (written by a run that died after its checkpoint)."""
+    """Drop metric lines past `last_step` (written by a run that died after its checkpoint) and a
+    torn last line (a crash during the append); a malformed line elsewhere is an error naming it."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for lineno, record in read_jsonl(path, allow_nan=True, torn_tail=True):
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}:{lineno}: not a metrics record (no integer 'step')")
+        if record["step"] <= last_step:
+            kept.append(record)
+    write_jsonl(path, kept, allow_nan=True)
 
 
 def _due(step: int, every: int, max_steps: int) -> bool:
@@ -172,15 +197,25 @@ def train_sft(cfg: TrainConfig, model: nn.Module, train_loader, val_loader=None,
     """Run SFT to `cfg.max_steps`, resuming from `<out_dir>/checkpoints` when one exists
     (``resume=False`` deletes that directory and starts from step 0).
 
-    model: an nn.Module called as ``model(input_ids, layout=layout, targets=targets) -> loss``
-    (built identically on every rank). model_config: its plain-dict config, stored in and
+    model: an nn.Module called as ``model(input_ids, layout=layout, targets=targets,
+    num_loss_tokens=n) -> loss`` (n: targets != -100, counted on the CPU; built identically on
+    every rank). model_config: its plain-dict config, stored in and
     checked against checkpoints. Returns the metric records of the steps this call ran.
     """
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     out_dir = Path(cfg.out_dir)
-    ckpt_root, metrics_path = out_dir / "checkpoints", out_dir / "metrics.jsonl"
     out_dir.mkdir(parents=True, exist_ok=True)
+    run_lock = file_lock(out_dir / ".run.lock", blocking=False, what=f"training out_dir {out_dir}") \
+        if env.is_main else contextlib.nullcontext()
+    with run_lock:
+        return _train_sft(cfg, model, train_loader, val_loader, env, model_config, resume)
+
+
+def _train_sft(cfg: TrainConfig, model: nn.Module, train_loader, val_loader, env: DistEnv, model_config: dict,
+               resume: bool) -> list[dict]:
+    out_dir = Path(cfg.out_dir)
+    ckpt_root, metrics_path = out_dir / "checkpoints", out_dir / "metrics.jsonl"
     model.to(env.device)
     wrapped = wrap_model(model, env, cfg.fsdp)
     optimizer = build_optimizer(model, cfg)
@@ -190,15 +225,20 @@ def train_sft(cfg: TrainConfig, model: nn.Module, train_loader, val_loader=None,
     if not resume and env.is_main:
         shutil.rmtree(ckpt_root, ignore_errors=True)
     barrier(env)
-    latest = ckpt.latest_checkpoint(ckpt_root) if resume else None
+    latest = ckpt.latest_valid_checkpoint(ckpt_root, warn=lambda line: print(line, file=sys.stderr)) \
+        if resume else None
     if latest is not None:
-        start, skipped = restore_training_state(latest, wrapped, optimizer, scheduler, train_loader,
-                                                model_config, env)
+        start, skipped = restore_training_state(latest, wrapped, optimizer, train_loader, model_config, env)
+        if start > cfg.max_steps:
+            raise ckpt.CheckpointError(f"checkpoint {latest} is at step {start}, past max_steps {cfg.max_steps}; "
+                                       "raise max_steps, or start fresh (--no-resume or another out_dir)")
+        scheduler = build_scheduler(optimizer, cfg, start_step=start)
     if env.is_main:
         _truncate_metrics(metrics_path, start)
     barrier(env)
 
     history = []
+    consecutive_skips = 0
     val_batches = list(itertools.islice(endless(val_loader), cfg.val_rows)) if val_loader is not None else []
     train_iter = endless(train_loader)
     progress = tqdm(total=cfg.max_steps, initial=start, desc="sft", disable=not env.is_main, dynamic_ncols=True)
@@ -210,10 +250,12 @@ def train_sft(cfg: TrainConfig, model: nn.Module, train_loader, val_loader=None,
         tokens = torch.zeros((), device=env.device)
         for micro in range(cfg.grad_accum):
             with nvtx_range("data", env.device):
-                input_ids, targets, layout = to_device(next(train_iter), env.device)
+                batch = next(train_iter)
+                input_ids, targets, layout = to_device(batch, env.device)
             with grad_sync(wrapped, enabled=micro == cfg.grad_accum - 1):
                 with nvtx_range("forward", env.device), autocast(env.device, cfg.bf16):
-                    loss = wrapped(input_ids, layout=layout, targets=targets)
+                    loss = wrapped(input_ids, layout=layout, targets=targets,
+                                   num_loss_tokens=batch.num_loss_tokens)
                 with nvtx_range("backward", env.device):
                     (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
@@ -225,8 +267,10 @@ def train_sft(cfg: TrainConfig, model: nn.Module, train_loader, val_loader=None,
             finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm))
             if finite:
                 optimizer.step()
+                consecutive_skips = 0
             else:
                 skipped += 1
+                consecutive_skips += 1
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
@@ -241,14 +285,16 @@ def train_sft(cfg: TrainConfig, model: nn.Module, train_loader, val_loader=None,
             record["val_loss"] = validation_loss(wrapped, val_batches, cfg, env)
         history.append(record)
         if env.is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            write_jsonl(metrics_path, [record], append=True, allow_nan=True)
             if not finite:
                 progress.write(f"step {step}: non-finite loss or grad norm, update skipped ({skipped} so far)")
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}",
                                      tok_s=f"{record['tokens_per_s']:.0f}")
         progress.update(1)
+        if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            raise ValueError(f"{consecutive_skips} steps in a row had a non-finite loss or grad norm (step {step}): "
+                             "the run diverged; lower lr or check the model config and data")
         if _due(step, cfg.ckpt_every, cfg.max_steps):
             save_training_state(ckpt_root, step, skipped, wrapped, optimizer, scheduler, train_loader,
                                 cfg, model_config, env)

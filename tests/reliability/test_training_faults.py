@@ -34,6 +34,10 @@ class Row:
     def layout(self, device=None) -> DocLayout:
         return DocLayout.from_examples([(LENGTH, [(2, 9)])], device=device)
 
+    @property
+    def num_loss_tokens(self) -> int:
+        return int((self.targets != -100).sum())
+
 
 class Rows:
     """Endless fixed packed rows (1, LENGTH); resumable."""
@@ -75,7 +79,7 @@ class InfGradAt(torch.nn.Module):
         super().__init__()
         self.inner, self.calls, self.count = model, calls, 0
 
-    def forward(self, input_ids, layout=None, targets=None):
+    def forward(self, input_ids, layout=None, targets=None, num_loss_tokens=None):
         self.count += 1
         loss = self.inner(input_ids, layout=layout, targets=targets)
         return InfiniteGradient.apply(loss) if self.count in self.calls else loss
