@@ -47,7 +47,7 @@ GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 BUDGET ?= 480
 gpu-check:
 	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m bench.gpu_check --budget-s $(BUDGET) \
-		$(if $(OUT),--out $(OUT)) $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run)
+		$(if $(OUT),--out $(OUT)) $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(if $(STEPS),--steps $(STEPS))
 
 wheels:
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY)) -m bench.wheels download

@@ -175,3 +175,11 @@ def optional_import(module: str, attr: str):
         return getattr(mod, attr)
     except Exception:  # noqa: BLE001 - baselines fail to import in many ways (missing CUDA build)
         return None
+
+
+def torch_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Plain-torch baseline of fused_linear_cross_entropy, what a trainer writes without a fused
+    kernel: [T, V] logits in the input dtype, the loss in fp32 (benchmark and meter baseline)."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets)

@@ -1,7 +1,7 @@
 """Every GPU number in one prepared command, under a hard time budget.
 
-    make gpu-check [OUT=DIR] [BUDGET=480] [DRY_RUN=1]
-    python -m bench.gpu_check [--out DIR] [--budget-s 480] [--dry-run] [--wheels .wheels]
+    make gpu-check [OUT=DIR] [BUDGET=480] [DRY_RUN=1] [STEPS=ssd,doc_attention]
+    python -m bench.gpu_check [--out DIR] [--budget-s 480] [--dry-run] [--wheels .wheels] [--steps ...]
 
 Made for a lent GPU machine that cannot download and is held for minutes: one call gives back
 everything. Steps, in this order, each a pytest process of its own (a CUDA fault in one cannot
@@ -45,7 +45,7 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from bench import report, wheels
 
@@ -67,7 +67,9 @@ class Step:
     name: str
     args: tuple  # pytest arguments after the common ones
     weight: float
-    lengths: str = ""  # REFRAG_BENCH_LENGTHS for length-swept suites (real runs; the dry run keeps smoke lengths)
+    # REFRAG_BENCH_LENGTHS for length-swept suites (real runs; the dry run keeps smoke lengths). The
+    # goals are read at 16K, so 16K runs first: a step cut short by the budget still has them.
+    lengths: str = ""
     suite: bool = True  # a benchmark suite: writes <name>.json
 
     @property
@@ -77,8 +79,8 @@ class Step:
 
 STEPS = (
     Step("gpu_tests", ("-m", "gpu", "tests", "--continue-on-collection-errors"), 3.0, suite=False),
-    Step("ssd", ("bench/test_bench_ssd.py", "-k", "fwd_bwd"), 2.0, "8192,16384"),
-    Step("doc_attention", ("bench/test_bench_doc_attention.py", "-k", "fwd_bwd"), 2.0, "8192,16384"),
+    Step("ssd", ("bench/test_bench_ssd.py", "-k", "fwd_bwd"), 2.0, "16384,8192"),
+    Step("doc_attention", ("bench/test_bench_doc_attention.py", "-k", "fwd_bwd"), 2.0, "16384,8192"),
     Step("cross_entropy", ("bench/test_bench_cross_entropy.py", "-k", "fwd_bwd and not dens5"), 1.0),
     Step("train_step", ("bench/test_bench_train_step.py",), 2.0, "16384"),
     Step("doc_cache", ("bench/test_bench_doc_cache.py",), 1.0),
@@ -204,12 +206,17 @@ def child_env(dry_run: bool, site: Optional[Path]) -> Dict[str, str]:
     return env
 
 
-def run_steps(env: Dict[str, str], out: Path, work: Path, deadline: float, dry_run: bool) -> List[StepResult]:
+def run_steps(env: Dict[str, str], out: Path, work: Path, deadline: float, dry_run: bool,
+              chosen: Sequence[str]) -> List[StepResult]:
+    """Run the chosen steps in STEPS order, each given its weight's share of the time left."""
     results = [StepResult(step.name) for step in STEPS]
     try:
         for i, (step, result) in enumerate(zip(STEPS, results)):
+            if step.name not in chosen:
+                result.status = "not chosen (--steps)"
+                continue
             left = deadline - time.time()
-            share = left * step.weight / sum(s.weight for s in STEPS[i:])
+            share = left * step.weight / sum(s.weight for s in STEPS[i:] if s.name in chosen)
             if share < MIN_STEP_S:
                 result.status = "skipped: time budget spent"
                 continue
@@ -300,9 +307,17 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="hard time budget in seconds")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, Triton interpreter on the CPU")
     parser.add_argument("--wheels", type=Path, default=wheels.WHEEL_DIR, help="wheel folder to install from")
+    parser.add_argument("--steps", default=",".join(s.name for s in STEPS),
+                        help="comma-separated steps to run, e.g. ssd,doc_attention to redo two (default: all); "
+                             "the others still get their (empty) files")
     args = parser.parse_args(argv)
     if args.budget_s <= 0:
         parser.error("--budget-s must be positive")
+    chosen = [name.strip() for name in args.steps.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - {s.name for s in STEPS})
+    if unknown or not chosen:
+        parser.error(f"--steps: unknown {', '.join(unknown) or 'empty list'}; "
+                     f"choose from {', '.join(s.name for s in STEPS)}")
     start = time.time()
     deadline = start + args.budget_s - REPORT_RESERVE_S
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -325,7 +340,7 @@ def main(argv=None) -> int:
             for name in OUTPUT_FILES:
                 (out / name).unlink(missing_ok=True)
             print(f"[gpu-check] {info['device']}, budget {args.budget_s:.0f} s, output {out}", flush=True)
-            results = run_steps(env, out, work, deadline, args.dry_run)
+            results = run_steps(env, out, work, deadline, args.dry_run, chosen)
             meta = {"dry_run": args.dry_run, "commit": info["commit"], "budget_s": args.budget_s,
                     "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)), "wheels": wheel_note,
                     "used_s": time.time() - start}

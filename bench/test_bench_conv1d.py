@@ -3,6 +3,7 @@ causal-conv1d package when installed. Memory-bound: bytes = read x + write y (+ 
 import pytest
 import torch
 
+from bench import costs
 from bench.common import DEVICE, SMOKE, Case, bench_lengths, fwd_bwd, optional_import, run_case
 from bench.layouts import examples_to_tensors, rag_examples
 from kernels import DocLayout, causal_conv1d, reference
@@ -38,7 +39,8 @@ def test_causal_conv1d(benchmark, L, mode):
         if (causal_conv1d_fn is not None and not SMOKE) else None,
     }
     nbytes = torch.finfo(DTYPE).bits // 8 * 2 * L * CHANNELS * (2 if mode == "fwd_bwd" else 1)
-    flops = 2.0 * L * CHANNELS * WIDTH * (3 if mode == "fwd_bwd" else 1)
+    fwd, bwd = costs.conv1d_flops(L, CHANNELS, WIDTH)
+    flops = fwd + (bwd if mode == "fwd_bwd" else 0.0)
     ours = Case(wrap(lambda: causal_conv1d(x, weight, bias, layout=layout)), flops, nbytes)
     benchmark.group = f"conv1d-{mode}"
     run_case(benchmark, ours, baselines, tokens=L, op="causal_conv1d", L=L, mode=mode, channels=CHANNELS,

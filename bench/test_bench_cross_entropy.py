@@ -9,9 +9,9 @@ the two gradient GEMMs; the baselines spend it on all T tokens.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
-from bench.common import DEVICE, SMOKE, Case, fwd_bwd, optional_import, run_case
+from bench import costs
+from bench.common import DEVICE, SMOKE, Case, fwd_bwd, optional_import, run_case, torch_linear_cross_entropy
 from kernels import fused_linear_cross_entropy, reference
 
 TOKENS = 64 if SMOKE else 16384
@@ -21,11 +21,6 @@ DENSITIES = [1.0, 0.2, 0.05]
 DTYPE = torch.float32 if SMOKE else torch.bfloat16
 
 liger_flce = optional_import("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
-
-
-def torch_linear_cross_entropy(hidden, weight, targets):
-    """What a trainer writes without a fused kernel: logits in the input dtype, the loss in fp32."""
-    return F.cross_entropy(F.linear(hidden, weight).float(), targets)
 
 
 def _ratio(a, b):
@@ -54,7 +49,8 @@ def test_fused_linear_cross_entropy(benchmark, V, density, mode):
         "liger": Case(wrap(lambda: liger_flce.apply(hidden, weight, targets)[0]))
         if (liger_flce is not None and not SMOKE) else None,
     }
-    flops = 2.0 * num_valid * HIDDEN * V * (3 if mode == "fwd_bwd" else 1)
+    fwd, bwd = costs.linear_cross_entropy_flops(num_valid, HIDDEN, V)
+    flops = fwd + (bwd if mode == "fwd_bwd" else 0.0)
     nbytes = torch.finfo(DTYPE).bits // 8 * (num_valid * HIDDEN + V * HIDDEN) * (2 if mode == "fwd_bwd" else 1)
     ours = Case(wrap(lambda: fused_linear_cross_entropy(hidden, weight, targets, num_valid=num_valid)), flops, nbytes)
     benchmark.group = f"cross_entropy-{mode}-V{V}"

@@ -8,6 +8,7 @@ Bytes: q, k, v, o once (+ do, dq, dk, dv for backward)."""
 import pytest
 import torch
 
+from bench import costs
 from bench.common import DEVICE, SMOKE, Case, bench_lengths, fwd_bwd, optional_import, run_case
 from bench.layouts import examples_to_tensors, rag_examples, visible_pairs
 from kernels import DocLayout, doc_attention, reference
@@ -75,7 +76,8 @@ def test_doc_attention(benchmark, L, mode):
         if L <= REFERENCE_MAX_L else None,
     }
     pairs = visible_pairs(cu, docs)
-    flops = 4.0 * pairs * D * HQ * (3.5 if mode == "fwd_bwd" else 1.0)
+    fwd, bwd = costs.attention_flops(pairs, D, HQ)
+    flops = fwd + (bwd if mode == "fwd_bwd" else 0.0)
     nbytes = torch.finfo(DTYPE).bits // 8 * L * D * (2 * HQ + 2 * HK) * (2 if mode == "fwd_bwd" else 1)
     ours = Case(wrap(lambda: doc_attention(q, k, v, layout=layout)), flops, nbytes)
     benchmark.group = f"doc_attention-{mode}"

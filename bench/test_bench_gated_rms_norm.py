@@ -4,6 +4,7 @@ Memory-bound: bytes = read y, z, write out (+ read y, z, dout, write dy, dz back
 import pytest
 import torch
 
+from bench import costs
 from bench.common import DEVICE, SMOKE, Case, bench_lengths, fwd_bwd, optional_import, run_case
 from kernels import gated_rms_norm, reference
 
@@ -35,7 +36,8 @@ def test_gated_rms_norm(benchmark, L, mode):
     }
     elem = torch.finfo(DTYPE).bits // 8
     nbytes = elem * L * WIDTH * (3 + (5 if mode == "fwd_bwd" else 0))
-    flops = 10.0 * L * WIDTH * (3 if mode == "fwd_bwd" else 1)
+    fwd, bwd = costs.gated_rms_norm_flops(L, WIDTH)
+    flops = fwd + (bwd if mode == "fwd_bwd" else 0.0)
     ours = Case(wrap(lambda: gated_rms_norm(y, z, weight, EPS)), flops, nbytes)
     benchmark.group = f"gated_rms_norm-{mode}"
     run_case(benchmark, ours, baselines, tokens=L, op="gated_rms_norm", L=L, mode=mode, width=WIDTH,

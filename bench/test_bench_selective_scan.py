@@ -6,6 +6,7 @@ FLOP model: ~9 flops per (token, channel, state) forward (decay exp, two FMAs, C
 import pytest
 import torch
 
+from bench import costs
 from bench.common import DEVICE, SMOKE, Case, bench_lengths, fwd_bwd, optional_import, run_case
 from kernels import reference, selective_scan
 
@@ -37,7 +38,8 @@ def test_selective_scan(benchmark, L, mode):
         "mamba_ssm": Case(wrap(lambda: selective_scan_fn(u, delta, A, B, C, D)))
         if (selective_scan_fn is not None and not SMOKE) else None,
     }
-    flops = 9.0 * L * DIM * NSTATE * (3.5 if mode == "fwd_bwd" else 1.0)
+    fwd, bwd = costs.selective_scan_flops(L, DIM, NSTATE)
+    flops = fwd + (bwd if mode == "fwd_bwd" else 0.0)
     nbytes = torch.finfo(DTYPE).bits // 8 * L * (3 * DIM + 2 * NSTATE) * (3 if mode == "fwd_bwd" else 1)
     ours = Case(wrap(lambda: selective_scan(u, delta, A, B, C, D)), flops, nbytes)
     benchmark.group = f"selective_scan-{mode}"

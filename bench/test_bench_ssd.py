@@ -7,6 +7,7 @@ backward ~2.5x forward. Bytes: read x, dt, B, C, write y once (ideal, fp16/bf16)
 import pytest
 import torch
 
+from bench import costs
 from bench.common import DEVICE, SMOKE, Case, bench_lengths, fwd_bwd, optional_import, run_case
 from kernels import DocLayout, reference, ssd_scan
 
@@ -31,10 +32,10 @@ def make_inputs(L, num_seqs):
 
 
 def cost(L, mode):
-    flops = 2.0 * L * HEADS * (CHUNK * N + CHUNK * P + 2 * P * N)
+    fwd, bwd = costs.ssd_flops(L, HEADS, P, N, CHUNK)
     elem = torch.finfo(DTYPE).bits // 8
     nbytes = elem * L * (2 * HEADS * P + 2 * G * N) + 4 * L * HEADS
-    return (flops * (3.5 if mode == "fwd_bwd" else 1.0)), nbytes * (3 if mode == "fwd_bwd" else 1)
+    return fwd + (bwd if mode == "fwd_bwd" else 0.0), nbytes * (3 if mode == "fwd_bwd" else 1)
 
 
 def runner(forward, inputs, mode):

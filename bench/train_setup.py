@@ -71,6 +71,7 @@ class TrainStep:
     input_ids: torch.Tensor
     targets: torch.Tensor
     bf16: bool
+    num_loss_tokens: Optional[int] = None  # targets != -100, counted on the host as the loader does
 
     @property
     def tokens(self) -> int:
@@ -84,7 +85,8 @@ class TrainStep:
     def forward(self) -> torch.Tensor:
         """Loss of the packed row (under bf16 autocast on CUDA when enabled)."""
         with autocast(self.input_ids.device, self.bf16):
-            return self.model(self.input_ids, layout=self.layout, targets=self.targets)
+            return self.model(self.input_ids, layout=self.layout, targets=self.targets,
+                              num_loss_tokens=self.num_loss_tokens)
 
     def run(self, phase: Optional[Callable[[str], contextlib.AbstractContextManager]] = None) -> None:
         """forward, backward, AdamW step, zero grads; `phase(name)` wraps each part (profiling ranges)."""
@@ -99,17 +101,24 @@ class TrainStep:
 
 
 def build_train_step(pattern: str, length: int, device: torch.device, smoke: bool, seed: int = 0,
-                     size: str = "d12") -> TrainStep:
+                     size: str = "d12", config: Optional[ModelConfig] = None,
+                     layout: Optional[dict] = None) -> TrainStep:
     """Model (`size` preset, `pattern` blocks), AdamW (the trainer's `build_optimizer`) and one
-    synthetic packed RAG row of `length` tokens."""
+    synthetic packed RAG row of `length` tokens.
+
+    config overrides the model (default `model_config(pattern, smoke, size)`); layout overrides
+    the `rag_examples` keyword arguments of the row (default SMOKE_LAYOUT or REAL_LAYOUT).
+    """
     torch.manual_seed(seed)
-    config = model_config(pattern, smoke, size)
+    config = config or model_config(pattern, smoke, size)
     model = HybridLM(config).to(device)
     optimizer = build_optimizer(model, TrainConfig())
-    examples = rag_examples(length, seed=seed, **(SMOKE_LAYOUT if smoke else REAL_LAYOUT))
+    examples = rag_examples(length, seed=seed, **(layout or (SMOKE_LAYOUT if smoke else REAL_LAYOUT)))
     layout = DocLayout.from_examples(examples, device=device)
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, config.vocab_size, (1, length), generator=g).to(device)
     targets = torch.roll(input_ids, -1, dims=1)
     targets[0, layout.doc_ids.long() != 0] = IGNORE_INDEX
-    return TrainStep(model, optimizer, layout, input_ids, targets, bf16=device.type == "cuda")
+    num_loss_tokens = int((targets != IGNORE_INDEX).sum())
+    return TrainStep(model, optimizer, layout, input_ids, targets, bf16=device.type == "cuda",
+                     num_loss_tokens=num_loss_tokens)

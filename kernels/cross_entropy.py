@@ -22,7 +22,7 @@ what the loss tokens cost.
    recomputes the chunks with it folded into the row scale.
 
 Memory (T tokens, n loss tokens, V vocab, H hidden, C = chunk, b = bytes of the hidden
-dtype): logits block C*V*b (<= 64 MiB in bf16, reused in place for dlogits), dW fp32 V*H*4
+dtype): logits block C*V*b (<= 128 MiB in bf16, reused in place for dlogits), dW fp32 V*H*4
 (the accumulator; it is the returned gradient for an fp32 weight), compacted hidden and its
 gradient n*H*b each, a cast copy of an fp32 weight V*H*b during the call. Plain torch holds
 T*V logits plus fp32 softmax/gradient copies: T*V*(b + 8) and more.
@@ -30,6 +30,7 @@ T*V logits plus fp32 softmax/gradient copies: T*V*(b + 8) and more.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from typing import Optional
 
@@ -43,7 +44,12 @@ from kernels.common.checks import assert_on_device, check_float
 from kernels.common.dispatch import use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
-LOGITS_BUDGET = 2 ** 25  # elements of one [chunk, V] logits block (64 MiB in bf16)
+# Elements of one [chunk, V] logits block (128 MiB in bf16). Its size also sets the dW GEMM's
+# arithmetic intensity: each chunk's addmm reads and writes the fp32 dW (8 V H bytes) for 2 V H C
+# FLOPs, i.e. C/4 FLOP per byte, against an H100 ridge of ~295 (989 TFLOP/s / 3.35 TB/s). With
+# 2^26, V = 32K gives C = 2048 (compute-bound) and V = 64K gives C = 1024 (near the ridge); half
+# the budget would make every dW GEMM memory-bound at those vocabularies.
+LOGITS_BUDGET = 2 ** 26
 
 # One program per loss-token row sweeping V in BV blocks; every config must pass the precision
 # tests (tests/test_cross_entropy.py runs each one).
@@ -138,12 +144,14 @@ def loss_token_index(valid: torch.Tensor, num_valid: int) -> Optional[torch.Tens
 
 @functools.lru_cache(maxsize=None)
 def _gemm_has_fp32_out(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether torch.addmm(out_dtype=torch.float32) runs for `dtype` operands on this device
-    (CUDA, torch >= 2.8); probed once on tiny tensors."""
+    """Whether torch.addmm(c, a, b, out_dtype=torch.float32, out=c) accumulates into the fp32 c
+    in place for `dtype` operands on this device (CUDA, torch >= 2.8). Probed once per process
+    on tiny tensors, checking the result (one host read then, never in a step after it)."""
     try:
-        a = torch.zeros(2, 2, dtype=dtype, device=device_type)
-        torch.addmm(torch.zeros(2, 2, device=device_type), a, a, out_dtype=torch.float32)
-        return True
+        a = torch.arange(4, dtype=torch.float32, device=device_type).reshape(2, 2)
+        c = torch.ones(2, 2, device=device_type)
+        torch.addmm(c, a.to(dtype), a.to(dtype), out_dtype=torch.float32, out=c)
+        return bool(torch.equal(c, 1 + a @ a))
     except (RuntimeError, TypeError, NotImplementedError):
         return False
 
@@ -298,8 +306,8 @@ def _check_inputs(hidden, weight, targets, ignore_index, reduction, z_loss, num_
         raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if z_loss < 0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not math.isfinite(z_loss) or z_loss < 0:
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
     _check_num_valid(num_valid, targets.numel())
 
 
@@ -346,6 +354,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                                           num_valid=int(assistant_mask.sum()))  # mask on the CPU
     """
     _check_inputs(hidden, weight, targets, ignore_index, reduction, z_loss, num_valid)
+    if targets.dtype not in (torch.int32, torch.int64):  # int8/int16/uint8...: index dtypes only
+        targets = targets.long()
     triton_path = use_triton(hidden, weight, targets, op="fused_linear_cross_entropy")
     num_valid = _count_and_check_targets(targets, weight.shape[0], ignore_index, num_valid)
     if not triton_path:

@@ -123,6 +123,7 @@ def _fwd_kernel(
     b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BM], dtype=tl.float32)
     b_acc = tl.zeros([BM, BD], dtype=tl.float32)
+    b_poison = tl.zeros([BM], dtype=tl.int32)  # 1: the row sees a non-finite V row zeroed below
     start, end = _tile_range(kv_indptr, i_m, NQB)
     for idx in range(start, end):
         i_n = tl.load(kv_indices + idx)
@@ -141,6 +142,12 @@ def _fwd_kernel(
             m_vis = _visible(q_seq[:, None], q_doc[:, None], o_m[:, None],
                              k_seq[None, :], k_doc[None, :], o_n[None, :], CAUSAL)
             b_s = tl.where(m_vis, b_s, float("-inf"))
+            # A masked p of 0 times a NaN/inf value is NaN in the dot: zero non-finite V entries
+            # and poison only the rows that see them, so nothing crosses an example or document.
+            m_vfin = tl.abs(b_v) < float("inf")
+            b_v = tl.where(m_vfin, b_v, 0.0).to(DOT_DTYPE)
+            m_vbad = tl.min(m_vfin.to(tl.int32), 1) == 0
+            b_poison = tl.maximum(b_poison, tl.max(tl.where(m_vis & m_vbad[None, :], 1, 0), 1))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         # rows that have seen nothing yet keep max -inf; shift them by 0 to avoid inf - inf
         b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
@@ -151,8 +158,9 @@ def _fwd_kernel(
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(DOT_DTYPE), b_v, input_precision=DOT_PRECISION)
         b_m = b_m_new
 
-    m_seen = b_l > 0
+    m_seen = b_l != 0  # a NaN sum (NaN score of a non-finite q or k) is seen: it stays NaN, not 0
     b_o = tl.where(m_seen[:, None], b_acc / tl.where(m_seen, b_l, 1.0)[:, None], 0.0)
+    b_o = tl.where(b_poison[:, None] > 0, float("nan"), b_o)
     # back from the log2 domain: lse = ln(2) * (m + log2(l))
     b_lse = tl.where(m_seen, 0.6931471805599453 * (b_m + tl.log2(tl.where(m_seen, b_l, 1.0))), float("-inf"))
     p_o = o + o_m[:, None].to(tl.int64) * stride_ot + i_h.to(tl.int64) * stride_oh + o_d[None, :]
@@ -255,6 +263,7 @@ def _bwd_dkdv_kernel(
     b_v = tl.load(p_v, mask=m_nd, other=0.0).to(DOT_DTYPE)
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
+    b_dv_poison = tl.zeros([BN], dtype=tl.int32)  # 1: the key is seen by a query whose do is non-finite
     start, end = _tile_range(q_indptr, i_n, NKB)
     for g in range(G):
         i_h = (i_hk * G + g).to(tl.int64)
@@ -273,22 +282,34 @@ def _bwd_dkdv_kernel(
             # Transposed scores, so p^T and ds^T come out in the layout of the next dots.
             # [BN, BD] @ [BD, BM] -> [BN, BM]; padding rows are masked below
             b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale - b_lse[None, :])
+            # [BN, BD] @ [BD, BM] -> [BN, BM]
+            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            b_q_dot = b_q
+            b_do_dot = b_do
             if not full:
                 q_seq = tl.load(seq_idx + o_m, mask=m_m, other=-1)
                 q_doc = tl.load(doc_ids + o_m, mask=m_m, other=0)
                 m_vis = _visible(q_seq[None, :], q_doc[None, :], o_m[None, :],
                                  k_seq[:, None], k_doc[:, None], o_n[:, None], CAUSAL)
+                # where, not a multiply by 0: masked entries may be NaN (q, lse, do or delta of
+                # another example); the dot operands' non-finite rows are zeroed (their visible
+                # pairs carry NaN in p^T / ds^T already, except do: dv rows are poisoned)
                 b_pt = tl.where(m_vis, b_pt, 0.0)
+                b_dst = tl.where(m_vis, b_dst, 0.0)
+                b_q_dot = tl.where(tl.abs(b_q) < float("inf"), b_q, 0.0).to(DOT_DTYPE)
+                m_dofin = tl.abs(b_do) < float("inf")
+                b_do_dot = tl.where(m_dofin, b_do, 0.0).to(DOT_DTYPE)
+                m_dobad = tl.min(m_dofin.to(tl.int32), 1) == 0
+                b_dv_poison = tl.maximum(b_dv_poison, tl.max(tl.where(m_vis & m_dobad[None, :], 1, 0), 1))
             # [BN, BM] @ [BM, BD] -> [BN, BD]
-            b_dv += tl.dot(b_pt.to(DOT_DTYPE), b_do, input_precision=DOT_PRECISION)
-            # [BN, BD] @ [BD, BM] -> [BN, BM]
-            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
-            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            b_dv += tl.dot(b_pt.to(DOT_DTYPE), b_do_dot, input_precision=DOT_PRECISION)
             # [BN, BM] @ [BM, BD] -> [BN, BD]
-            b_dk += tl.dot(b_dst.to(DOT_DTYPE), b_q, input_precision=DOT_PRECISION)
+            b_dk += tl.dot(b_dst.to(DOT_DTYPE), b_q_dot, input_precision=DOT_PRECISION)
     p_dk = dk + o_n[:, None].to(tl.int64) * stride_dkt + i_hk.to(tl.int64) * stride_dkh + o_d[None, :]
     p_dv = dv + o_n[:, None].to(tl.int64) * stride_dvt + i_hk.to(tl.int64) * stride_dvh + o_d[None, :]
     m_store = (o_n < L)[:, None] & m_d[None, :]
+    b_dv = tl.where(b_dv_poison[:, None] > 0, float("nan"), b_dv)
     tl.store(p_dk, (b_dk * scale).to(dk.dtype.element_ty), mask=m_store)
     tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_store)
 
@@ -331,17 +352,21 @@ def _bwd_dq_kernel(
         b_v = tl.load(p_v, mask=m_nd, other=0.0).to(DOT_DTYPE)
         # [BM, BD] @ [BD, BN] -> [BM, BN]
         b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale - b_lse[:, None])
+        # [BM, BD] @ [BD, BN] -> [BM, BN]
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_k_dot = b_k
         if not full:
             k_seq = tl.load(seq_idx + o_n, mask=o_n < T, other=-2)
             k_doc = tl.load(doc_ids + o_n, mask=o_n < T, other=0)
             m_vis = _visible(q_seq[:, None], q_doc[:, None], o_m[:, None],
                              k_seq[None, :], k_doc[None, :], o_n[None, :], CAUSAL)
-            b_p = tl.where(m_vis, b_p, 0.0)
-        # [BM, BD] @ [BD, BN] -> [BM, BN]
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
-        b_ds = b_p * (b_dp - b_delta[:, None])
+            # where, not a multiply by 0 (masked entries may be NaN from another example), and a
+            # non-finite K row zeroed for the dot (its visible ds entries are NaN already)
+            b_ds = tl.where(m_vis, b_ds, 0.0)
+            b_k_dot = tl.where(tl.abs(b_k) < float("inf"), b_k, 0.0).to(DOT_DTYPE)
         # [BM, BN] @ [BN, BD] -> [BM, BD]
-        b_dq += tl.dot(b_ds.to(DOT_DTYPE), b_k, input_precision=DOT_PRECISION)
+        b_dq += tl.dot(b_ds.to(DOT_DTYPE), b_k_dot, input_precision=DOT_PRECISION)
     p_dq = dq + o_m[:, None].to(tl.int64) * stride_dqt + i_h.to(tl.int64) * stride_dqh + o_d[None, :]
     tl.store(p_dq, (b_dq * scale).to(dq.dtype.element_ty), mask=(o_m < L)[:, None] & m_d[None, :])
 

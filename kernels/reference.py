@@ -399,29 +399,57 @@ def doc_attention_mask(length: int, cu_seqlens=None, doc_ids=None, causal=True, 
     return mask
 
 
+class _ZeroNonFiniteGrad(torch.autograd.Function):
+    """Identity whose backward replaces non-finite gradient entries by 0 (see doc_attention)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
+
+
 def doc_attention(q, k, v, *, cu_seqlens=None, doc_ids=None, causal=True, softmax_scale=None,
                   return_lse=False):
     """Dense-mask attention oracle: q (b,l,hq,d), k,v (b,l,hk,d), hq % hk == 0.
 
     Returns o (b,l,hq,d) [, lse (b,hq,l) fp32, -inf for rows that see nothing].
     doc_ids (b,l) or (l,); cu_seqlens (N+1,) requires b == 1.
+
+    Non-finite inputs stay inside the rows that see them, forward and backward: masked pairs
+    contribute exactly 0 (torch.where, never 0 * value), the matmul operands have their
+    non-finite entries zeroed, and what that hides is put back as NaN where it is visible (a
+    score of a non-finite q or k row; an output row that sees a non-finite v row). Non-finite
+    output gradients are zeroed before the backward matmuls for the same reason.
     """
     out_dtype = q.dtype
     cdt = _compute_dtype(q)
     b, l, hq, d = q.shape
     hk = k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    qf = q.to(cdt)
     kf = k.to(cdt).repeat_interleave(hq // hk, dim=2)
     vf = v.to(cdt).repeat_interleave(hq // hk, dim=2)
     docs = None if doc_ids is None else doc_ids.reshape(b, l)
     masks = torch.stack([doc_attention_mask(l, cu_seqlens, None if docs is None else docs[r], causal, q.device)
-                         for r in range(b)])  # (b, l, l)
-    scores = torch.einsum("bihd,bjhd->bhij", q.to(cdt), kf) * scale
-    scores = scores.masked_fill(~masks[:, None], -math.inf)
+                         for r in range(b)])[:, None]  # (b, 1, l, l)
+
+    def finite(t):  # (b, l, h, d) -> t with non-finite entries 0, (b, h, l) "row had one" flags
+        ok = torch.isfinite(t)
+        return torch.where(ok, t, torch.zeros_like(t)), ~ok.all(-1).transpose(1, 2)
+
+    (q0, q_bad), (k0, k_bad), (v0, v_bad) = finite(qf), finite(kf), finite(vf)
+    scores = torch.einsum("bihd,bjhd->bhij", q0, k0) * scale
+    scores = torch.where(q_bad[..., :, None] | k_bad[..., None, :], math.nan, scores)
+    scores = scores.masked_fill(~masks, -math.inf)
     lse = torch.logsumexp(scores, dim=-1)  # (b, hq, l)
     safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    probs = torch.exp(scores - safe_lse[..., None])
-    o = torch.einsum("bhij,bjhd->bihd", probs, vf).to(out_dtype)
+    probs = torch.where(masks, torch.exp(scores - safe_lse[..., None]), 0.0)
+    o = _ZeroNonFiniteGrad.apply(torch.einsum("bhij,bjhd->bihd", probs, v0))
+    sees_bad_v = (masks & v_bad[..., None, :]).any(-1).transpose(1, 2)  # (b, l, hq)
+    o = torch.where(sees_bad_v[..., None], math.nan, o).to(out_dtype)
     if not return_lse:
         return o
     return o, lse.float() if cdt != torch.float64 else lse
@@ -431,13 +459,15 @@ def doc_attention(q, k, v, *, cu_seqlens=None, doc_ids=None, causal=True, softma
 
 
 def fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="mean",
-                               z_loss=0.0):
+                               z_loss=0.0, num_valid=None):
     """Plain linear + cross-entropy oracle (materializes [T, V] logits).
 
     hidden (..., H), weight (V, H), targets (...) int. Tokens whose target equals
     ignore_index contribute nothing. Per-token loss = lse - logit[target] + z_loss*lse^2.
     reduction "mean" divides by the number of counted tokens (0 when there are none),
-    "sum" sums, "none" returns per-token fp32 losses shaped like targets.
+    "sum" sums, "none" returns per-token fp32 losses shaped like targets. num_valid (the
+    kernel's host-known count of counted tokens) is accepted for a common signature; the
+    oracle counts them itself.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")

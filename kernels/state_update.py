@@ -19,7 +19,7 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.common.autotune import launch
-from kernels.common.checks import check_float, check_shape
+from kernels.common.checks import check_float, check_no_overlap, check_shape
 from kernels.common.dispatch import use_triton
 from kernels.conv1d import ACTIVATIONS, MAX_WIDTH, MIN_WIDTH
 
@@ -184,6 +184,7 @@ def _check_ssd_update_inputs(state, x, dt, A, B, C, D, z, dt_bias) -> None:
         check_shape("z", z, (b, h, p))
     if dt_bias is not None:
         check_shape("dt_bias", dt_bias, (h,))
+    check_no_overlap("state", state)
 
 
 def ssd_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
@@ -217,6 +218,7 @@ def _check_conv_update_inputs(conv_state, x, weight, bias, activation) -> None:
     if not MIN_WIDTH <= w <= MAX_WIDTH:
         raise ValueError(f"conv width must be in {MIN_WIDTH}..{MAX_WIDTH}, got {w}")
     check_shape("conv_state", conv_state, (b, d, w - 1))
+    check_no_overlap("conv_state", conv_state)
     if bias is not None:
         check_shape("bias", bias, (d,))
     if activation not in ACTIVATIONS:

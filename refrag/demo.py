@@ -42,6 +42,7 @@ from refrag.train.checkpoint import latest_checkpoint
 from refrag.train.config import TrainConfig, load_config
 from refrag.train.data import prepare_tokenizer
 from refrag.train.shims import DistEnv
+from refrag.validate import number_arg
 
 CONFIG_DIR = Path(__file__).parent / "train" / "configs"
 RUNS = ("rag", "no_retrieval")
@@ -172,8 +173,8 @@ def plot_curves(curves: dict[str, list[dict]], results: dict[str, dict], out: Pa
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m refrag.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="out/demo", help="output directory")
-    parser.add_argument("--max-steps", type=int, default=None, help="override the config's steps (smoke runs)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N test questions")
+    parser.add_argument("--max-steps", type=number_arg(int, minimum=1), default=None, help="override the config's steps (smoke runs)")
+    parser.add_argument("--limit", type=number_arg(int, minimum=1), default=None, help="evaluate only the first N test questions")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         # Tiny shapes gain little from a second intra-op thread, and on a shared CPU extra threads

@@ -152,6 +152,19 @@ def check_finite_tree(value, where: str, depth: int = 0) -> None:
             check_finite_tree(v, where, depth + 1)
 
 
+def check_writable_file(path: str | Path, what: str = "output file") -> Path:
+    """ValueError unless `path` can be written as a file (checked before long work, not after)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a directory, expected a file path")
+    parent = path.parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {what} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"cannot write {what} {path}: permission denied")
+    return path
+
+
 # --------------------------------------------------------------------------------------- locks
 
 

@@ -118,6 +118,19 @@ def test_spent_budget_still_writes_every_file(tmp_path):
     assert data["benchmarks"] == [] and "skipped" in data["refrag_note"]
 
 
+def test_chosen_steps_run_and_the_others_still_get_their_files(tmp_path):
+    out = tmp_path / "out"
+    result = gpu_check_run(out, "--steps", "cross_entropy", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == sorted(gpu_check.OUTPUT_FILES)
+    text = (out / "report.md").read_text()
+    assert "| cross_entropy | ok |" in text and text.count("not chosen (--steps)") == len(gpu_check.STEPS) - 1
+    assert json.loads((out / "cross_entropy.json").read_text())["benchmarks"]
+    assert json.loads((out / "ssd.json").read_text())["benchmarks"] == []
+    bad = gpu_check_run(out, "--steps", "ssd,nope", timeout=120)
+    assert bad.returncode != 0 and "unknown nope" in bad.stderr
+
+
 def test_a_cut_short_suite_json_becomes_an_empty_one(tmp_path):
     path = tmp_path / "ssd.json"
     path.write_text('{"benchmarks": [{"name": "t')

@@ -132,6 +132,16 @@ def test_torch_ops_bytes_views_and_host_reads():
     assert m.launches == 0
 
 
+def test_torch_gemm_flops_by_dtype():
+    """torch GEMMs (torch's FLOP formulas: 2 M N K) by operand dtype; elementwise ops have none."""
+    a, b = torch.randn(8, 4, dtype=torch.float16), torch.randn(4, 6, dtype=torch.float16)
+    c = torch.zeros(8, 6)
+    m = measure(lambda: (a @ b, torch.addmm(c, a.float(), b.float(), out=c), c + 1), kernels=False)
+    assert m.aten_op_flops == {"mm": {"fp16": 2 * 8 * 6 * 4}, "addmm.out": {"fp32/ieee": 2 * 8 * 6 * 4}}
+    assert m.aten_flops == {"fp16": 384, "fp32/ieee": 384} and m.summary()["aten_flops"] == dict(m.aten_flops)
+    assert (m + m).aten_flops == {"fp16": 768, "fp32/ieee": 768}
+
+
 def test_hooks_are_restored_even_on_error():
     from triton.runtime import interpreter
 
@@ -159,3 +169,46 @@ def test_regions_add_up():
     two = one + measure(launch)
     assert (two.launches, two.kernels["_copy"].programs, two.logical_bytes) == (2, 4, 2 * one.logical_bytes)
     assert two.host_reads == {"item": 1} and two.aten_ops == one.aten_ops
+
+
+@pytest.fixture(scope="module")
+def small_rows():
+    """The meter's own runner on small shapes: the SSD scan, the cross-entropy (10% and 100% of
+    targets counted) and the attention block, each forward and forward+backward."""
+    import dataclasses
+
+    from bench.meter.__main__ import meter_case
+    from bench.meter.cases import CASES
+
+    first = {}
+    for c in CASES:
+        if c.name in ("ssd_scan", "fused_linear_cross_entropy", "AttentionBlock") and "fwd" in c.modes:
+            first.setdefault((c.name, c.variant), c)
+    return [row for case in first.values() for row in meter_case(dataclasses.replace(case, L=64))]
+
+
+def test_meter_rows_are_consistent(small_rows):
+    assert {r["case"] for r in small_rows} == {"ssd_scan", "fused_linear_cross_entropy", "AttentionBlock"}
+    for r in small_rows:
+        assert r["launches"] > 0 and r["min_bytes"] > 0
+        assert 0 < r["unique_bytes"] <= r["logical_bytes"]
+        assert r["total_over_min"] >= r["unique_over_min"] > 0
+        for gpu in ("H100", "RTX4070"):
+            assert r[f"model_us_{gpu}"] > r[f"min_us_{gpu}"] > 0
+        assert sum(k["launches"] for k in r["detail"]["kernels"].values()) == r["launches"]
+    by = {(r["case"], r["variant"], r["mode"]): r for r in small_rows}
+    for (case, variant, mode), r in by.items():
+        if mode == "fwd_bwd":
+            fwd = by[(case, variant, "fwd")]
+            assert r["launches"] >= fwd["launches"] and r["min_bytes"] > fwd["min_bytes"]  # CE: grads in fwd
+    ssd = by[("ssd_scan", "D,z,dt_bias,softplus,varlen,doc_mode", "fwd")]
+    # the kernels' tiles cover at least the cost model's useful work
+    assert sum(ssd["dot_flops"].values()) >= ssd["min_flops"] > 0
+
+
+def test_meter_markdown_names_the_model(small_rows):
+    from bench.meter.__main__ import markdown
+
+    table = markdown(small_rows, {"torch": "x", "triton": "y"})
+    assert "roofline MODEL, not measurements" in table
+    assert table.count("| ssd_scan |") == 2

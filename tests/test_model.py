@@ -170,6 +170,21 @@ def test_loss_matches_logits_and_ignores_masked_targets(overrides, device):
     torch.testing.assert_close(model(ids, targets=targets), expected, **tolerance(device))
 
 
+def test_loss_takes_the_host_counted_loss_tokens(device):
+    """num_loss_tokens (the loader's CPU count) gives the same loss without the count's host sync;
+    a wrong count is an error (checked on the CPU here; a device-side assert on CUDA)."""
+    model = tiny_model("T,M", device)
+    ids = torch.randint(0, VOCAB, (2, 9), device=device)
+    targets = torch.randint(0, VOCAB, (2, 9), device=device)
+    targets[:, :4] = -100
+    n = int((targets != -100).sum())
+    torch.testing.assert_close(model(ids, targets=targets, num_loss_tokens=n), model(ids, targets=targets),
+                               atol=0, rtol=0)
+    if device.type == "cpu":
+        with pytest.raises(ValueError, match="num_valid"):
+            model(ids, targets=targets, num_loss_tokens=n - 1)
+
+
 def test_bf16_autocast_loss_is_close_to_fp32(device):
     model = tiny_model("T,M", device)
     layout = DocLayout.from_examples([(7, [(1, 4)]), (6, [])], device=device)

@@ -223,3 +223,95 @@ def test_cli_reports_bad_keys_without_a_traceback(capsys):
     with pytest.raises(SystemExit) as exit_info:
         rl.main_refrag(["--group_sise", "3"])
     assert exit_info.value.code == 2 and "'group_sise'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- GRPO learns (through train_rl itself)
+
+QUESTION = "In which city was Synstyl Merkstesk born?"
+BORN = {"id": "born", "question": QUESTION, "answer": "Pulbys", "type": "single_hop", "gold_doc_ids": ["person-116"]}
+WRONG = ["Ferro", "Gindvrask", "Kavstav", "Norvel", "Tesk"]
+
+
+def cloned_policy(tok, retriever) -> HybridLM:
+    """A policy that answers the question with one of six names, the right one (Pulbys) rarely
+    (about 1 in 26): behaviour cloning of 1 right and 5 x 5 wrong answer trajectories."""
+    from refrag.infer.multihop import run_multihop
+
+    model = tiny_policy(tok.vocab_size)
+    answers = ["Pulbys"] + WRONG * 5
+    traces = [run_multihop(ScriptedGenerator(tok, {QUESTION: [("answer", a)]}), tok, retriever, [QUESTION],
+                           max_hops=1)[0] for a in answers]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        loss, _ = rl.policy_loss(model, traces, torch.ones(len(traces)), bf16=False)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
+def sampled_reward(model, tok, retriever, n: int = 48) -> float:
+    """Mean reward of n trajectories sampled at temperature 1 with a fixed seed."""
+    from refrag.infer import Engine
+    from refrag.infer.multihop import run_multihop
+
+    model.eval()
+    traces = run_multihop(Engine(model, tok), tok, retriever, [QUESTION] * n, max_hops=1, max_new_tokens=8,
+                          temperature=1.0, seed=123)
+    return sum(rl.refrag_reward(t, BORN, max_hops=1).total for t in traces) / n
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mutation", [None, "zero_advantages", "no_baseline"])
+def test_train_rl_raises_the_reward_only_with_group_baselined_advantages(tok, tmp_path, monkeypatch, mutation):
+    """train_rl (real sampling, weight decay 0, no KL) moves the policy to the known best answer:
+    mean reward from about 0.4 (a wrong name: 0.3 relevance + 0.1 efficiency) to 1.0. The same
+    loop with every advantage zeroed does not move at all, and without the group baseline
+    (advantage = raw reward, all positive) it reinforces whatever it sampled and collapses on a
+    wrong answer, so both mutations fail the first assertion."""
+    import kernels.common.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "INTERPRET", False)  # the loop, not the kernels
+    retriever = FakeRetriever({QUESTION: [doc("person-116", "Synstyl Merkstesk was born in Pulbys.")]})
+    model = cloned_policy(tok, retriever)
+    before = sampled_reward(model, tok, retriever)
+    if mutation == "zero_advantages":
+        monkeypatch.setattr(rl, "group_advantages", lambda rewards, group_size: torch.zeros_like(rewards))
+    elif mutation == "no_baseline":
+        monkeypatch.setattr(rl, "group_advantages", lambda rewards, group_size: rewards.float())
+    cfg = TrainConfig(weight_decay=0.0, bf16=False, seed=0, top_k=1)
+    rcfg = rl.RefragConfig(rl_steps=15, questions_per_step=1, group_size=8, kl_beta=0.0, rl_lr=3e-3, max_hops=1,
+                           max_new_tokens=8, temperature=1.0, top_p=1.0)
+    rl.train_rl(model, tok, retriever, [BORN], cfg, rcfg, device=torch.device("cpu"), out_dir=tmp_path)
+    after = sampled_reward(model, tok, retriever)
+    assert before < 0.5
+    learned = after > 0.9
+    assert learned == (mutation is None), f"mutation {mutation}: mean reward {before:.3f} -> {after:.3f}"
+
+
+def test_samples_of_one_question_form_one_group(tok, tmp_path, monkeypatch):
+    """Two questions, four samples each: advantages are normalized within each question's samples
+    (a question whose samples all score alike gets zero advantages), never across questions."""
+    other = {"id": "q3", "question": "Which river flows through Gindvrask?", "answer": "Ferro River",
+             "type": "single_hop", "gold_doc_ids": ["city-003"]}
+    retriever = FakeRetriever({BORN["question"]: [doc("person-116", "Synstyl Merkstesk was born in Pulbys.")],
+                               other["question"]: [doc("city-003", "The Ferro River flows through Gindvrask.")]})
+    generator = ScriptedGenerator(tok, {BORN["question"]: [("answer", a) for a in ("Pulbys", "Tesk", "Pulbys", "Tesk")],
+                                        other["question"]: [("answer", "Ferro River")] * 4})
+    seen = []
+    real_loss = rl.policy_loss
+
+    def recording_loss(model, traces, advantages, **kwargs):
+        seen.append(([t.question for t in traces], advantages.clone()))
+        return real_loss(model, traces, advantages, **kwargs)
+
+    monkeypatch.setattr(rl, "policy_loss", recording_loss)
+    rcfg = rl.RefragConfig(rl_steps=1, questions_per_step=2, group_size=4, kl_beta=0.0, max_hops=1)
+    rl.train_rl(tiny_policy(tok.vocab_size), tok, retriever, [BORN, other], TrainConfig(top_k=1, bf16=False),
+                rcfg, device=torch.device("cpu"), out_dir=tmp_path, generator=generator)
+    [(questions, advantages)] = seen
+    groups = [questions[i:i + 4] for i in (0, 4)]
+    assert all(len(set(g)) == 1 for g in groups) and groups[0][0] != groups[1][0]
+    by_question = {g[0]: advantages[i * 4:(i + 1) * 4] for i, g in enumerate(groups)}
+    assert torch.allclose(by_question[other["question"]], torch.zeros(4))
+    assert torch.allclose(by_question[BORN["question"]], torch.tensor([1.0, -1.0, 1.0, -1.0]), atol=1e-4)

@@ -270,18 +270,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, results) -> None:
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, results, fsdp: bool = False) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     kernels.set_backend("reference")
     torch.set_num_threads(1)
     env = init_distributed("cpu")
     model = tiny_model()
-    cfg = TrainConfig(max_steps=3, lr=3e-3, warmup_steps=1, out_dir=out_dir, deterministic=True, val_rows=1)
+    cfg = TrainConfig(max_steps=3, lr=3e-3, warmup_steps=1, out_dir=out_dir, deterministic=True, val_rows=1,
+                      fsdp=fsdp)
     history = train_sft(cfg, model, SyntheticRows(rank=rank, world_size=world_size),
                         SyntheticRows(n_rows=2, seed=99, rank=rank, world_size=world_size),
                         env=env, model_config=model.config.to_dict())
-    results[rank] = ([r["loss"] for r in history], {n: p.detach().clone() for n, p in model.named_parameters()})
+    params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+              for n, p in model.named_parameters()}  # FSDP2 parameters are DTensor shards
+    saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(os.path.join(out_dir, "checkpoints")))["model"]
+    sharded = all(hasattr(p, "full_tensor") for p in model.parameters())
+    results[rank] = ([r["loss"] for r in history], params, saved, sharded)
     torch.distributed.destroy_process_group()
 
 
@@ -289,11 +294,31 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, results) ->
 def test_ddp_two_processes_match_one_process_with_doubled_batch(tmp_path, reference_ops):
     results = mp.Manager().dict()
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), results), nprocs=2, join=True)
-    (losses0, params0), (losses1, params1) = results[0], results[1]
+    (losses0, params0, _, _), (losses1, params1, _, _) = results[0], results[1]
     assert losses0 == losses1
     assert all(torch.equal(params0[n], params1[n]) for n in params0)
     single = run(tmp_path, "single", max_steps=3, grad_accum=2, warmup_steps=1, val_rows=1)
     assert [r["loss"] for r in single] == pytest.approx(losses0, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_match_ddp(tmp_path, reference_ops):
+    """fully_shard (per block, then the root) on 2 CPU processes over gloo: same losses as DDP
+    on the same shards, same parameters after 3 AdamW steps, and a checkpoint holding the full
+    (unsharded) weights."""
+    runs = {}
+    for name, fsdp in (("ddp", False), ("fsdp", True)):
+        results = mp.Manager().dict()
+        mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / name), results, fsdp), nprocs=2, join=True)
+        runs[name] = dict(results)
+    (ddp_losses, ddp_params, _, _), (fsdp_losses, fsdp_params, saved, sharded) = runs["ddp"][0], runs["fsdp"][0]
+    assert sharded and not runs["ddp"][0][3]  # every parameter is a DTensor shard under fully_shard
+    assert runs["fsdp"][0][0] == runs["fsdp"][1][0]
+    assert fsdp_losses == pytest.approx(ddp_losses, rel=1e-5)
+    assert set(fsdp_params) == set(ddp_params)
+    for n in ddp_params:
+        torch.testing.assert_close(fsdp_params[n], ddp_params[n], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(saved[n], ddp_params[n], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["demo", "demo_gpu", "d12", "d16", "d20"])

@@ -82,6 +82,9 @@ class Measurement:
     kernels: Dict[str, KernelStats] = field(default_factory=dict)
     aten_ops: Counter = field(default_factory=Counter)  # op name -> calls (non-view, non-allocation)
     aten_op_bytes: Counter = field(default_factory=Counter)  # op name -> input + output tensor bytes
+    # op name -> {operand dtype key: FLOPs} for the ops torch's FLOP counter knows (mm, addmm,
+    # bmm, convolution, SDPA ...): torch GEMMs, which the roofline charges at the tensor-core rate
+    aten_op_flops: Dict[str, Counter] = field(default_factory=dict)
     allocations: int = 0  # empty / empty_strided / empty_like: no traffic
     sync_ops: Counter = field(default_factory=Counter)  # aten ops that wait for the device (outside host reads)
     host_reads: Counter = field(default_factory=Counter)  # Python-level reads by kind (item, tolist, ...)
@@ -125,6 +128,14 @@ class Measurement:
         return sum(self.aten_op_bytes.values())
 
     @property
+    def aten_flops(self) -> Counter:
+        """FLOPs of torch GEMM-like ops by operand dtype key (same keys as dot_flops)."""
+        total = Counter()
+        for flops in self.aten_op_flops.values():
+            total.update(flops)
+        return total
+
+    @property
     def num_host_reads(self) -> int:
         return sum(self.host_reads.values())
 
@@ -145,6 +156,8 @@ class Measurement:
                 total.kernels.setdefault(name, KernelStats(name)).add(stats)
             total.aten_ops.update(part.aten_ops)
             total.aten_op_bytes.update(part.aten_op_bytes)
+            for name, flops in part.aten_op_flops.items():
+                total.aten_op_flops.setdefault(name, Counter()).update(flops)
             total.sync_ops.update(part.sync_ops)
             total.host_reads.update(part.host_reads)
             total.allocations += part.allocations
@@ -155,6 +168,7 @@ class Measurement:
         return {"launches": self.launches, "logical_bytes": self.logical_bytes, "unique_bytes": self.unique_bytes,
                 "read_bytes": self.read_bytes, "write_bytes": self.write_bytes,
                 "dot_flops": dict(self.dot_flops), "aten_ops": self.num_aten_ops, "aten_bytes": self.aten_bytes,
+                "aten_flops": dict(self.aten_flops),
                 "host_reads": self.num_host_reads, "sync_ops": self.num_sync_ops, "host_syncs": self.host_syncs}
 
     def as_dict(self) -> Dict[str, object]:
@@ -162,6 +176,7 @@ class Measurement:
         return {**self.summary(), "kernels": {n: k.as_dict() for n, k in sorted(self.kernels.items())},
                 "aten_op_counts": dict(self.aten_ops.most_common()),
                 "aten_op_bytes": dict(self.aten_op_bytes.most_common()),
+                "aten_op_flops": {n: dict(f) for n, f in sorted(self.aten_op_flops.items())},
                 "sync_op_counts": dict(self.sync_ops), "host_read_counts": dict(self.host_reads),
                 "allocations": self.allocations}
 
@@ -385,6 +400,25 @@ def _is_sync(func, args, kwargs, out) -> bool:
     return False
 
 
+def _aten_flops(func, args, kwargs, out) -> int:
+    """FLOPs of an aten op by torch's own FLOP formulas (2 M N K for mm/addmm/bmm); 0 for ops
+    it has none for."""
+    from torch.utils.flop_counter import flop_registry
+
+    formula = flop_registry.get(func.overloadpacket)
+    if formula is None:
+        return 0
+    return int(formula(*args, **kwargs, out_val=out))  # the registry's wrapper takes the shapes
+
+
+def _aten_dot_key(args) -> str:
+    """dtype key of a torch GEMM's operands, as for tl.dot: fp16, bf16, or fp32/ieee (fp32 GEMMs
+    run without TF32 unless a trainer enables it)."""
+    dtype = next((t.dtype for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor) and t.dim() >= 2),
+                 torch.float32)
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32/ieee")
+
+
 class _AtenCounter(TorchDispatchMode):
     def __init__(self, rec: _Recorder):
         super().__init__()
@@ -407,6 +441,9 @@ class _AtenCounter(TorchDispatchMode):
         elif not _is_view(func):
             rec.result.aten_ops[full] += 1
             rec.result.aten_op_bytes[full] += _tensor_bytes((args, kwargs)) + _tensor_bytes(out)
+            flops = _aten_flops(func, args, kwargs, out)
+            if flops:
+                rec.result.aten_op_flops.setdefault(full, Counter())[_aten_dot_key(args)] += flops
         return out
 
 

@@ -20,6 +20,21 @@ def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
+def check_no_overlap(name: str, t: torch.Tensor) -> None:
+    """Raise unless distinct elements of `t` occupy distinct memory: an in-place output (a decode
+    state) that is a broadcast view (stride 0, e.g. `expand`) or otherwise self-overlapping would
+    have its rows overwrite each other. Sorting the dims of size > 1 by stride, each stride must
+    reach past the span of the smaller ones."""
+    dims = sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1)
+    span = 1
+    for stride, size in dims:
+        if stride < span:
+            raise ValueError(f"{name} is updated in place but its memory overlaps itself (strides {t.stride()} "
+                             f"for shape {tuple(t.shape)}, e.g. a broadcast/expanded view); pass a tensor that "
+                             "owns one element per entry (.contiguous() or .clone())")
+        span = stride * (size - 1) + span
+
+
 def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
     """Raise unless every non-None tensor lives on the same device."""
     for name, t in tensors.items():

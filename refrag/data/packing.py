@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from refrag.data.render import RenderedExample
+from refrag.validate import number_arg
 
 IGNORE_INDEX = -100
 
@@ -120,10 +121,10 @@ def main(argv: list[str] | None = None) -> None:
     from refrag.data.conversations import EMBEDDED_KB_DIR
 
     parser = argparse.ArgumentParser(prog="python -m refrag.data.packing", description="Packing report.")
-    parser.add_argument("--max-len", type=int, default=8192)
+    parser.add_argument("--max-len", type=number_arg(int, minimum=1), default=8192)
     parser.add_argument("--split", default="train")
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--max-doc-tokens", type=int, default=256)
+    parser.add_argument("--top-k", type=number_arg(int, minimum=1), default=5)
+    parser.add_argument("--max-doc-tokens", type=number_arg(int, minimum=1), default=256)
     args = parser.parse_args(argv)
     kb = KnowledgeBase.build(read_documents(EMBEDDED_KB_DIR / "documents.jsonl"), HashingEncoder(64),
                              show_progress=False)

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from refrag.data.schema import MAX_DOCS_PER_BLOCK
 from refrag.fileio import jsonl_lines
 from refrag.retrieval.documents import document_text, read_documents, read_text_utf8
+from refrag.validate import number_arg
 
 ROLE_TOKENS = ["[SYS]", "[/SYS]", "[USER]", "[/USER]", "[ASST]", "[/ASST]", "[QUERY]", "[/QUERY]"]
 SPECIAL_TOKENS = (["[PAD]", "[BOS]", "[EOS]"] + ROLE_TOKENS + ["[RETRIEVAL_START]", "[RETRIEVAL_END]"]
@@ -125,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("train", help="train a byte-level BPE tokenizer on a KB")
     p.add_argument("--kb", required=True, help="KB source directory (documents.jsonl, queries/) or documents.jsonl")
     p.add_argument("--out", required=True, help="output tokenizer.json")
-    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
-    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--vocab-size", type=number_arg(int, minimum=1), default=DEFAULT_VOCAB_SIZE)
+    p.add_argument("--min-frequency", type=number_arg(int, minimum=1), default=2)
     args = parser.parse_args(argv)
     try:
         tok = RagTokenizer.train(corpus_texts(args.kb), args.vocab_size, args.min_frequency)

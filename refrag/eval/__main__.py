@@ -16,8 +16,12 @@ import torch
 from refrag.data import EMBEDDED_KB_DIR
 from refrag.eval.answers import format_table
 from refrag.eval.evaluate import evaluate_model, load_trained_model, write_predictions
+from refrag.fileio import check_writable_file
 from refrag.retrieval import RetrievalManager
-from refrag.train.checkpoint import CheckpointError, latest_checkpoint
+from refrag.train.checkpoint import latest_checkpoint
+from refrag.validate import number_arg
+
+POSITIVE_INT = number_arg(int, minimum=1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,11 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint directory (step_NNNNNN) or a run's checkpoints/ directory (newest is used)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--top-k", type=int, default=None, help="documents per question (default: the training top_k)")
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--batch-size", type=int, default=32 if torch.cuda.is_available() else 2,
+    p.add_argument("--top-k", type=POSITIVE_INT, default=None, help="documents per question (default: the training top_k)")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=24)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=32 if torch.cuda.is_available() else 2,
                    help="prompts generated together (small on CPU: the reference attention is dense)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--limit", type=POSITIVE_INT, default=None, help="only the first N questions")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="also write metrics and predictions to this file")
     return parser
@@ -47,10 +51,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     parser = build_parser()
     args = parser.parse_args(argv)
-    path = latest_checkpoint(args.checkpoint) or args.checkpoint
     try:
+        if args.json:
+            check_writable_file(args.json, "--json")
+        path = latest_checkpoint(args.checkpoint) or args.checkpoint
         model, tokenizer, train_cfg = load_trained_model(path, args.device)
-    except CheckpointError as err:
+    except ValueError as err:  # CheckpointError included
         parser.exit(2, f"error: {err}\n")
     manager = RetrievalManager(train_cfg.retriever, knowledge_base=train_cfg.kb_dir)
     metrics = evaluate_model(model, tokenizer, manager, args.split, args.top_k or train_cfg.top_k,

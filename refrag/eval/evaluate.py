@@ -64,6 +64,8 @@ def evaluate_model(model: HybridLM, tokenizer: RagTokenizer, retrieval_manager, 
     queries/{split}.jsonl; max_doc_tokens, question_first: as in training; limit: evaluate
     only the first `limit` questions.
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive number of questions or None, got {limit!r}")
     records = load_queries(split, kb_source)[:limit]
     documents = retrieval_manager.retrieve_many([r["question"] for r in records], top_k)
     conversations = [question_conversation(r["question"], docs, use_retrieval, question_first)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -31,10 +32,13 @@ from refrag.data import EMBEDDED_KB_DIR, RagTokenizer, load_queries
 from refrag.eval.answers import aggregate, format_table, score_answer
 from refrag.eval.evaluate import evaluate_model, load_trained_model
 from refrag.infer import Engine
+from refrag.infer.doc_cache import CachedEngine, DocumentCache
 from refrag.infer.multihop import STATUSES, run_multihop
 from refrag.retrieval import RetrievalManager
 from refrag.retrieval.documents import document_text
-from refrag.train.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
+from refrag.fileio import check_writable_file
+from refrag.train.checkpoint import latest_checkpoint, verify_checkpoint
+from refrag.validate import number_arg
 
 
 def retrieved_texts(messages: Sequence[dict]) -> list[str]:
@@ -72,6 +76,49 @@ def evaluate_multihop(generator, tokenizer: RagTokenizer, retriever, records: Se
     outcomes = {status: sum(t.status == status for t in traces) / n for status in STATUSES}
     return {**aggregate(scored), "hops": sum(t.num_hops for t in traces) / n, **outcomes,
             "predictions": predictions}
+
+
+def cache_stats(cache: DocumentCache) -> dict:
+    """hits, misses, hit_rate (hits / lookups), entries and bytes of a document cache."""
+    lookups = cache.stats.hits + cache.stats.misses
+    return {"hits": cache.stats.hits, "misses": cache.stats.misses, "hit_rate": cache.stats.hits / lookups if lookups else None,
+            "entries": len(cache), "bytes": cache.nbytes}
+
+
+def compare_cache(model, tokenizer: RagTokenizer, retriever, records: Sequence[dict], *,
+                  cache_bytes: int = 1 << 30, precompute: Sequence[dict] | None = None, **kwargs) -> dict:
+    """Serve the questions one at a time (batch 1, as a server answers a user) through the loop
+    with a `CachedEngine` and with the plain `Engine`; returns the cache's counters, both wall
+    times, their ratio and the share of questions whose answers agree.
+
+    The cache starts cold, or holds `precompute` (documents, e.g. the whole KB) encoded ahead
+    of the questions for every slot up to top_k (documents first only; the time it took is
+    ``precompute_seconds``, not part of the ratio). kwargs: evaluate_multihop's settings
+    (max_hops, top_k, max_doc_tokens, question_first, ...).
+    """
+    from refrag.infer.serve import precompute_documents
+
+    cache = DocumentCache(max_bytes=cache_bytes)
+    extra = {}
+    if precompute:
+        if kwargs.get("question_first", True):
+            raise ValueError("precomputing documents needs the documents-first layout")
+        start = time.perf_counter()
+        extra["precomputed"] = precompute_documents(CachedEngine(model, cache), tokenizer, precompute,
+                                                    kwargs.get("top_k", 3), kwargs.get("max_doc_tokens", 256))
+        extra["precompute_seconds"] = time.perf_counter() - start
+        cache.stats = type(cache.stats)()  # count the questions' lookups only
+    runs = {}
+    for name, generator in (("uncached", Engine(model, tokenizer)), ("cached", CachedEngine(model, cache))):
+        start = time.perf_counter()
+        runs[name] = evaluate_multihop(generator, tokenizer, retriever, records, **{**kwargs, "batch_size": 1})
+        runs[name]["seconds"] = time.perf_counter() - start
+    agree = [a["prediction"] == b["prediction"]
+             for a, b in zip(runs["cached"]["predictions"], runs["uncached"]["predictions"])]
+    return {**cache_stats(cache), "seconds_cached": runs["cached"]["seconds"],
+            "seconds_uncached": runs["uncached"]["seconds"],
+            "latency_ratio": runs["cached"]["seconds"] / runs["uncached"]["seconds"],
+            "same_answers": sum(agree) / len(agree), **extra}
 
 
 def format_comparison(results: dict[str, dict]) -> str:
@@ -118,12 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rag-checkpoint", help="single-shot SFT-RAG checkpoint of the same model size")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--max-hops", type=int, default=3)
-    parser.add_argument("--top-k", type=int, default=None,
+    parser.add_argument("--top-k", type=number_arg(int, minimum=1), default=None,
                         help="documents per hop for both models (default: each model's training top_k)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=number_arg(int, minimum=1), default=32)
+    parser.add_argument("--batch-size", type=number_arg(int, minimum=1), default=32)
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="generate without the per-document cache (refrag.infer.doc_cache); same answers")
+    parser.add_argument("--compare-cache", action="store_true",
+                        help="also serve the questions one at a time with and without the cache and report "
+                             "hit rate, both wall times and their ratio (key 'cache')")
+    parser.add_argument("--precompute-kb", action="store_true",
+                        help="with --compare-cache: encode every KB document (each slot up to top_k) before the "
+                             "questions, as a server does offline (documents-first checkpoints only)")
     parser.add_argument("--json", help="also write metrics and predictions to this file")
     return parser
 
@@ -137,19 +192,25 @@ def main_multihop(argv: list[str] | None = None) -> dict:
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be at least 1, got {args.limit}")
     try:
+        if args.json:
+            check_writable_file(args.json, "--json")
         model, tokenizer, train_cfg, prompt, path = load_for_eval(args.checkpoint, args.device)
         rag = load_for_eval(args.rag_checkpoint, args.device) if args.rag_checkpoint else None
-    except CheckpointError as err:
+    except ValueError as err:  # CheckpointError, unwritable --json
         parser.exit(2, f"error: {err}\n")
     kb_source = train_cfg.kb_source or EMBEDDED_KB_DIR
     top_k = args.top_k or train_cfg.top_k
     manager = RetrievalManager(train_cfg.retriever, knowledge_base=train_cfg.kb_dir)
     records = load_queries(args.split, kb_source)[:args.limit]
-    results = {"refrag": evaluate_multihop(Engine(model, tokenizer), tokenizer, manager, records,
-                                           max_hops=args.max_hops, top_k=top_k, max_new_tokens=args.max_new_tokens,
-                                           batch_size=args.batch_size, max_doc_tokens=prompt["max_doc_tokens"],
-                                           question_first=prompt["question_first"])}
+    settings = dict(max_hops=args.max_hops, top_k=top_k, max_new_tokens=args.max_new_tokens,
+                    max_doc_tokens=prompt["max_doc_tokens"], question_first=prompt["question_first"])
+    cache = None if args.no_cache else DocumentCache(max_bytes=1 << 30)
+    generator = Engine(model, tokenizer) if cache is None else CachedEngine(model, cache)
+    results = {"refrag": evaluate_multihop(generator, tokenizer, manager, records, batch_size=args.batch_size,
+                                           **settings)}
     results["refrag"].update(checkpoint=str(path), prompt=prompt, top_k=top_k)
+    if cache is not None:
+        results["refrag"]["doc_cache"] = cache_stats(cache)
     if rag is not None:
         rag_model, rag_tokenizer, rag_cfg, rag_prompt, rag_path = rag
         rag_top_k = args.top_k or rag_cfg.top_k
@@ -165,6 +226,15 @@ def main_multihop(argv: list[str] | None = None) -> dict:
     for name, result in results.items():
         print(f"{name}: {result['checkpoint']} (top_k {result['top_k']}, {result['prompt']})")
     print(format_comparison(results))
+    if cache is not None:
+        print(f"document cache: {results['refrag']['doc_cache']}")
+    if args.compare_cache:
+        documents = None
+        if args.precompute_kb:
+            documents = list(manager.knowledge_base.documents)
+        results["cache"] = compare_cache(model, tokenizer, manager, records, precompute=documents, **settings)
+        print("serving one question at a time, cached vs uncached: "
+              + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in results["cache"].items()))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results

@@ -101,7 +101,9 @@ def format_table(results: dict[str, dict[str, dict]], ks: Sequence[int]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from refrag.data.conversations import EMBEDDED_KB_DIR, load_queries
+    from refrag.fileio import check_writable_file
     from refrag.retrieval import DEFAULT_ENCODER, KnowledgeBase, make_retriever, read_documents
+    from refrag.validate import number_arg
 
     parser = argparse.ArgumentParser(prog="python -m refrag.eval.retrieval", description="Retrieval evaluation.")
     parser.add_argument("--kb", required=True, help="a KB directory from prepare-kb, or 'embedded'")
@@ -110,10 +112,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--queries-dir", default=str(EMBEDDED_KB_DIR), help="directory holding queries/{split}.jsonl")
     parser.add_argument("--retrievers", nargs="+", default=["dense", "bm25", "hybrid"])
-    parser.add_argument("--k", type=int, nargs="+", default=[1, 5, 10])
+    parser.add_argument("--k", type=number_arg(int, minimum=1), nargs="+", default=[1, 5, 10])
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     try:
+        if args.json:
+            check_writable_file(args.json, "--json")
         kb = (KnowledgeBase.build(read_documents(EMBEDDED_KB_DIR / "documents.jsonl"), args.encoder or DEFAULT_ENCODER)
               if args.kb == "embedded" else KnowledgeBase.load(args.kb, args.encoder))
         records = load_queries(args.split, args.queries_dir)

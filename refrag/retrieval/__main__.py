@@ -14,6 +14,9 @@ import sys
 from refrag.retrieval.encoders import DEFAULT_ENCODER
 from refrag.retrieval.kb import HNSW_THRESHOLD, KnowledgeBase, add_documents, prepare_kb
 from refrag.retrieval.retrievers import RETRIEVERS, make_retriever
+from refrag.validate import number_arg
+
+POSITIVE_INT = number_arg(int, minimum=1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,22 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="KB directory to write (replaced atomically)")
     p.add_argument("--encoder", default=DEFAULT_ENCODER,
                    help="all-MiniLM-L6-v2 (default), a local sentence-transformers dir, or hashing:<dim>")
-    p.add_argument("--batch-size", type=int, default=64, help="embedding batch size")
-    p.add_argument("--hnsw-threshold", type=int, default=HNSW_THRESHOLD,
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="embedding batch size")
+    p.add_argument("--hnsw-threshold", type=POSITIVE_INT, default=HNSW_THRESHOLD,
                    help="use an HNSW index from this many documents on (exact flat index below)")
 
     p = sub.add_parser("add", help="append documents to a KB without re-embedding the existing ones")
     p.add_argument("--kb", required=True)
     p.add_argument("--docs", required=True)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
 
     p = sub.add_parser("search", help="query a KB")
     p.add_argument("--kb", required=True)
     p.add_argument("--query", action="append", required=True, help="repeat for a batch")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=POSITIVE_INT, default=5)
     p.add_argument("--retriever", choices=sorted(RETRIEVERS), default="hybrid")
     p.add_argument("--fusion", choices=["minmax", "rrf"], default="minmax", help="hybrid score fusion")
-    p.add_argument("--alpha", type=float, default=0.7, help="hybrid dense weight (minmax fusion)")
+    p.add_argument("--alpha", type=number_arg(float, minimum=0, maximum=1), default=0.7, help="hybrid dense weight (minmax fusion)")
     p.add_argument("--source", action="append", help="keep only documents from this source (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 

@@ -37,6 +37,9 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norm, 1e-12)).astype(np.float32)
 
 
+MAX_HASHING_DIM = 4096
+
+
 class HashingEncoder:
     """Deterministic encoder: hashed lowercase words and word bigrams -> signed counts, normalized.
 
@@ -44,8 +47,9 @@ class HashingEncoder:
     """
 
     def __init__(self, dim: int = 64):
-        if dim < 1:
-            raise ValueError(f"hashing encoder dim must be >= 1, got {dim}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= MAX_HASHING_DIM:
+            raise ValueError(f"hashing encoder dim must be 1..{MAX_HASHING_DIM}, got {dim!r} "
+                             "(embeddings take count x dim x 4 bytes)")
         self.dim = dim
         self.name = f"hashing:{dim}"
 

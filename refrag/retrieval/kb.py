@@ -43,6 +43,11 @@ STOPWORDS = frozenset(
 TOKEN_RE = re.compile(r"[a-z0-9]+")
 
 
+def has_content(query: str) -> bool:
+    """The query holds a word (any script) that is not an English stopword: something to search for."""
+    return any(w not in STOPWORDS for w in re.findall(r"\w+", query.lower()))
+
+
 def bm25_tokenize(text: str) -> list[str]:
     """Lowercase alphanumeric words without English stopwords (the KB's BM25 analyzer)."""
     return [t for t in TOKEN_RE.findall(text.lower()) if t not in STOPWORDS]
@@ -160,6 +165,8 @@ class KnowledgeBase:
             return None
         if isinstance(sources, str):
             sources = [sources]
+        if not sources:
+            raise ValueError("sources is empty: name at least one source, or pass None to search all of them")
         unknown = sorted(set(sources) - set(self.sources))
         if unknown:
             raise ValueError(f"unknown source(s) {unknown}; this KB has {self.sources}")

@@ -51,6 +51,8 @@ class RetrievalManager:
     def retrieve_many(self, queries: Sequence[str], top_k: int = 5,
                       sources: Sequence[str] | None = None) -> list[list[dict]]:
         """Batched `retrieve`: cache misses are searched in one batch. Returns copies."""
+        if isinstance(queries, str):
+            raise ValueError("queries must be a list of strings; use retrieve() for a single query")
         src = None if sources is None else tuple(sorted([sources] if isinstance(sources, str) else sources))
         keys = [(q, top_k, src) for q in queries]
         missing = list(dict.fromkeys(k for k in keys if k not in self._cache))

@@ -3,8 +3,10 @@
 Every retriever has `search(queries, top_k=5, sources=None) -> list[list[dict]]` (batched)
 and `retrieve(query, top_k=5, sources=None) -> list[dict]`. A result is
 {"id", "title", "content", "score", "source"}, best first. `sources` keeps only documents
-from those sources (an unknown source is an error). A `top_k` larger than the number of
-eligible documents returns all of them, ranked.
+from those sources (an unknown source or an empty list is an error). A `top_k` larger than the
+number of eligible documents returns all of them, ranked (an approximate HNSW index that returns
+fewer is completed by exact search). An empty query, or one that is not valid Unicode, is an
+error; a query without a content word (only stopwords or punctuation) finds nothing: [].
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from refrag.retrieval.kb import KnowledgeBase, bm25_tokenize
+from refrag.retrieval.kb import KnowledgeBase, bm25_tokenize, has_content
 
 RRF_K = 60
 
@@ -38,7 +40,9 @@ class Retriever(ABC):
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
         allowed = self.kb.source_mask(sources)
         k = min(int(top_k), len(self.kb) if allowed is None else int(allowed.sum()))
-        return [[self.result(i, s) for i, s in zip(idx, scores)] for idx, scores in self.rank(queries, k, allowed)]
+        searchable = [j for j, q in enumerate(queries) if has_content(q)]
+        ranked = dict(zip(searchable, self.rank([queries[j] for j in searchable], k, allowed))) if searchable else {}
+        return [[self.result(i, s) for i, s in zip(*ranked[j])] if j in ranked else [] for j in range(len(queries))]
 
     def retrieve(self, query: str, top_k: int = 5, sources: Sequence[str] | None = None) -> list[dict]:
         """One query -> at most top_k documents with scores, best first."""
@@ -57,6 +61,13 @@ def check_queries(queries: Sequence[str]) -> list[str]:
     bad = [type(q).__name__ for q in queries if not isinstance(q, str)]
     if bad:
         raise ValueError(f"every query must be a string, got {bad[0]}")
+    for j, q in enumerate(queries):
+        if not q.strip():
+            raise ValueError(f"query {j} is empty")
+        try:
+            q.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"query {j} is not valid Unicode ({e.reason} at character {e.start})") from None
     return queries
 
 
@@ -87,8 +98,12 @@ class DenseRetriever(Retriever):
             scores, idx = self.kb.faiss_index.search(q, search_k)
             ranked = [self.keep(i, s, allowed, k) for i, s in zip(idx, scores)]
             if search_k == n or all(len(r[0]) == k for r in ranked):
-                return ranked
+                break
             search_k = min(n, 4 * search_k)
+        # An approximate (HNSW) index can return fewer than k hits even for search_k == n (efSearch
+        # bounds its candidates): those queries are ranked exactly on the stored embeddings.
+        return [r if len(r[0]) == k else top_of(self.kb.embeddings @ q_vec, k, allowed)
+                for r, q_vec in zip(ranked, q)]
 
     @staticmethod
     def keep(idx: np.ndarray, scores: np.ndarray, allowed: np.ndarray | None, k: int):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -53,6 +54,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
 
 def run_sft(cfg: TrainConfig, resume: bool = True) -> list[dict]:
     """Build tokenizer, data and model from `cfg` and train; returns this process's step records."""
+    try:  # before the tokenizer and data: an unusable out_dir must not cost a tokenizer training
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"config key out_dir: cannot create {cfg.out_dir} ({err.strerror})") from None
     env = init_distributed(cfg.device)
     try:
         seed_everything(cfg.seed)

@@ -57,7 +57,7 @@ HELP = {
     "device": "auto, cpu or cuda",
     "seed": "random seed",
     "deterministic": "torch.use_deterministic_algorithms (bit-exact resume)",
-    "fsdp": "shard parameters with FSDP2 fully_shard (CUDA, torchrun)",
+    "fsdp": "shard parameters with FSDP2 fully_shard (torchrun, 2+ processes: NCCL on CUDA, gloo on CPU)",
     "bf16": "bf16 autocast (CUDA only; ignored on CPU)",
     "out_dir": "directory for metrics.jsonl and checkpoints/",
     "log_every": "steps between progress-bar metric updates",

@@ -36,6 +36,9 @@ def kb_source(cfg: TrainConfig) -> Path:
 def prepare_tokenizer(cfg: TrainConfig, env: DistEnv) -> RagTokenizer:
     """The tokenizer at cfg.tokenizer, trained on the KB source by rank 0 when it does not exist."""
     path = Path(cfg.tokenizer)
+    if path.is_dir():
+        raise ValueError(f"config key tokenizer: {path} is a directory; give the path of a tokenizer.json file "
+                         "(trained there when it does not exist)")
     if env.is_main and not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         RagTokenizer.train(corpus_texts(kb_source(cfg)), vocab_size=cfg.vocab_size).save(path)

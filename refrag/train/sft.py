@@ -66,8 +66,8 @@ def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool) -> nn.Module:
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        if env.world_size == 1 or env.device.type != "cuda":
-            raise ValueError("fsdp needs CUDA and torchrun with more than one process")
+        if env.world_size == 1:
+            raise ValueError("fsdp needs more than one process (torchrun; CUDA with NCCL or CPU with gloo)")
         for block in model.blocks:
             fully_shard(block)
         return fully_shard(model)

@@ -76,8 +76,8 @@ class AlwaysNaN(torch.nn.Module):
         super().__init__()
         self.inner = tiny_model()
 
-    def forward(self, input_ids, layout=None, targets=None):
-        return self.inner(input_ids, layout=layout, targets=targets) * float("nan")
+    def forward(self, input_ids, layout=None, targets=None, num_loss_tokens=None):
+        return self.inner(input_ids, layout=layout, targets=targets, num_loss_tokens=num_loss_tokens) * float("nan")
 
 
 def test_a_run_that_skips_every_step_fails_instead_of_exiting_cleanly(tmp_path):
