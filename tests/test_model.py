@@ -478,5 +478,5 @@ def test_tiny_train_step_reads_nothing_from_the_device(triton_ops, device):
     steady = measure(step)
     assert steady.num_host_reads == 0, dict(steady.host_reads)
     assert steady.num_sync_ops == 0, dict(steady.sync_ops)
-    assert steady.launches == STEP_LAUNCHES, {name: k.launches for name, k in steady.kernels.items()}
+    assert steady.launches <= STEP_LAUNCHES, {name: k.launches for name, k in steady.kernels.items()}
     assert steady.num_aten_ops <= STEP_ATEN_OPS, steady.aten_ops.most_common()

@@ -11,6 +11,7 @@ from kernels import reference as R
 from kernels import ssd_scan
 from kernels.layout import DocLayout
 from kernels.ssd import CONFIGS, ssd_scan_triton
+from kernels.ssd.tuning import SMEM_LIMIT_BYTES, TILES, prune_by_shared_memory, smem_estimate
 
 F64 = torch.float64
 ATOL = {torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}
@@ -169,8 +170,13 @@ def test_all_sequences_empty_pass_initial_states_through(device):
     assert torch.equal(leaves["initial_states"].grad, grad_final)
 
 
-@pytest.mark.parametrize("config", [pytest.param(c, id=f"BK{c.kwargs['BK']}-BV{c.kwargs['BV']}-w{c.num_warps}")
-                                    for c in CONFIGS])
+# Under the interpreter num_warps and num_stages change nothing: one config per tile shape there.
+TESTED_CONFIGS = CONFIGS if torch.cuda.is_available() else [
+    next(c for c in CONFIGS if (c.kwargs["BK"], c.kwargs["BV"]) == tile) for tile in TILES]
+
+
+@pytest.mark.parametrize("config", [pytest.param(c, id=f"BK{c.kwargs['BK']}-BV{c.kwargs['BV']}-w{c.num_warps}"
+                                                  f"-s{c.num_stages}") for c in TESTED_CONFIGS])
 def test_every_config_is_correct(config, device):
     floats, static = make_case(L=36, seqs=[14, 20], p=40, n=40, D="h", init=True,
                                docs=doc_row(36, [(16, 22), (22, 23)]))
@@ -179,6 +185,18 @@ def test_every_config_is_correct(config, device):
         return ssd_scan_triton(*args, **kwargs, config=config)
 
     check_against_reference(floats, static, torch.float32, device, fn=pinned)
+
+
+def test_autotune_space_is_pruned_to_the_rtx4070_shared_memory():
+    """num_stages 2-4 and num_warps 2-8 are in the space; at chunk 64 the pruned list keeps
+    only configs under 99 KB (bf16, fp32), and a chunk no config fits keeps the smallest."""
+    assert {c.num_stages for c in CONFIGS} == {2, 3, 4} and {c.num_warps for c in CONFIGS} == {2, 4, 8}
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.empty(1, 1, 1, dtype=dtype)
+        kept = prune_by_shared_memory(CONFIGS, {"x": x}, BT=64)
+        assert kept and all(smem_estimate(c, 64, x.element_size()) <= SMEM_LIMIT_BYTES for c in kept)
+        assert len(kept) < len(CONFIGS)
+    assert len(prune_by_shared_memory(CONFIGS, {"x": torch.empty(1)}, BT=256)) >= 1
 
 
 def _bad(**changes):

@@ -59,10 +59,11 @@ class ChunkScanFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_states, table: ChunkTable, total: int,
-                softplus: bool, doc_mode: bool, config: Optional[triton.Config]):
+                softplus: bool, doc_mode: bool, want_final: bool, config: Optional[triton.Config]):
+        ctx.set_materialize_grads(False)  # an unused final state costs no zeros and no reads
         precision = dot_precision(x.dtype)
         dtp, g = chunk_dt_cumsum(dt, dt_bias, A, softplus, table)
-        h, _, final = chunk_fwd_h(x, dtp, g, B, initial_states, table, doc_mode, precision, config)
+        h, _, final = chunk_fwd_h(x, dtp, g, B, initial_states, table, doc_mode, precision, config, want_final)
         y = chunk_fwd_o(x, z, dtp, g, C, B, h, D, table, total, precision, config)
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, dtp, g)
         ctx.table, ctx.total, ctx.softplus, ctx.doc_mode, ctx.config = table, total, softplus, doc_mode, config
@@ -73,17 +74,17 @@ class ChunkScanFunction(torch.autograd.Function):
         x, dt, A, B, C, D, z, dt_bias, initial_states, dtp, g = ctx.saved_tensors
         table, total, config = ctx.table, ctx.total, ctx.config
         precision = dot_precision(x.dtype)
-        dy = _rows(dy, *dy.shape[1:])
+        dy = torch.zeros_like(x) if dy is None else _rows(dy, *dy.shape[1:])
         dfinal = None if dfinal is None else dfinal.contiguous()
-        h, hc, _ = chunk_fwd_h(x, dtp, g, B, initial_states, table, ctx.doc_mode, precision, config)
-        dh, dh0, dg_last = chunk_bwd_dh(C, g, dy, z, h, hc, dfinal, table, ctx.doc_mode, precision, config)
-        dC, dB, dg = chunk_bwd_dqk(x, dy, z, dtp, g, C, B, h, dh, table, total, precision, config)
+        h, hc, _ = chunk_fwd_h(x, dtp, g, B, initial_states, table, ctx.doc_mode, precision, config, False)
+        dh, dh0, dg_last = chunk_bwd_dh(C, g, dy, z, h, hc, dfinal, table, ctx.doc_mode, precision, config,
+                                        initial_states is not None)
+        dC, dB, dg = chunk_bwd_dqk(x, dy, z, dtp, g, C, B, h, dh, table, total, ctx.doc_mode, precision, config)
         dx, dz, ddt_v, dD = chunk_bwd_dv(x, dy, z, dtp, g, C, B, h, dh, D, table, total, precision, config)
         ddt, dA, ddt_bias = chunk_dt_grad(dt, dt_bias, A, ctx.softplus, dtp, dg, dg_last, ddt_v, table, total)
         dD = None if dD is None else dD.to(D.dtype)
         ddt_bias = None if ddt_bias is None else ddt_bias.to(dt_bias.dtype)
-        dh0 = dh0 if initial_states is not None else None
-        return dx, ddt, dA.to(A.dtype), dB, dC, dD, dz, ddt_bias, dh0, None, None, None, None, None
+        return dx, ddt, dA.to(A.dtype), dB, dC, dD, dz, ddt_bias, dh0, None, None, None, None, None, None
 
 
 def ssd_scan_triton(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -103,7 +104,7 @@ def ssd_scan_triton(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=No
     y, final = ChunkScanFunction.apply(_rows(x, h, p), _rows(dt, h), A.contiguous(), _rows(B, g, n),
                                        _rows(C, g, n), None if D is None else D.contiguous(), _rows(z, h, p),
                                        None if dt_bias is None else dt_bias.contiguous(), h0, table, total,
-                                       dt_softplus, doc_mode, config)
+                                       dt_softplus, doc_mode, return_final_states, config)
     y = y.view(b, l, h, p)
     return (y, final) if return_final_states else y
 
