@@ -5,13 +5,12 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import DocLayout, fused_linear_cross_entropy
+from kernels import IGNORE_INDEX, DocLayout, fused_linear_cross_entropy
 from refrag.model.blocks import AttentionBlock, MambaBlock, SequenceContext
 from refrag.model.cache import HybridCache
 from refrag.model.config import ModelConfig
 from refrag.model.layers import rotary_cos_sin
 
-IGNORE_INDEX = -100
 
 
 class HybridLM(nn.Module):

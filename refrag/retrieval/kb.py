@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -233,7 +234,8 @@ class KnowledgeBase:
         import faiss
 
         path = Path(path).resolve()
-        recover_directory(path)
+        for action in recover_directory(path):  # said, not silent: the user learns what a crash left
+            print(f"note: {action}", file=sys.stderr)
         meta = read_meta(path)
         verify_files(path, meta)
         docs = parse_documents(jsonl_lines(read_text_utf8(path / "documents.jsonl")),

@@ -56,7 +56,7 @@ from refrag.data import RagTokenizer, load_queries, pack_examples, refrag_conver
 from refrag.data.conversations import gold_documents, with_gold
 from refrag.data.loader import PackedLoader
 from refrag.eval.answers import exact_match, token_f1
-from refrag.fileio import dumps_line
+from refrag.fileio import dumps_line, file_lock
 from refrag.infer import Engine
 from refrag.infer.multihop import ABSTAINED, ANSWERED, TRUNCATED, MultiHopTrace, run_multihop
 from refrag.model import HybridLM, ModelConfig, preset
@@ -365,7 +365,15 @@ def initial_model(cfg: TrainConfig, rcfg: RefragConfig, tokenizer: RagTokenizer)
 
 
 def run_refrag(cfg: TrainConfig, rcfg: RefragConfig, resume: bool = True) -> dict:
-    """Both phases from configs; returns {"sft": records, "rl": records, "checkpoint": path or None}."""
+    """Both phases from configs; returns {"sft": records, "rl": records, "checkpoint": path or None}.
+    Holds ``<out_dir>/.run.lock``: a second run with the same out_dir fails at once."""
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with file_lock(out_dir / ".run.lock", blocking=False, what=f"refrag out_dir {out_dir}"):
+        return _run_refrag(cfg, rcfg, resume)
+
+
+def _run_refrag(cfg: TrainConfig, rcfg: RefragConfig, resume: bool) -> dict:
     env = init_distributed(cfg.device)
     if env.world_size > 1:
         raise ValueError("refrag training runs in one process (launch without torchrun)")
