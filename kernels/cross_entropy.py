@@ -328,8 +328,12 @@ def _count_and_check_targets(targets: torch.Tensor, vocab: int, ignore_index: in
     return num_valid
 
 
+# Targets equal to this take no loss (PyTorch and Hugging Face convention); the data and the model share it.
+IGNORE_INDEX = -100
+
+
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                               ignore_index: int = -100, reduction: str = "mean", z_loss: float = 0.0, *,
+                               ignore_index: int = IGNORE_INDEX, reduction: str = "mean", z_loss: float = 0.0, *,
                                num_valid: Optional[int] = None, chunk_size: Optional[int] = None,
                                config: Optional[triton.Config] = None) -> torch.Tensor:
     """Cross-entropy of the logits hidden @ weight^T without materializing them.

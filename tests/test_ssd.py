@@ -9,6 +9,7 @@ import torch
 
 from kernels import reference as R
 from kernels import ssd_scan
+from kernels.layout import DocLayout
 from kernels.ssd import CONFIGS, ssd_scan_triton
 from kernels.ssd.tuning import SMEM_LIMIT_BYTES, TILES, prune_by_shared_memory, smem_estimate
 
@@ -227,6 +228,13 @@ BAD_INPUTS = [
     pytest.param(_bad(doc_ids=torch.zeros(19, dtype=torch.int64), doc_mode=True), "doc_ids must have shape",
                  id="doc-ids-shape"),
     pytest.param(_bad(x=torch.zeros(1, 20, 2, 16, dtype=torch.int32)), "x must be fp16", id="x-int"),
+    pytest.param(_bad(doc_ids=torch.zeros(20, dtype=torch.int64)), "doc_ids given with doc_mode=False",
+                 id="doc-ids-without-doc-mode"),
+    pytest.param(_bad(cu_seqlens=[0, 8, 20]), "cu_seqlens must be a torch.Tensor", id="cu-list"),
+    pytest.param(_bad(layout=DocLayout.from_examples([(8, []), (12, [])])), "either layout or cu_seqlens",
+                 id="layout-and-cu"),
+    pytest.param(_bad(cu_seqlens=None, layout=DocLayout.from_examples([(21, [])])), "layout covers 21 tokens",
+                 id="layout-too-long"),
 ]
 
 
@@ -275,3 +283,27 @@ def test_offsets_past_int32(device):
     y_ref, final_ref = R.ssd_scan(part[0], part[1], A, B[:, L - tail:], C[:, L - tail:], return_final_states=True)
     assert rel_err(y[:, L - tail:], y_ref) < 2e-2
     assert rel_err(final[1:], final_ref) < 2e-2
+
+
+@pytest.mark.parametrize("doc_mode", [False, True], ids=["plain", "doc_mode"])
+def test_layout_equals_keyword_form(doc_mode, device):
+    """layout= and cu_seqlens/doc_ids give bitwise the same outputs and gradients; without
+    doc_mode a layout's documents are ignored."""
+    layout = DocLayout.from_examples([(1, []), (0, []), (16, [(2, 5), (5, 9)]), (33, [(0, 1), (20, 30)])],
+                                     device=device)
+    floats, static = make_case(L=56, seqs=[1, 0, 16, 33], D="h", z=True, dt_bias=True, softplus=True, init=True)
+    keyword = dict(static)
+    if doc_mode:
+        keyword.update(doc_ids=torch.nn.functional.pad(layout.doc_ids.cpu(), (0, 6)), doc_mode=True)
+    want = run(ssd_scan, floats, keyword, torch.float32, device)
+    static.pop("cu_seqlens")
+    got = run(ssd_scan, floats, dict(static, layout=layout, doc_mode=doc_mode), torch.float32, device)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA a positive A is a device-side assert, which ends "
+                                                      "the process's CUDA context")
+def test_positive_A_is_rejected():
+    with pytest.raises(ValueError, match="A must be <= 0"):
+        ssd_scan(**_bad(A=torch.tensor([-0.5, 0.25])))

@@ -99,9 +99,18 @@ def _restore_gradient_sync(wrapped: nn.Module):
 
 
 def to_device(batch, device: torch.device):
-    """(input_ids (1, B*L), targets (1, B*L), layout) of a loader batch, on `device`."""
-    return (batch.input_ids.reshape(1, -1).to(device, non_blocking=True),
-            batch.targets.reshape(1, -1).to(device, non_blocking=True), batch.layout(device))
+    """(input_ids (1, B*L), targets (1, B*L), layout) of a loader batch, on `device`.
+
+    The layout is built and validated on the CPU; every tensor goes to a GPU through pinned
+    memory with non-blocking copies, so the step that follows never waits on the host.
+    """
+    def move(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(1, -1)
+        if torch.device(device).type == "cuda":
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
+
+    return move(batch.input_ids), move(batch.targets), batch.layout(device)
 
 
 def endless(loader):
