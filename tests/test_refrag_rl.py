@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-import refrag.train.refrag as rl
+import refrag.train.rl as rl
+from refrag.train.refrag import RefragConfig, load_refrag_config, main_refrag
 from refrag.data import load_tokenizer, render_conversation, validate_conversation
 from refrag.infer.multihop import ABSTAINED, ANSWERED, TRUNCATED, MultiHopTrace
 from refrag.model import HybridLM, MambaConfig, ModelConfig
@@ -156,7 +157,7 @@ def test_rl_loop_calls_the_reward_function_and_logs_its_components(tok, tmp_path
     model = tiny_policy(tok.vocab_size)
     before = [p.detach().clone() for p in model.parameters()]
     cfg = TrainConfig(top_k=2, bf16=False)
-    rcfg = rl.RefragConfig(rl_steps=1, questions_per_step=1, group_size=2, kl_beta=0.1, rl_lr=1e-2)
+    rcfg = RefragConfig(rl_steps=1, questions_per_step=1, group_size=2, kl_beta=0.1, rl_lr=1e-2)
     [record] = rl.train_rl(model, tok, retriever, [TWO_HOP], cfg, rcfg, device=torch.device("cpu"),
                            out_dir=tmp_path, generator=generator)
     assert [c[:2] for c in calls] == [(ANSWERED, "q1"), (ANSWERED, "q1")]
@@ -209,19 +210,19 @@ def test_multihop_sft_conversations_documents_first(tok):
 def test_config_splits_keys_and_names_unknown_ones(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"preset": "tiny", "group_size": 8, "top_k": 4}))
-    cfg, rcfg = rl.load_refrag_config(path, {"kl_beta": "0.1", "model.block_pattern": "M,M"})
+    cfg, rcfg = load_refrag_config(path, {"kl_beta": "0.1", "model.block_pattern": "M,M"})
     assert (cfg.top_k, rcfg.group_size, rcfg.kl_beta, cfg.model) == (4, 8, 0.1, {"block_pattern": "M,M"})
     with pytest.raises(ValueError, match="'group_sise'"):
-        rl.load_refrag_config(None, {"group_sise": "8"})
+        load_refrag_config(None, {"group_sise": "8"})
     with pytest.raises(ValueError, match="max_hops"):
-        rl.load_refrag_config(None, {"max_hops": "0"})
+        load_refrag_config(None, {"max_hops": "0"})
     with pytest.raises(ValueError, match="sft_steps and rl_steps"):
-        rl.load_refrag_config(None, {"max_steps": "10"})
+        load_refrag_config(None, {"max_steps": "10"})
 
 
 def test_cli_reports_bad_keys_without_a_traceback(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        rl.main_refrag(["--group_sise", "3"])
+        main_refrag(["--group_sise", "3"])
     assert exit_info.value.code == 2 and "'group_sise'" in capsys.readouterr().err
 
 
@@ -280,7 +281,7 @@ def test_train_rl_raises_the_reward_only_with_group_baselined_advantages(tok, tm
     elif mutation == "no_baseline":
         monkeypatch.setattr(rl, "group_advantages", lambda rewards, group_size: rewards.float())
     cfg = TrainConfig(weight_decay=0.0, bf16=False, seed=0, top_k=1)
-    rcfg = rl.RefragConfig(rl_steps=15, questions_per_step=1, group_size=8, kl_beta=0.0, rl_lr=3e-3, max_hops=1,
+    rcfg = RefragConfig(rl_steps=15, questions_per_step=1, group_size=8, kl_beta=0.0, rl_lr=3e-3, max_hops=1,
                            max_new_tokens=8, temperature=1.0, top_p=1.0)
     rl.train_rl(model, tok, retriever, [BORN], cfg, rcfg, device=torch.device("cpu"), out_dir=tmp_path)
     after = sampled_reward(model, tok, retriever)
@@ -306,7 +307,7 @@ def test_samples_of_one_question_form_one_group(tok, tmp_path, monkeypatch):
         return real_loss(model, traces, advantages, **kwargs)
 
     monkeypatch.setattr(rl, "policy_loss", recording_loss)
-    rcfg = rl.RefragConfig(rl_steps=1, questions_per_step=2, group_size=4, kl_beta=0.0, max_hops=1)
+    rcfg = RefragConfig(rl_steps=1, questions_per_step=2, group_size=4, kl_beta=0.0, max_hops=1)
     rl.train_rl(tiny_policy(tok.vocab_size), tok, retriever, [BORN, other], TrainConfig(top_k=1, bf16=False),
                 rcfg, device=torch.device("cpu"), out_dir=tmp_path, generator=generator)
     [(questions, advantages)] = seen
