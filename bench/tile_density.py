@@ -31,7 +31,6 @@ import torch
 
 from bench.layouts import visible_pairs
 from kernels import DocLayout
-from kernels.ssd.chunks import build_chunk_table
 
 DEFAULT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
 SSD_CHUNK = 64
@@ -64,8 +63,7 @@ def visited_tiles(layout: DocLayout, block_m: int, block_n: int) -> Tuple[int, i
 
 def chunk_fill(layout: DocLayout, chunk_size: int, doc_mode: bool) -> float:
     """Tokens / (chunks * chunk_size) of the SSD chunk table, doc_mode or plain varlen."""
-    docs = layout.doc_ids if doc_mode else None
-    chunks = build_chunk_table(layout.cu_seqlens, docs, chunk_size).num_chunks
+    chunks = layout.chunk_table(chunk_size, doc_mode).num_chunks
     return layout.total_tokens / (chunks * chunk_size)
 
 

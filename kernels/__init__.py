@@ -9,10 +9,11 @@ from kernels.selective_scan import selective_scan
 from kernels.conv1d import causal_conv1d
 from kernels.doc_attention import doc_attention
 from kernels.state_update import ssd_state_update, causal_conv1d_update
-from kernels.cross_entropy import fused_linear_cross_entropy
+from kernels.cross_entropy import IGNORE_INDEX, fused_linear_cross_entropy
 from kernels.gated_rms_norm import gated_rms_norm
 
 __all__ = [
+    "IGNORE_INDEX",
     "use_backend",
     "set_backend",
     "current_backend",

@@ -3,8 +3,9 @@
 y[b, t, c] = act(bias[c] + sum_k weight[c, w-1-k] * x[b, t-k, c]) over the taps k whose
 token t-k lies inside token t's window. The window of a token starts at its sequence
 start (``cu_seqlens``) and, for a document token (doc_id > 0), at its document start;
-tokens past ``cu_seqlens[-1]`` are padding and give 0. The per-token window start is
-computed once per call as an int32 (b, l) table that both kernels read.
+tokens past ``cu_seqlens[-1]`` are padding and give 0. The per-token window start is an
+int32 (b, l) table that both kernels read: ``DocLayout.conv_window_starts``, cached on the
+layout (built once per call for the keyword forms).
 
 Forward: one program per (BT tokens, BD channels, row); bias and SiLU fused.
 Backward: the pre-activation is recomputed; dx[t] gathers the taps of the w tokens
@@ -21,8 +22,9 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.common.autotune import launch
-from kernels.common.checks import check_cu_seqlens, check_doc_ids, check_float, check_shape
+from kernels.common.checks import check_cu_seqlens, check_doc_ids, check_float, check_same_device, check_shape
 from kernels.common.dispatch import use_triton
+from kernels.layout import DocLayout
 
 ACTIVATIONS = (None, "silu", "swish")
 MIN_WIDTH, MAX_WIDTH = 2, 4
@@ -36,36 +38,6 @@ CONV1D_CONFIGS = [
     triton.Config({"BT": 64, "BD": 128}, num_warps=8),
 ]
 _MIN_BT = min(c.kwargs["BT"] for c in CONV1D_CONFIGS)
-
-
-def conv_window_starts(batch: int, length: int, cu_seqlens: Optional[torch.Tensor],
-                       doc_ids: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """(b, l) int32: the first token each token's window may read; `length` for padding.
-
-    Example, cu_seqlens = [0, 4, 7], doc_ids = [0, 1, 1, 2, 0, 3, 3], l = 8:
-    sequence starts [0, 0, 0, 0, 4, 4, 4], document runs start at [0, 1, 1, 3, 4, 5, 5],
-    so the table is [0, 1, 1, 3, 4, 5, 5, 8] (token 7 is padding).
-    """
-    pos = torch.arange(length, device=device, dtype=torch.int64).expand(batch, length)
-    is_start = torch.zeros(batch, length + 1, dtype=torch.bool, device=device)
-    is_start[:, 0] = True
-    if cu_seqlens is not None:
-        is_start[:, cu_seqlens[:-1].long()] = True
-    is_start = is_start[:, :length]
-    window = _last_marked_position(is_start, pos)
-    if doc_ids is not None:
-        docs = doc_ids.reshape(batch, length).to(device)
-        run_start = is_start.clone()
-        run_start[:, 1:] |= docs[:, 1:] != docs[:, :-1]
-        window = torch.where(docs > 0, _last_marked_position(run_start, pos), window)
-    if cu_seqlens is not None:
-        window = torch.where(pos < cu_seqlens[-1].long(), window, torch.full_like(window, length))
-    return window.to(torch.int32).contiguous()
-
-
-def _last_marked_position(marked: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """For each position, the largest marked position at or before it (position 0 is marked)."""
-    return torch.where(marked, pos, torch.zeros_like(pos)).cummax(dim=1).values
 
 
 @triton.jit
@@ -246,7 +218,8 @@ class CausalConv1dFunction(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None
 
 
-def _check_inputs(x, weight, bias, cu_seqlens, doc_ids, activation) -> None:
+def _check_inputs(x, weight, bias, cu_seqlens, doc_ids, activation, layout) -> None:
+    check_same_device(x=x, weight=weight, bias=bias, cu_seqlens=cu_seqlens, doc_ids=doc_ids)
     if x.dim() != 3:
         raise ValueError(f"x must be (b, l, d), got shape {tuple(x.shape)}")
     b, l, d = x.shape
@@ -261,22 +234,45 @@ def _check_inputs(x, weight, bias, cu_seqlens, doc_ids, activation) -> None:
         check_shape("bias", bias, (d,))
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    if layout is not None:
+        if not isinstance(layout, DocLayout):
+            raise ValueError(f"layout must be a kernels.DocLayout, got {type(layout).__name__}")
+        if cu_seqlens is not None or doc_ids is not None:
+            raise ValueError("pass either layout or cu_seqlens/doc_ids, not both")
+        if b != 1:
+            raise ValueError(f"a layout describes one packed row: x must have batch 1, got {b}")
+        if layout.total_tokens > l:
+            raise ValueError(f"layout covers {layout.total_tokens} tokens but x has length {l}")
+        if layout.device != x.device:
+            raise ValueError(f"layout is on {layout.device} but x is on {x.device}")
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, b, l)
     if doc_ids is not None:
         check_doc_ids(doc_ids, b, l)
 
 
+def _window_starts(b: int, l: int, layout: DocLayout) -> torch.Tensor:
+    """(b, l) int32 window starts, relative to each batch row, from the layout of the b*l row."""
+    starts = layout.conv_window_starts(b * l)
+    if b == 1:
+        return starts.view(1, l)
+    rows = torch.arange(b, device=starts.device, dtype=torch.int32)[:, None] * l
+    return (starts.view(b, l) - rows).contiguous()
+
+
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   cu_seqlens: Optional[torch.Tensor] = None, doc_ids: Optional[torch.Tensor] = None,
-                  activation: Optional[str] = "silu", *, config: Optional[triton.Config] = None) -> torch.Tensor:
+                  activation: Optional[str] = "silu", *, layout: Optional[DocLayout] = None,
+                  config: Optional[triton.Config] = None) -> torch.Tensor:
     """Causal depthwise conv1d with window restarts: x (b,l,d), weight (d,w), bias (d,) -> y (b,l,d).
 
     w in 2..4; activation None or "silu" ("swish" is an alias). cu_seqlens (N+1,) int
-    requires b == 1 and restarts the window at each sequence; doc_ids (b,l) or (l,)
+    tensor requires b == 1 and restarts the window at each sequence; doc_ids (b,l) or (l,)
     restarts it at each document start for document tokens (doc_id > 0). Tokens past
-    cu_seqlens[-1] are padding: y = 0 and no gradient. Computes in fp32 and returns
-    x's dtype; `config` forces one of CONV1D_CONFIGS (tests).
+    cu_seqlens[-1] are padding: y = 0 and no gradient. layout: a DocLayout (b == 1) instead of
+    cu_seqlens/doc_ids, built once per batch; its window starts are cached on it, so the call
+    reads nothing from the device (``layout.examples_only()`` ignores its documents). Computes
+    in fp32 and returns x's dtype; `config` forces one of CONV1D_CONFIGS (tests).
 
     Example, two sequences of 3 and 5 tokens, the second holding a 2-token document::
 
@@ -284,12 +280,15 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         docs = torch.tensor([0, 0, 0, 0, 1, 1, 0, 0], device="cuda")
         y = causal_conv1d(x, weight, bias, cu_seqlens=cu, doc_ids=docs)  # x (1, 8, d)
     """
-    _check_inputs(x, weight, bias, cu_seqlens, doc_ids, activation)
-    if not use_triton(x, weight, bias, cu_seqlens, doc_ids, op="causal_conv1d"):
-        return reference.causal_conv1d(x, weight, bias, cu_seqlens, doc_ids, activation)
+    _check_inputs(x, weight, bias, cu_seqlens, doc_ids, activation, layout)
     b, l, _ = x.shape
-    starts = None
-    if cu_seqlens is not None or doc_ids is not None:
-        starts = conv_window_starts(b, l, cu_seqlens, doc_ids, x.device)
+    if not use_triton(x, weight, bias, cu_seqlens, doc_ids, op="causal_conv1d"):
+        if layout is not None:
+            cu_seqlens = layout.cu_seqlens
+            doc_ids = torch.nn.functional.pad(layout.doc_ids, (0, l - layout.total_tokens))
+        return reference.causal_conv1d(x, weight, bias, cu_seqlens, doc_ids, activation)
+    if layout is None and (cu_seqlens is not None or doc_ids is not None):
+        layout = DocLayout.from_batch(b, l, cu_seqlens, doc_ids, x.device)
+    starts = None if layout is None else _window_starts(b, l, layout)
     bias = bias.contiguous() if bias is not None else None
     return CausalConv1dFunction.apply(x, weight, bias, starts, activation is not None, config)

@@ -268,7 +268,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             ctx.d_hidden_v = ctx.d_weight = None
             # grad_output (a scalar) enters in the one pass each gradient needs anyway.
             if d_hidden_v is not None:
-                d_hidden_v.mul_(grad_output.to(d_hidden_v.dtype))
+                d_hidden_v.mul_(grad_output)  # fp32 scalar: not rounded to the hidden dtype first
             if d_weight is not None:
                 if ctx.weight_dtype == torch.float32:
                     d_weight.mul_(grad_output)
@@ -328,8 +328,12 @@ def _count_and_check_targets(targets: torch.Tensor, vocab: int, ignore_index: in
     return num_valid
 
 
+# Targets equal to this take no loss (PyTorch and Hugging Face convention); the data and the model share it.
+IGNORE_INDEX = -100
+
+
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                               ignore_index: int = -100, reduction: str = "mean", z_loss: float = 0.0, *,
+                               ignore_index: int = IGNORE_INDEX, reduction: str = "mean", z_loss: float = 0.0, *,
                                num_valid: Optional[int] = None, chunk_size: Optional[int] = None,
                                config: Optional[triton.Config] = None) -> torch.Tensor:
     """Cross-entropy of the logits hidden @ weight^T without materializing them.

@@ -518,39 +518,6 @@ def _softmax_scale(softmax_scale, head_dim: int) -> float:
     return float(softmax_scale)
 
 
-def _check_rows_contiguous(docs: torch.Tensor) -> None:
-    """Raise unless every document of every row of docs (b, l) is one contiguous span."""
-    starts = torch.ones_like(docs, dtype=torch.bool)
-    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
-    rows, cols = (starts & (docs > 0)).nonzero(as_tuple=True)
-    keys = rows * (int(docs.max()) + 1) + docs[rows, cols]
-    unique, counts = keys.unique(return_counts=True)
-    if bool((counts > 1).any()):
-        row, doc = divmod(int(unique[counts > 1][0]), int(docs.max()) + 1)
-        raise ValueError(f"document {doc} of batch row {row} is not contiguous")
-
-
-def _row_layout(b: int, l: int, cu_seqlens, doc_ids, device) -> DocLayout:
-    """DocLayout of the (b * l)-token row the kernels see: with b > 1 each batch row is one
-    example; with b == 1 the examples come from cu_seqlens (default: one example)."""
-    if b == 1:
-        if cu_seqlens is None:
-            cu_seqlens = torch.tensor([0, l], dtype=torch.int32, device=device)
-        total = int(cu_seqlens[-1])
-        docs = None if doc_ids is None else doc_ids.reshape(-1)[:total]
-        return DocLayout.from_cu_seqlens(cu_seqlens, docs)
-    cu_seqlens = torch.arange(b + 1, dtype=torch.int32, device=device) * l
-    if doc_ids is None:
-        return DocLayout.from_cu_seqlens(cu_seqlens)
-    docs = doc_ids.reshape(b, l).to(torch.int64)
-    _check_rows_contiguous(docs)
-    # Only equality inside a row matters. Odd rows get odd ids and even rows even ids, so a
-    # document ending one row is never read as continuing into the next.
-    parity = (torch.arange(b, device=device) % 2)[:, None]
-    docs = torch.where(docs > 0, 2 * docs - parity, docs)
-    return DocLayout.from_cu_seqlens(cu_seqlens, docs.reshape(-1))
-
-
 def _doc_attention(q, k, v, layout: DocLayout, causal: bool, scale: float,
                    fwd_config: Optional[AttnConfig] = None, bwd_config: Optional[AttnConfig] = None):
     """Triton path on one packed row: q (L, hq, d), k, v (L, hk, d) -> o (L, hq, d), lse (hq, L).
@@ -601,7 +568,7 @@ def doc_attention(q, k, v, *, cu_seqlens=None, doc_ids=None, causal=True, softma
     if q.numel() == 0:
         return reference.doc_attention(q, k, v, causal=causal, softmax_scale=scale, return_lse=return_lse)
     # built on every path: it also validates the doc ids (one contiguous span per document)
-    row_layout = layout if layout is not None else _row_layout(b, l, cu_seqlens, doc_ids, q.device)
+    row_layout = layout if layout is not None else DocLayout.from_batch(b, l, cu_seqlens, doc_ids, q.device)
     if not use_triton(q, k, v, op="doc_attention"):
         if layout is not None:
             cu_seqlens = layout.cu_seqlens

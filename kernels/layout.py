@@ -31,25 +31,38 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from kernels.common.index import (
-    prepare_chunk_indices,
-    prepare_chunk_offsets,
-    prepare_lens,
-    prepare_seq_idx,
-)
+from kernels.common.index import prepare_lens, prepare_seq_idx
 
 INT32_MAX = 2**31 - 1
 
+# Chunk flags (column 2 of ChunkTable.chunks), read by the doc-mode state routing of the SSD.
+IS_DOC, SEG_START, BLOCK_START = 1, 2, 4
+
 
 class ChunkTable(NamedTuple):
-    """Chunks of a varlen chunked scan; chunks restart at each sequence start.
+    """Chunks of a varlen chunked scan (``DocLayout.chunk_table``); no chunk straddles a segment.
 
-    indices: int32 (NT, 2), (sequence index, chunk index within the sequence) per chunk.
-    offsets: int32 (N+1,), sequence n owns chunks [offsets[n], offsets[n+1]).
+    A segment is a whole example, or in doc_mode a maximal run of equal doc id inside one
+    example. chunks: int32 (NT, 3) rows (bos, eos, flags), tokens [bos, eos), with flags
+    IS_DOC (the chunk belongs to a document), SEG_START (first chunk of its segment) and
+    BLOCK_START (doc_mode: first chunk of a retrieval block, a document segment that follows
+    shared text or starts its example). seq_chunk_offsets: int32 (N+1,), example n owns chunks
+    [offsets[n], offsets[n+1]). chunk_size: tokens per full chunk.
+
+    Worked example, cu_seqlens = [0, 5, 9], doc_ids = [0, 1, 1, 1, 2 | 0, 0, 0, 0],
+    chunk_size = 2, doc_mode::
+
+        chunks (bos, eos, flags) = (0,1,S) (1,3,D|S|B) (3,4,D) (4,5,D|S) (5,7,S) (7,9,0)
+        seq_chunk_offsets        = [0, 4, 6]
     """
 
-    indices: torch.Tensor
-    offsets: torch.Tensor
+    chunks: torch.Tensor
+    seq_chunk_offsets: torch.Tensor
+    chunk_size: int
+
+    @property
+    def num_chunks(self) -> int:
+        return self.chunks.shape[0]
 
 
 class TileSummary(NamedTuple):
@@ -163,26 +176,32 @@ def _check_seq_ids(seq_ids: torch.Tensor) -> None:
         )
 
 
-def _run_start_mask(seq_idx: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
-    """bool (L,): token starts a maximal run of equal (example, doc id)."""
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[1:] = (seq_idx[1:] != seq_idx[:-1]) | (doc_ids[1:] != doc_ids[:-1])
+def run_starts_mask(seq_idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """bool (L,): the token starts a maximal run of equal (example, doc id), or of equal
+    example without doc_ids. The one definition of where a run starts, for every table."""
+    starts = torch.ones_like(seq_idx, dtype=torch.bool)
+    starts[1:] = seq_idx[1:] != seq_idx[:-1]
+    if doc_ids is not None:
+        starts[1:] |= doc_ids[1:] != doc_ids[:-1]
     return starts
 
 
-def _check_doc_ids(seq_idx: torch.Tensor, doc_ids: torch.Tensor) -> None:
-    """Doc ids are >= 0, never continue across an example boundary, one span per document."""
+def _check_doc_ids(seq_idx: torch.Tensor, doc_ids: torch.Tensor, unit: str = "example") -> None:
+    """Doc ids are >= 0, never continue across an example boundary, one span per document.
+
+    unit "batch row": the examples are independent batch rows, where a document id may end
+    one row and start the next."""
     if bool((doc_ids < 0).any()):
         i = _first_true(doc_ids < 0)
         raise ValueError(f"doc_ids must be >= 0, got {int(doc_ids[i])} at token {i}")
     crossing = (seq_idx[1:] != seq_idx[:-1]) & (doc_ids[1:] == doc_ids[:-1]) & (doc_ids[1:] != 0)
-    if bool(crossing.any()):
+    if unit == "example" and bool(crossing.any()):
         i = _first_true(crossing) + 1
         raise ValueError(
             f"document {int(doc_ids[i])} crosses the boundary between example "
             f"{int(seq_idx[i - 1])} and example {int(seq_idx[i])} at token {i}"
         )
-    starts = _run_start_mask(seq_idx, doc_ids) & (doc_ids != 0)
+    starts = run_starts_mask(seq_idx, doc_ids) & (doc_ids != 0)
     run_seq, run_doc = seq_idx[starts].long(), doc_ids[starts].long()
     keys, _ = torch.sort(run_seq * (INT32_MAX + 1) + run_doc)
     repeated = keys[1:] == keys[:-1]
@@ -191,7 +210,7 @@ def _check_doc_ids(seq_idx: torch.Tensor, doc_ids: torch.Tensor) -> None:
         seq, doc = divmod(key, INT32_MAX + 1)
         spans = int((keys == key).sum())
         raise ValueError(
-            f"document {doc} of example {seq} is not contiguous: it appears in {spans} separate spans"
+            f"document {doc} of {unit} {seq} is not contiguous: it appears in {spans} separate spans"
         )
 
 
@@ -199,7 +218,12 @@ def _check_doc_ids(seq_idx: torch.Tensor, doc_ids: torch.Tensor) -> None:
 class DocLayout:
     """Example / document metadata of one packed row of L tokens, shared by every layer.
 
-    Build it with ``from_examples``, ``from_ids`` or ``from_cu_seqlens`` (they validate).
+    Build it with ``from_examples``, ``from_ids``, ``from_cu_seqlens`` or ``from_batch`` (they
+    validate, on the CPU) once per batch, move it with ``to(device)`` and pass it as
+    ``layout=`` to every op of every layer. What the ops derive from it (chunk tables, conv
+    window starts, tile summaries, positions) is computed on first use from the layout's CPU
+    copy, cached, and copied to the device without blocking: an op given a layout never waits
+    on the device.
 
     cu_seqlens: int32 (N+1,), example n is tokens [cu_seqlens[n], cu_seqlens[n+1]).
     seq_idx:    int32 (L,), example of each token.
@@ -214,6 +238,7 @@ class DocLayout:
     max_seqlen: int
     has_documents: bool
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    _host: "DocLayout | None" = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_cu_seqlens(
@@ -222,14 +247,18 @@ class DocLayout:
         """Layout from cu_seqlens (N+1,) and optional per-token doc_ids (L,) on the same device.
 
         Zero-length examples are allowed. ``total`` (= L) is checked against cu_seqlens[-1] and
-        len(doc_ids); without doc_ids every token is shared text.
+        len(doc_ids); without doc_ids every token is shared text. Validated on the CPU; the
+        layout lives on the inputs' device.
         """
         if total is not None:
             total = _as_int(total, "total")
         _check_same_device(cu_seqlens, "cu_seqlens", doc_ids, "doc_ids")
+        device = cu_seqlens.device
+        cu_seqlens = cu_seqlens.cpu()
+        doc_ids = None if doc_ids is None else doc_ids.cpu()
         _check_cu_seqlens(cu_seqlens, total)
         if doc_ids is None:
-            doc_ids = torch.zeros(int(cu_seqlens[-1]), dtype=torch.int32, device=cu_seqlens.device)
+            doc_ids = torch.zeros(int(cu_seqlens[-1]), dtype=torch.int32)
         _check_index_tensor(doc_ids, "doc_ids")
         if total is not None and doc_ids.numel() != total:
             raise ValueError(f"doc_ids has {doc_ids.numel()} tokens, expected total={total}")
@@ -238,7 +267,7 @@ class DocLayout:
                 f"cu_seqlens must end at the token count {doc_ids.numel()} (len(doc_ids)), "
                 f"got {int(cu_seqlens[-1])}"
             )
-        return cls._build(cu_seqlens.to(torch.int32), doc_ids.to(torch.int32))
+        return cls._build(cu_seqlens.to(torch.int32), doc_ids.to(torch.int32)).to(device)
 
     @classmethod
     def from_ids(cls, seq_ids: torch.Tensor, doc_ids: torch.Tensor) -> "DocLayout":
@@ -248,6 +277,10 @@ class DocLayout:
         empty examples). Example: seq_ids [0, 0, 0, 1], doc_ids [0, 1, 1, 0].
         """
         _check_same_device(seq_ids, "seq_ids", doc_ids, "doc_ids")
+        if doc_ids is None:
+            raise ValueError("doc_ids must be a torch.Tensor, got NoneType")
+        device = seq_ids.device
+        seq_ids, doc_ids = seq_ids.cpu(), doc_ids.cpu()
         _check_seq_ids(seq_ids)
         _check_index_tensor(doc_ids, "doc_ids")
         if seq_ids.numel() != doc_ids.numel():
@@ -255,7 +288,7 @@ class DocLayout:
         num_seqs = int(seq_ids[-1]) + 1 if seq_ids.numel() else 0
         counts = torch.bincount(seq_ids.long(), minlength=num_seqs)
         cu_seqlens = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
-        return cls._build(cu_seqlens, doc_ids.to(torch.int32))
+        return cls._build(cu_seqlens, doc_ids.to(torch.int32)).to(device)
 
     @classmethod
     def from_examples(cls, examples: Sequence, device: torch.device | str | None = None) -> "DocLayout":
@@ -263,6 +296,7 @@ class DocLayout:
 
         Spans are half-open, relative to the example start, non-empty, non-overlapping and in
         increasing order; the k-th span is document k. Example: ``[(6, [(1, 3), (3, 5)]), (3, [])]``.
+        Built on the CPU, then moved to ``device`` (default CPU) without blocking.
         """
         try:
             examples = list(examples)
@@ -283,14 +317,49 @@ class DocLayout:
             offset += length
         if offset > INT32_MAX:
             raise ValueError(f"total length {offset} exceeds the int32 maximum {INT32_MAX}")
-        lengths_t = torch.tensor(lengths, dtype=torch.int64, device=device)
+        lengths_t = torch.tensor(lengths, dtype=torch.int64)
         cu_seqlens = torch.cat([lengths_t.new_zeros(1), lengths_t.cumsum(0)]).to(torch.int32)
-        delta = torch.zeros(offset + 1, dtype=torch.int64, device=device)
-        ids_t = torch.tensor(ids, dtype=torch.int64, device=device)
-        delta.index_add_(0, torch.tensor(starts, dtype=torch.int64, device=device), ids_t)
-        delta.index_add_(0, torch.tensor(ends, dtype=torch.int64, device=device), -ids_t)
+        delta = torch.zeros(offset + 1, dtype=torch.int64)
+        ids_t = torch.tensor(ids, dtype=torch.int64)
+        delta.index_add_(0, torch.tensor(starts, dtype=torch.int64), ids_t)
+        delta.index_add_(0, torch.tensor(ends, dtype=torch.int64), -ids_t)
         doc_ids = delta.cumsum(0)[:offset].to(torch.int32)
-        return cls._build(cu_seqlens, doc_ids)
+        return cls._build(cu_seqlens, doc_ids).to(device if device is not None else "cpu")
+
+    @classmethod
+    def from_batch(cls, batch: int, length: int, cu_seqlens: torch.Tensor | None = None,
+                   doc_ids: torch.Tensor | None = None, device: torch.device | str | None = None
+                   ) -> "DocLayout":
+        """Layout of the (batch * length)-token row an op sees for its keyword inputs.
+
+        batch == 1: the examples come from cu_seqlens (default: one example of ``length``
+        tokens; tokens past cu_seqlens[-1] are padding, outside the layout), doc_ids (length,)
+        or (1, length). batch > 1 (no cu_seqlens): each batch row is one example with its own
+        doc_ids row (batch, length); documents of neighbouring rows never merge.
+        """
+        device = torch.device(device) if device is not None else (
+            cu_seqlens.device if cu_seqlens is not None else
+            doc_ids.device if doc_ids is not None else torch.device("cpu"))
+        if batch == 1:
+            if cu_seqlens is None:
+                cu_seqlens = torch.tensor([0, length], dtype=torch.int32)
+            cu_seqlens = cu_seqlens.cpu()
+            docs = None
+            if doc_ids is not None:
+                docs = doc_ids.reshape(-1).cpu()[:int(cu_seqlens[-1])]
+            return cls.from_cu_seqlens(cu_seqlens, docs).to(device)
+        if cu_seqlens is not None:
+            raise ValueError(f"cu_seqlens requires batch size 1 (one packed row), got batch {batch}")
+        cu_seqlens = torch.arange(batch + 1, dtype=torch.int32) * length
+        if doc_ids is None:
+            return cls.from_cu_seqlens(cu_seqlens).to(device)
+        docs = doc_ids.reshape(batch, length).cpu().to(torch.int64)
+        _check_doc_ids(prepare_seq_idx(cu_seqlens, batch * length), docs.reshape(-1), unit="batch row")
+        # Only equality inside a row matters. Odd rows get odd ids and even rows even ids, so a
+        # document ending one row is never read as continuing into the next.
+        parity = (torch.arange(batch) % 2)[:, None]
+        docs = torch.where(docs > 0, 2 * docs - parity, docs)
+        return cls.from_cu_seqlens(cu_seqlens, docs.reshape(-1)).to(device)
 
     @classmethod
     def _build(cls, cu_seqlens: torch.Tensor, doc_ids: torch.Tensor) -> "DocLayout":
@@ -321,20 +390,75 @@ class DocLayout:
         """Device of the layout's tensors."""
         return self.doc_ids.device
 
+    @property
+    def host(self) -> "DocLayout":
+        """The same layout on the CPU (itself when it lives there), where its tables are built."""
+        return self if self._host is None else self._host
+
     def to(self, device: torch.device | str) -> "DocLayout":
-        """The same layout with its tensors on ``device`` (cached tables are rebuilt lazily)."""
+        """The same layout on ``device``: copies from pinned memory that do not block the host.
+
+        The CPU copy stays attached (``host``), so the device layout builds its tables on the
+        CPU without reading device memory, and caches its own device copies of them.
+        """
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device == self.device:
+            return self
+        host = self.host
+        if device.type == "cpu":
+            return host
         return DocLayout(
-            cu_seqlens=self.cu_seqlens.to(device),
-            seq_idx=self.seq_idx.to(device),
-            doc_ids=self.doc_ids.to(device),
-            max_seqlen=self.max_seqlen,
-            has_documents=self.has_documents,
+            cu_seqlens=_to_device(host.cu_seqlens, device),
+            seq_idx=_to_device(host.seq_idx, device),
+            doc_ids=_to_device(host.doc_ids, device),
+            max_seqlen=host.max_seqlen,
+            has_documents=host.has_documents,
+            _host=host,
         )
 
+    def _derived(self, key, build):
+        """Cached value ``build(host)`` (a tensor or a tuple of them, computed on the CPU copy),
+        moved to this layout's device."""
+        if key not in self._cache:
+            value = build(self.host)
+            if self._host is not None:
+                value = _to_device(value, self.device)
+            self._cache[key] = value
+        return self._cache[key]
+
+    def memo(self, key, build):
+        """``build(self)`` computed once on this layout's device and cached under ``key``: for
+        per-batch values a caller derives from the layout (e.g. a model's RoPE tables), so every
+        layer and every step on this batch reuses them. ``key`` must name what ``build`` does."""
+        key = ("memo", key)
+        if key not in self._cache:
+            self._cache[key] = build(self)
+        return self._cache[key]
+
+    def examples_only(self) -> "DocLayout":
+        """The layout with every token shared text (documents dropped), cached: for the ops of a
+        layer that ignores documents (a Mamba block without doc_mode)."""
+        if not self.has_documents:
+            return self
+        if "examples_only" not in self._cache:
+            host = self.host
+            host_only = host._cache.get("examples_only")
+            if host_only is None:
+                host_only = DocLayout(host.cu_seqlens, host.seq_idx, torch.zeros_like(host.doc_ids),
+                                      host.max_seqlen, False)
+                host._cache["examples_only"] = host_only
+            self._cache["examples_only"] = host_only if self._host is None else DocLayout(
+                self.cu_seqlens, self.seq_idx, torch.zeros_like(self.doc_ids), self.max_seqlen, False,
+                _host=host_only)
+        return self._cache["examples_only"]
+
     def _runs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Maximal runs of equal (example, doc id): run of each token (L,), run starts, run ends."""
+        """Maximal runs of equal (example, doc id): run of each token (L,), run starts, run ends.
+        Host only (the run count depends on the data)."""
         if "runs" not in self._cache:
-            is_start = _run_start_mask(self.seq_idx, self.doc_ids)
+            is_start = run_starts_mask(self.seq_idx, self.doc_ids)
             run_of_token = is_start.long().cumsum(0) - 1
             run_starts = is_start.nonzero().flatten()
             run_ends = _ends_of(run_starts, self.total_tokens)
@@ -342,7 +466,7 @@ class DocLayout:
         return self._cache["runs"]
 
     def position_ids(self, per_document: bool = False) -> torch.Tensor:
-        """Token positions, int64 (L,), restarting at 0 at each example.
+        """Token positions, int64 (L,), restarting at 0 at each example (cached).
 
         With ``per_document=True`` every document of a retrieval block (a maximal run of
         consecutive documents, see ``retrieval_blocks``) starts at the position of the block's
@@ -350,6 +474,10 @@ class DocLayout:
         does not depend on the sibling documents before it. Shared tokens keep their position
         in the example (counting every earlier token), so they stay unique and increasing.
         """
+        per_document = bool(per_document)
+        return self._derived(("positions", per_document), lambda host: host._position_ids(per_document))
+
+    def _position_ids(self, per_document: bool) -> torch.Tensor:
         tokens = torch.arange(self.total_tokens, device=self.device)
         positions = tokens - self.cu_seqlens.long()[self.seq_idx.long()]
         if not per_document:
@@ -364,15 +492,62 @@ class DocLayout:
         block_first = torch.where(opens_block, tokens, torch.zeros_like(tokens)).cummax(0).values
         return torch.where(is_doc, positions[block_first] + offset_in_document, positions)
 
-    def chunk_table(self, chunk_size: int) -> ChunkTable:
-        """Chunk indices (NT, 2) and offsets (N+1,) for varlen chunked scans (cached per size)."""
-        key = ("chunks", chunk_size)
-        if key not in self._cache:
-            self._cache[key] = ChunkTable(
-                indices=prepare_chunk_indices(self.cu_seqlens, chunk_size),
-                offsets=prepare_chunk_offsets(self.cu_seqlens, chunk_size),
-            )
-        return self._cache[key]
+    def chunk_table(self, chunk_size: int, doc_mode: bool = False) -> ChunkTable:
+        """Chunks of ``chunk_size`` tokens that restart at each example and, in doc_mode, at each
+        change of doc id (see ``ChunkTable``); cached per (chunk_size, doc_mode)."""
+        chunk_size = _check_positive(chunk_size, "chunk_size")
+        doc_mode = bool(doc_mode)
+        return self._derived(("chunks", chunk_size, doc_mode),
+                             lambda host: host._chunk_table(chunk_size, doc_mode))
+
+    def _chunk_table(self, chunk_size: int, doc_mode: bool) -> ChunkTable:
+        total = self.total_tokens
+        seq_idx = self.seq_idx.long()
+        if doc_mode:
+            _, seg_bos, seg_eos = self._runs()
+        else:
+            seg_bos = run_starts_mask(self.seq_idx).nonzero().flatten()
+            seg_eos = _ends_of(seg_bos, total)
+        seg_chunks = (seg_eos - seg_bos + chunk_size - 1) // chunk_size
+        seg = torch.repeat_interleave(torch.arange(seg_bos.numel()), seg_chunks)
+        num_chunks = seg.numel()
+        first_chunk = torch.cumsum(seg_chunks, 0) - seg_chunks
+        within = torch.arange(num_chunks) - first_chunk[seg]
+        bos = seg_bos[seg] + within * chunk_size
+        eos = torch.minimum(bos + chunk_size, seg_eos[seg])
+        flags = torch.where(within == 0, SEG_START, 0)
+        seq_of_chunk = seq_idx[bos]
+        if doc_mode:
+            docs = self.doc_ids
+            is_doc = docs[bos] > 0
+            starts_example = self.cu_seqlens.long()[seq_of_chunk] == bos
+            after_shared = starts_example | (docs[(bos - 1).clamp_min(0)] == 0)
+            block_start = is_doc & (within == 0) & after_shared
+            flags = flags + torch.where(is_doc, IS_DOC, 0) + torch.where(block_start, BLOCK_START, 0)
+        per_seq = torch.bincount(seq_of_chunk, minlength=self.num_seqs)
+        offsets = torch.cat([per_seq.new_zeros(1), torch.cumsum(per_seq, 0)])
+        chunks = torch.stack([bos, eos, flags.to(bos.dtype)], dim=1).to(torch.int32)
+        return ChunkTable(chunks.contiguous(), offsets.to(torch.int32), chunk_size)
+
+    def conv_window_starts(self, length: int | None = None) -> torch.Tensor:
+        """int32 (length,): the first token each token's causal conv window may read, cached.
+
+        The window restarts at every example start and, for a document token, at its
+        document's start. Tokens past total_tokens (padding, up to ``length``, default L) get
+        ``length``: an empty window. Example, cu_seqlens = [0, 4, 7], doc_ids =
+        [0, 1, 1, 2, 0, 3, 3], length 8: [0, 1, 1, 3, 4, 5, 5, 8].
+        """
+        length = self.total_tokens if length is None else _as_int(length, "length")
+        if length < self.total_tokens:
+            raise ValueError(f"length {length} is shorter than the layout's {self.total_tokens} tokens")
+        return self._derived(("conv", length), lambda host: host._conv_window_starts(length))
+
+    def _conv_window_starts(self, length: int) -> torch.Tensor:
+        run_of_token, run_starts, _ = self._runs()
+        example_start = self.cu_seqlens.long()[self.seq_idx.long()]
+        window = torch.where(self.doc_ids > 0, run_starts[run_of_token], example_start)
+        padding = window.new_full((length - self.total_tokens,), length)
+        return torch.cat([window, padding]).to(torch.int32)
 
     def _document_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Example, start and end (absolute, half-open) of every document, in token order."""
@@ -394,19 +569,21 @@ class DocLayout:
         Spans are half-open and in token order, the input format of ``from_examples``; with doc
         ids numbered 1, 2, ... in token order (the convention) the k-th span is document k.
         """
-        return self._spans_per_example(*self._document_table())
+        host = self.host
+        return host._spans_per_example(*host._document_table())
 
     def retrieval_blocks(self) -> list[list[tuple[int, int]]]:
         """For each example, the (start, end) spans, relative to the example start, of its
         retrieval blocks: maximal runs of consecutive documents with no shared token between."""
-        is_doc = self.doc_ids != 0
+        host = self.host
+        is_doc = host.doc_ids != 0
         block_start = is_doc.clone()
-        block_start[1:] &= ~is_doc[:-1] | (self.seq_idx[1:] != self.seq_idx[:-1])
+        block_start[1:] &= ~is_doc[:-1] | (host.seq_idx[1:] != host.seq_idx[:-1])
         block_end = is_doc.clone()
-        block_end[:-1] &= ~is_doc[1:] | (self.seq_idx[1:] != self.seq_idx[:-1])
+        block_end[:-1] &= ~is_doc[1:] | (host.seq_idx[1:] != host.seq_idx[:-1])
         starts = block_start.nonzero().flatten()
         ends = block_end.nonzero().flatten() + 1
-        return self._spans_per_example(self.seq_idx[starts], starts, ends)
+        return host._spans_per_example(host.seq_idx[starts], starts, ends)
 
     def dense_mask(self, causal: bool = True) -> torch.Tensor:
         """bool (L, L), [i, j] = query i sees key j. O(L^2) memory: tests and references only."""
@@ -429,15 +606,14 @@ class DocLayout:
         block_m = _check_positive(block_m, "block_m")
         block_n = _check_positive(block_n, "block_n")
         causal = bool(causal)
-        key = ("tiles", block_m, block_n, causal)
-        if key not in self._cache:
-            any_tile, full_tile = self._tile_visibility(block_m, block_n, causal)
-            kv_indptr, kv_indices, kv_full = _to_csr(any_tile, full_tile)
-            q_indptr, q_indices, q_full = _to_csr(any_tile.t(), full_tile.t())
-            self._cache[key] = TileSummary(
-                kv_indptr, kv_indices, kv_full, q_indptr, q_indices, q_full, block_m, block_n, causal
-            )
-        return self._cache[key]
+        return self._derived(("tiles", block_m, block_n, causal),
+                             lambda host: host._tile_summary(block_m, block_n, causal))
+
+    def _tile_summary(self, block_m: int, block_n: int, causal: bool) -> TileSummary:
+        any_tile, full_tile = self._tile_visibility(block_m, block_n, causal)
+        kv_indptr, kv_indices, kv_full = _to_csr(any_tile, full_tile)
+        q_indptr, q_indices, q_full = _to_csr(any_tile.t(), full_tile.t())
+        return TileSummary(kv_indptr, kv_indices, kv_full, q_indptr, q_indices, q_full, block_m, block_n, causal)
 
     def _tile_visibility(self, block_m: int, block_n: int, causal: bool):
         """bool (n_q_blocks, n_k_blocks) twice: some pair visible, every valid pair visible."""
@@ -449,7 +625,7 @@ class DocLayout:
         tokens = torch.arange(L, device=device)
         run_of_token, run_starts, run_ends = self._runs()
         # Pieces: runs of equal (example, doc id), cut at query block boundaries; columns (P, 1).
-        piece_mask = _run_start_mask(self.seq_idx, self.doc_ids) | (tokens % block_m == 0)
+        piece_mask = run_starts_mask(self.seq_idx, self.doc_ids) | (tokens % block_m == 0)
         p_first = piece_mask.nonzero().flatten()
         seq = self.seq_idx[p_first].long()
         is_doc = (self.doc_ids[p_first] != 0)[:, None]
@@ -463,7 +639,9 @@ class DocLayout:
 
         # A piece only meets the key blocks from its example start to its last visible key.
         kb_first, kb_last = seq_start // block_n, (hi_union - 1) // block_n
-        width = int((kb_last - kb_first).max()) + 1
+        # Bound on kb_last - kb_first + 1 from host-side facts (no read of the data): extra
+        # columns fall outside in_window.
+        width = (block_n - 1 + max(self.max_seqlen, 1) - 1) // block_n + 1
         k_block = kb_first + torch.arange(width, device=device)  # (P, W)
         in_window = k_block <= kb_last
         k_block = torch.minimum(k_block, kb_last)
@@ -522,6 +700,21 @@ def _example_spans(spans, length: int, n: int) -> list[tuple[int, int]]:
         checked.append((start, end))
         previous_end = end
     return checked
+
+
+def _to_device(value, device: torch.device):
+    """A tensor, or a (named) tuple holding tensors, on ``device``: CPU tensors are pinned first on
+    CUDA so the copies do not block the host."""
+    if isinstance(value, torch.Tensor):
+        if value.device == device:
+            return value
+        if device.type == "cuda" and value.device.type == "cpu":
+            value = value.pin_memory()
+        return value.to(device, non_blocking=True)
+    if isinstance(value, tuple):
+        items = [_to_device(v, device) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    return value
 
 
 def _ends_of(starts: torch.Tensor, total: int) -> torch.Tensor:

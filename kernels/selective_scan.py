@@ -25,10 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.checks import check_cu_seqlens, check_float, check_same_device, check_shape
+from kernels.common.checks import check_cu_seqlens, check_decay_rates, check_float, check_same_device, check_shape
 from kernels.common.autotune import launch
 from kernels.common.dispatch import INTERPRET, use_triton
-from kernels.common.index import prepare_chunk_offsets
+from kernels.layout import DocLayout
 from kernels.reference import selective_scan as reference_selective_scan
 
 # Forward tiles are [BT, BD, N]: BD is tuned, BT is fixed per call (the stored chunk states
@@ -198,12 +198,13 @@ def _grid(num_seqs: int, groups: int, channels_per_group: int):
     return lambda meta: (num_seqs, groups * triton.cdiv(channels_per_group, meta["BD"]))
 
 
-def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, cu_seqlens, initial_state,
-                       save_states: bool, chunk_size: Optional[int] = None, config: Optional[triton.Config] = None):
+def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, layout: Optional[DocLayout],
+                       initial_state, save_states: bool, chunk_size: Optional[int] = None,
+                       config: Optional[triton.Config] = None):
     """Launch the forward scan on validated inputs.
 
     u, delta, z (b,d,l) with unit stride along l; A (d,n); B, C (b,g,n,l) with unit stride along l;
-    D, delta_bias (d,); cu_seqlens (N+1,) int with b == 1; initial_state (N|b,d,n).
+    D, delta_bias (d,); layout of the packed row (b == 1) or None; initial_state (N|b,d,n).
     Returns y (b,d,l) in u.dtype, the last state (N|b,d,n) in the compute dtype, the state
     entering every chunk (num_chunks, d, n) when save_states (else None), the chunk offsets
     (N+1,) (None without cu_seqlens) and the chunk size BT, all needed by the backward.
@@ -213,8 +214,9 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, cu_s
     g, n = B.shape[1], B.shape[2]
     acc = _compute_dtype(u)
     BT = chunk_size or default_chunk_size(n)
+    cu_seqlens = None if layout is None else layout.cu_seqlens
     num_seqs = b if cu_seqlens is None else cu_seqlens.numel() - 1
-    chunk_offsets = None if cu_seqlens is None else prepare_chunk_offsets(cu_seqlens, BT)
+    chunk_offsets = None if layout is None else layout.chunk_table(BT).seq_chunk_offsets
     max_chunks = b * triton.cdiv(l, BT) if cu_seqlens is None else triton.cdiv(l, BT) + num_seqs
     states = u.new_empty(max_chunks, d, n, dtype=acc) if save_states else None
     y = (torch.empty_like if cu_seqlens is None else torch.zeros_like)(u, memory_format=torch.contiguous_format)
@@ -414,11 +416,12 @@ class SelectiveScanFunction(torch.autograd.Function):
     """Autograd wrapper around the Triton forward / backward launchers (inputs already validated)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, cu_seqlens, initial_state,
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, layout, initial_state,
                 deterministic):
         y, last, states, chunk_offsets, chunk_size = selective_scan_fwd(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, cu_seqlens, initial_state,
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, layout, initial_state,
             save_states=any(ctx.needs_input_grad))
+        cu_seqlens = None if layout is None else layout.cu_seqlens
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states, cu_seqlens, chunk_offsets)
         ctx.delta_softplus, ctx.chunk_size, ctx.deterministic = delta_softplus, chunk_size, deterministic
         ctx.initial_state_dtype = None if initial_state is None else initial_state.dtype
@@ -444,7 +447,7 @@ def _unit_stride_last(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def _validate(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, initial_state):
+def _validate(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, initial_state, layout):
     for name, t in dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
                         initial_state=initial_state).items():
         if t is not None:
@@ -470,15 +473,30 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, initial_state):
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None:
             check_shape(name, t, (d,))
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, b, l)
-    if initial_state is not None:
+    if layout is not None:
+        if not isinstance(layout, DocLayout):
+            raise ValueError(f"layout must be a kernels.DocLayout, got {type(layout).__name__}")
+        if cu_seqlens is not None:
+            raise ValueError("pass either layout or cu_seqlens, not both")
+        if b != 1:
+            raise ValueError(f"a layout describes one packed row: u must have batch 1, got {b}")
+        if layout.total_tokens > l:
+            raise ValueError(f"layout covers {layout.total_tokens} tokens but u has length {l}")
+        if layout.device != u.device:
+            raise ValueError(f"layout is on {layout.device} but u is on {u.device}")
+        num_seqs = layout.num_seqs
+    else:
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, b, l)
         num_seqs = b if cu_seqlens is None else cu_seqlens.numel() - 1
+    if initial_state is not None:
         check_shape("initial_state", initial_state, (num_seqs, d, n))
+    check_decay_rates(A)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   cu_seqlens=None, initial_state=None, return_last_state=False, *, deterministic=False):
+                   cu_seqlens=None, initial_state=None, return_last_state=False, *, deterministic=False,
+                   layout=None):
     """Mamba-1 selective scan (chunked Triton kernel; differentiable in every tensor input).
 
     u, delta, z: (b, d, l). A: (d, n) real. B, C: (b, n, l) or grouped (b, g, n, l), d % g == 0.
@@ -486,6 +504,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t ; y_t = <h_t, C_t> + D u_t ; y_t *= silu(z_t).
     cu_seqlens: (N+1,) int32/int64 with b == 1 packs N sequences in one row; the state restarts
     at each sequence start and tokens past cu_seqlens[-1] are padding (y = 0, zero grads).
+    layout: a DocLayout (b == 1) instead of cu_seqlens (its documents are ignored: a Mamba-1 scan
+    restarts only at examples); its chunk offsets are cached on it, so nothing is read from the
+    device. A must be <= 0 (decay rates).
     initial_state: (N|b, d, n) state before each sequence. Returns y (b, d, l) in u's dtype, and
     with return_last_state also the last state (N|b, d, n) in fp32 (fp64 for fp64 inputs).
 
@@ -507,16 +528,20 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         y, last = selective_scan(u, delta, A, B, C, D=D, cu_seqlens=cu, return_last_state=True)
         # u (1, d, 8) -> y (1, d, 8), last (2, d, n)
     """
-    _validate(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, initial_state)
+    _validate(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, initial_state, layout)
     if not use_triton(u, op="selective_scan"):
+        if layout is not None:
+            cu_seqlens = layout.cu_seqlens
         return reference_selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                         delta_softplus=delta_softplus, cu_seqlens=cu_seqlens,
                                         initial_state=initial_state, return_last_state=return_last_state)
     B4 = B if B.dim() == 4 else B.unsqueeze(1)
     C4 = C if C.dim() == 4 else C.unsqueeze(1)
     u, delta, z, B4, C4 = (_unit_stride_last(t) for t in (u, delta, z, B4, C4))
+    if layout is None and cu_seqlens is not None:
+        layout = DocLayout.from_batch(1, u.shape[2], cu_seqlens, None, u.device)
     y, last = SelectiveScanFunction.apply(
         u, delta, A.contiguous(), B4, C4, None if D is None else D.contiguous(), z,
-        None if delta_bias is None else delta_bias.contiguous(), bool(delta_softplus), cu_seqlens,
+        None if delta_bias is None else delta_bias.contiguous(), bool(delta_softplus), layout,
         None if initial_state is None else initial_state.contiguous(), bool(deterministic))
     return (y, last) if return_last_state else y

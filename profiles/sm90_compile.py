@@ -107,7 +107,8 @@ def selective_scan_packed(configs, dtype):
     A = -torch.rand(d, n, generator=gen) - 0.5
     D, delta_bias = torch.ones(d), torch.zeros(d)
     h0 = torch.randn(2, d, n, generator=gen)
-    y, last, states, offsets, chunk = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, True, cu, h0,
+    layout = DocLayout.from_batch(1, l, cu)
+    y, last, states, offsets, chunk = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, True, layout, h0,
                                                          save_states=True, config=fwd_config)
     selective_scan_bwd(torch.randn_like(y), torch.randn_like(last), u, delta, A, B, C, D, z, delta_bias, True, cu,
                        states, offsets, chunk, config=bwd_config)

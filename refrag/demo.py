@@ -3,14 +3,22 @@
 Steps (all under ``--out``, default ``out/demo``):
 
 1. prepare the knowledge base (dense index + BM25) from the embedded documents -> ``kb/``
-2. train the BPE tokenizer on the embedded KB -> ``tokenizer.json``
-3. RAG fine-tune a small hybrid model on retrieval conversations (top-k documents per
-   question, gold documents plus retrieved distractors) -> ``rag/``
-4. train the same model, same steps, on the same conversations without the retrieval
+2. generate a held-out KB whose names come from another generator (``--names heldout``: a
+   syllable set, seed and name lengths no training step sees) and prepare it, with the public
+   commands a user runs (``python -m refrag.data.make_kb``, ``python -m refrag.retrieval
+   prepare-kb``) -> ``heldout/`` (in the background, while the models train)
+3. train the BPE tokenizer on the embedded documents and training questions -> ``tokenizer.json``
+4. RAG fine-tune a small hybrid model on retrieval conversations (top-k documents per
+   question, gold documents plus retrieved distractors) about the embedded KB and about
+   procedurally generated worlds with fresh names (``generated_worlds``), documents cut at
+   varied lengths -> ``rag/``
+5. train the same model, same steps, on the same conversations without the retrieval
    message -> ``no_retrieval/``
-5. answer the test split with both (greedy; the RAG model sees the top-k retrieved
-   documents) and print EM, F1, abstention, hallucination and the per-type table
-6. write ``report.json`` (configs, timings, metrics), ``*_predictions.json``,
+6. answer the embedded test split and the held-out KB's test split with both (greedy; each
+   model in the prompt format recorded in its checkpoint), and the RAG model again with
+   documents cut at twice the trained length; print EM, F1, abstention, degenerate abstention,
+   hallucination and the per-type tables
+7. write ``report.json`` (configs, timings, metrics), ``*_predictions.json``,
    ``loss_curves.png`` and ``metrics.png``
 
 The CPU config (`refrag/train/configs/demo.json`: tiny T,M,T,M model with tied embeddings and
@@ -24,21 +32,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from refrag.data import EMBEDDED_KB_DIR
+from refrag.data import EMBEDDED_KB_DIR, load_queries
+from refrag.data.conversations import check_gold_documents
 from refrag.eval.answers import QUESTION_TYPES, format_table
 from refrag.fileio import read_jsonl
 from refrag.eval.evaluate import evaluate_model, load_trained_model, write_predictions
 from refrag.retrieval import RetrievalManager, prepare_kb
 from refrag.train.__main__ import run_sft
-from refrag.train.checkpoint import latest_checkpoint
 from refrag.train.config import TrainConfig, load_config
 from refrag.train.data import prepare_tokenizer
 from refrag.train.shims import DistEnv
@@ -59,11 +69,50 @@ def demo_configs(out: Path, max_steps: int | None) -> dict[str, TrainConfig]:
             for run in RUNS}
 
 
+HELDOUT_SEED = 777  # the held-out KB's world; training worlds use refrag.train.data.world_seed
+
+
 def prepare_knowledge_base(kb_dir: Path) -> None:
     """Build the KB from the embedded documents unless a complete one is already there."""
     if (kb_dir / "meta.json").is_file():
         return
-    prepare_kb(EMBEDDED_KB_DIR / "documents.jsonl", kb_dir)
+    prepare_kb(EMBEDDED_KB_DIR / "documents.jsonl", kb_dir, show_progress=False)
+
+
+def heldout_commands(heldout: Path) -> list[list[str]]:
+    """The public commands that generate and prepare the held-out KB (what a user would run)."""
+    return [[sys.executable, "-m", "refrag.data.make_kb", "--out", str(heldout), "--names", "heldout",
+             "--seed", str(HELDOUT_SEED)],
+            [sys.executable, "-m", "refrag.retrieval", "prepare-kb", "--docs", str(heldout / "documents.jsonl"),
+             "--out", str(heldout / "kb")]]
+
+
+def start_heldout_kb(heldout: Path) -> subprocess.Popen | None:
+    """Start generating and preparing the held-out KB in the background (None when it exists);
+    the commands' output goes to ``heldout.log``."""
+    if (heldout / "kb" / "meta.json").is_file():
+        return None
+    heldout.mkdir(parents=True, exist_ok=True)
+    script = " && ".join(" ".join(shlex.quote(part) for part in command) for command in heldout_commands(heldout))
+    log = open(heldout.parent / "heldout.log", "w")
+    return subprocess.Popen(["sh", "-c", script], stdout=log, stderr=subprocess.STDOUT, env=subprocess_env())
+
+
+def finish_heldout_kb(proc: subprocess.Popen | None, heldout: Path) -> None:
+    if proc is not None and proc.wait() != 0:
+        tail = (heldout.parent / "heldout.log").read_text(errors="replace")[-3000:]
+        raise SystemExit(f"[demo] preparing the held-out KB failed; end of its log:\n{tail}")
+
+
+def subprocess_env(threads: int | None = None) -> dict:
+    """Environment of the demo's subprocesses: this checkout first on PYTHONPATH, never the
+    Triton interpreter (a correctness tool, hundreds of times slower), optionally N threads."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                     os.environ.get("PYTHONPATH")]))
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
 
 
 def train_in_parallel(configs: dict[str, TrainConfig], poll_s: float = 2.0) -> None:
@@ -74,12 +123,8 @@ def train_in_parallel(configs: dict[str, TrainConfig], poll_s: float = 2.0) -> N
     progress bars follow the step records of each ``metrics.jsonl``. A failed run stops the demo
     with the end of its log.
     """
-    # CPU runs take the ops' PyTorch references: the Triton interpreter (TRITON_INTERPRET=1, as
-    # the test suite sets it) is a correctness tool, hundreds of times slower.
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env = {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                      os.environ.get("PYTHONPATH")]))}
+    # CPU runs take the ops' PyTorch references (never the Triton interpreter), one thread each.
+    env = subprocess_env(threads=1)
     procs = {}
     try:
         for run, cfg in configs.items():
@@ -91,7 +136,9 @@ def train_in_parallel(configs: dict[str, TrainConfig], poll_s: float = 2.0) -> N
             command = [sys.executable, "-m", "refrag.train", "sft", "--config", str(out_dir / "config.json"),
                        "--no-resume"]
             procs[run] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log)
-        bars = {run: tqdm(total=cfg.max_steps, desc=f"train {run}", position=i, dynamic_ncols=True)
+        tty = sys.stderr.isatty()  # in a log file, a bar line a minute instead of one per poll
+        bars = {run: tqdm(total=cfg.max_steps, desc=f"train {run}", position=i, dynamic_ncols=True,
+                          mininterval=0.1 if tty else 60, maxinterval=10 if tty else 600)
                 for i, (run, cfg) in enumerate(configs.items())}
         while True:
             running = [run for run, (proc, _) in procs.items() if proc.poll() is None]
@@ -163,7 +210,7 @@ def plot_curves(curves: dict[str, list[dict]], results: dict[str, dict], out: Pa
                   for m in labels]
         ax.bar([x + i * width for x in range(len(labels))], [v or 0.0 for v in values], width, label=run)
     ax.set_xticks([x + width * (len(results) - 1) / 2 for x in range(len(labels))], labels, rotation=20)
-    ax.set(ylim=(0, 1), title="test split")
+    ax.set(ylim=(0, 1), title="test splits (embedded KB, held-out generated KB)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "metrics.png", dpi=120)
@@ -174,8 +221,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m refrag.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="out/demo", help="output directory")
     parser.add_argument("--max-steps", type=number_arg(int, minimum=1), default=None, help="override the config's steps (smoke runs)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every progress bar (model loading, embedding) and warning")
     parser.add_argument("--limit", type=number_arg(int, minimum=1), default=None, help="evaluate only the first N test questions")
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ["REFRAG_VERBOSE"] = "1"  # read by the encoder loader, inherited by subprocesses
+    else:
+        warnings.filterwarnings("ignore", category=UserWarning)  # truncation notes etc.; the report has the counts
     if not torch.cuda.is_available():
         # Tiny shapes gain little from a second intra-op thread, and on a shared CPU extra threads
         # spin against other processes and can slow a step down tenfold.
@@ -191,13 +244,16 @@ def main(argv: list[str] | None = None) -> None:
         return time.perf_counter()
 
     t = time.perf_counter()
-    print(f"[demo] preparing the knowledge base in {out / 'kb'}", flush=True)
+    print(f"[demo] preparing the knowledge base in {out / 'kb'}; the held-out KB in {out / 'heldout'} "
+          f"(background)", flush=True)
+    heldout = start_heldout_kb(out / "heldout")
     prepare_knowledge_base(out / "kb")
     t = stage("prepare_kb", t)
     prepare_tokenizer(configs["rag"], DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     for run, cfg in configs.items():
         print(f"[demo] training {run}: preset {cfg.preset}, {cfg.max_steps} steps of "
-              f"{cfg.batch_size * cfg.grad_accum} x {cfg.seq_len} tokens", flush=True)
+              f"{cfg.batch_size * cfg.grad_accum} x {cfg.seq_len} tokens, embedded KB + "
+              f"{cfg.generated_worlds} generated worlds", flush=True)
     if torch.cuda.is_available():
         for run, cfg in configs.items():
             run_sft(cfg, resume=False)
@@ -205,34 +261,57 @@ def main(argv: list[str] | None = None) -> None:
     else:
         train_in_parallel(configs)
         t = stage("train_both_in_parallel", t)
+    finish_heldout_kb(heldout, out / "heldout")
+    t = stage("heldout_kb_wait", t)
 
-    rag_cfg = configs["rag"]
-    manager = RetrievalManager(rag_cfg.retriever, knowledge_base=rag_cfg.kb_dir)
-    results = {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     eval_batch = 32 if torch.cuda.is_available() else 2  # CPU: dense reference attention is quadratic per batch
-    for run, cfg in configs.items():
-        model, tokenizer, _ = load_trained_model(latest_checkpoint(Path(cfg.out_dir) / "checkpoints"),
-                                                 "cuda" if torch.cuda.is_available() else "cpu")
-        results[run] = evaluate_model(model, tokenizer, manager, "test", cfg.top_k, max_new_tokens=24,
-                                      use_retrieval=cfg.retrieval, batch_size=eval_batch,
-                                      max_doc_tokens=cfg.max_doc_tokens, question_first=cfg.question_first,
-                                      limit=args.limit)
-        write_predictions(out / f"{run}_predictions.json", results[run])
-        t = stage(f"eval_{run}", t)
+    trained = {run: load_trained_model(cfg.out_dir, device) for run, cfg in configs.items()}
+    suites = {"embedded": (configs["rag"].kb_dir, load_queries("test")[:args.limit]),
+              "heldout": (out / "heldout" / "kb", load_queries("test", out / "heldout")[:args.limit])}
+    results: dict[str, dict] = {}
+    for suite, (kb_dir, records) in suites.items():
+        manager = RetrievalManager(configs["rag"].retriever, knowledge_base=kb_dir)
+        check_gold_documents(records, manager.knowledge_base.ids, str(kb_dir))
+        runs = {run: (model, model.prompt) for run, model in trained.items()}
+        rag = trained["rag"]
+        runs["rag_2x_docs"] = (rag, rag.prompt.replace(max_doc_tokens=2 * rag.prompt.max_doc_tokens))
+        results[suite] = {}
+        for run, (model, prompt) in runs.items():
+            results[suite][run] = evaluate_model(model.model, model.tokenizer, manager, records, prompt,
+                                                 top_k=configs["rag"].top_k, max_new_tokens=24,
+                                                 batch_size=eval_batch)
+            write_predictions(out / f"{suite}_{run}_predictions.json", results[suite][run])
+            t = stage(f"eval_{suite}_{run}", t)
     timings["total"] = round(time.perf_counter() - started, 1)
 
-    summary = {run: {k: v for k, v in m.items() if k != "predictions"} for run, m in results.items()}
+    summary = {suite: {run: {k: v for k, v in m.items() if k != "predictions"} for run, m in runs.items()}
+               for suite, runs in results.items()}
     curves = {run: read_metrics(cfg.out_dir) for run, cfg in configs.items()}
-    plot_curves(curves, summary, out)
-    report = {"timings_s": timings, "device": "cuda" if torch.cuda.is_available() else "cpu",
-              "configs": {run: cfg.to_dict() for run, cfg in configs.items()}, "metrics": summary,
+    plot_curves(curves, {f"{suite} {run}": m for suite, runs in summary.items() for run, m in runs.items()
+                         if run != "rag_2x_docs"}, out)
+    robustness = {suite: _ratio(runs["rag_2x_docs"]["f1"], runs["rag"]["f1"]) for suite, runs in summary.items()}
+    report = {"timings_s": timings, "device": device,
+              "configs": {run: cfg.to_dict() for run, cfg in configs.items()},
+              "prompt_format": trained["rag"].prompt.to_dict(),
+              "metrics": summary["embedded"], "heldout_metrics": summary["heldout"],
+              "f1_kept_at_2x_doc_tokens": robustness,
+              "heldout_kb": {"commands": [" ".join(c[1:]) for c in heldout_commands(out / "heldout")],
+                             "seed": HELDOUT_SEED, "names": "heldout"},
               "final_loss": {run: c[-1]["loss"] for run, c in curves.items()},
               "final_val_loss": {run: c[-1].get("val_loss") for run, c in curves.items()}}
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    print(f"\n[demo] test split ({summary['rag']['count']} questions), total {timings['total']:.0f}s\n")
-    print(format_table(summary))
-    print(f"\n[demo] wrote {out / 'report.json'}, {out / 'loss_curves.png'}, {out / 'metrics.png'}")
+    for suite, title in (("embedded", "embedded KB test split"), ("heldout", "held-out generated KB test split")):
+        count = summary[suite]["rag"]["count"]
+        print(f"\n[demo] {title} ({count} questions); rag_2x_docs: the RAG model with documents cut at "
+              f"{2 * trained['rag'].prompt.max_doc_tokens} tokens (F1 kept: {robustness[suite]})\n")
+        print(format_table(summary[suite]))
+    print(f"\n[demo] total {timings['total']:.0f}s; wrote {out / 'report.json'}, {out / 'loss_curves.png'}, "
+          f"{out / 'metrics.png'}")
 
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
 
 if __name__ == "__main__":
     main()

@@ -58,3 +58,32 @@ def reference_ops_on_cpu(request, device):
             yield
     else:
         yield
+
+
+# The `tiny` preset's T,M,T,M model on one packed row of four examples and five documents.
+STEP_EXAMPLES = [(40, [(3, 12), (12, 20)]), (30, [(2, 9)]), (26, [(1, 8), (8, 14)]), (32, [])]
+STEP_VOCAB = 256
+
+
+def tiny_train_step(device):
+    """(model, input_ids (1, L), targets (1, L), layout, num_loss_tokens) for one training step
+    of the tiny preset on a packed row with documents; the layout and the loss-token count are
+    built on the CPU (as the loader does) before the step. Every matrix is random so every
+    gradient is live. Run it as ``model(ids, layout=layout, targets=targets,
+    num_loss_tokens=num_loss_tokens)``."""
+    from kernels import DocLayout
+    from refrag.model import preset
+
+    torch.manual_seed(0)
+    model = HybridLM(preset("tiny", vocab_size=STEP_VOCAB))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, p.shape[1] ** -0.5)
+    layout = DocLayout.from_examples(STEP_EXAMPLES)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, STEP_VOCAB, (1, layout.total_tokens), generator=gen)
+    targets = torch.randint(0, STEP_VOCAB, (1, layout.total_tokens), generator=gen)
+    targets[0, layout.doc_ids != 0] = -100
+    num_loss_tokens = int((targets != -100).sum())
+    return model.to(device), ids.to(device), targets.to(device), layout.to(device), num_loss_tokens

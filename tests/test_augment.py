@@ -5,7 +5,7 @@ import pytest
 
 from refrag.data import load_tokenizer, rag_conversation, render_conversation
 from refrag.data.augment import AnswerPools, QuestionIndex, add_questions, counterfactual, shape
-from refrag.train.data import question_first
+from refrag.data.prompt import PromptFormat
 
 
 def doc(doc_id, title, content):
@@ -113,7 +113,24 @@ def test_multi_turn_rendering_learns_every_answer_and_ends_once():
     assert learned.count("[/ASST]") == 3 and learned.count("[EOS]") == 1 and learned.endswith("[EOS]")
     for m in extended["messages"][3::2]:
         assert m["content"] in learned
-    moved = question_first(extended)
+    moved = PromptFormat(question_first=True).arrange(extended)
     roles = [m["role"] for m in moved["messages"]]
     assert roles[:4] == ["system", "user", "retrieval", "assistant"] and roles.count("user") == 3
     assert moved["messages"][1]["content"] == "Where was Ana Velk born?"
+
+
+def test_cut_documents_turns_answers_the_cut_removed_into_abstentions():
+    from refrag.train.data import cut_documents
+
+    tok = load_tokenizer()
+    conv = rag_conversation("Where was Ana Velk born?", "Dorvik", [ANA])
+    conv["messages"] += [{"role": "user", "content": "Who employs Ana Velk?"},
+                         {"role": "assistant", "content": "Olm Guild"}]
+    full = cut_documents(conv, tok, 10_000)
+    assert full == conv
+    answers = lambda c: [m["content"] for m in c["messages"] if m["role"] == "assistant"]  # noqa: E731
+    first_sentence = len(tok.encode(f"{ANA['title']}\n{ANA['content']}".split(".")[0] + "."))
+    cut = cut_documents(conv, tok, first_sentence)
+    shown = next(m for m in cut["messages"] if m["role"] == "retrieval")["documents"]
+    assert all(len(tok.encode(f"{d['title']}\n{d['content']}")) <= first_sentence + 1 for d in shown)
+    assert answers(cut) == ["Dorvik", "I don't know"], shown

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from kernels import causal_conv1d, reference
-from kernels.conv1d import CONV1D_CONFIGS, conv_window_starts
+from kernels.conv1d import CONV1D_CONFIGS
+from kernels.layout import DocLayout
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -121,10 +122,11 @@ def test_non_contiguous_input(device):
 
 
 def test_window_starts_worked_example():
-    cu = torch.tensor([0, 4, 7])
-    docs = torch.tensor([0, 1, 1, 2, 0, 3, 3, 0])
-    starts = conv_window_starts(1, 8, cu, docs, torch.device("cpu"))
-    assert starts.tolist() == [[0, 1, 1, 3, 4, 5, 5, 8]]
+    layout = DocLayout.from_cu_seqlens(torch.tensor([0, 4, 7]), torch.tensor([0, 1, 1, 2, 0, 3, 3]))
+    starts = layout.conv_window_starts(8)
+    assert starts.tolist() == [0, 1, 1, 3, 4, 5, 5, 8]
+    assert layout.conv_window_starts(8) is starts
+    assert layout.examples_only().conv_window_starts(8).tolist() == [0, 0, 0, 0, 4, 4, 4, 8]
     assert starts.dtype == torch.int32
 
 
@@ -153,6 +155,13 @@ def _bad_cases(device):
         ((x, w), {"cu_seqlens": torch.tensor([0, 5, 3], device=device)}, "non-decreasing"),
         ((x, w), {"doc_ids": torch.zeros(7, dtype=torch.long, device=device)}, "doc_ids must have shape"),
         ((x, w.to("meta")), {}, "one device"),
+        ((x, w), {"cu_seqlens": [0, 3, 8]}, "cu_seqlens must be a torch.Tensor"),
+        ((x, w), {"layout": DocLayout.from_examples([(9, [])], device=device)}, "layout covers 9 tokens"),
+        ((x, w), {"layout": DocLayout.from_examples([(8, [])], device=device),
+                  "cu_seqlens": torch.tensor([0, 8], device=device)}, "either layout or cu_seqlens"),
+        ((torch.randn(2, 8, 4, device=device), w), {"layout": DocLayout.from_examples([(8, [])], device=device)},
+         "batch 1"),
+        ((x, w), {"layout": (0, 8)}, "layout must be a kernels.DocLayout"),
     ]
 
 
@@ -181,3 +190,16 @@ def test_offsets_past_int32(device):
     y = causal_conv1d(x, weight)
     tail = reference.causal_conv1d(x[:, -200 - (w - 1):], weight)[:, w - 1:]
     torch.testing.assert_close(y[:, -200:], tail, atol=2e-2, rtol=2e-2)
+
+
+def test_layout_equals_keyword_form(device):
+    """layout= and cu_seqlens/doc_ids give bitwise the same outputs and gradients; padding past
+    the layout gives 0."""
+    layout = DocLayout.from_examples([(17, [(3, 4), (4, 8)]), (0, []), (23, [(0, 6)])], device=device)
+    x, weight, bias, dy = make_inputs(device, 1, 44, 12, 4, torch.float32)
+    docs = torch.nn.functional.pad(layout.doc_ids, (0, 4))
+    keyword = forward_backward(causal_conv1d, x, weight, bias, dy, cu_seqlens=layout.cu_seqlens, doc_ids=docs)
+    with_layout = forward_backward(causal_conv1d, x, weight, bias, dy, layout=layout)
+    for a, b in zip(keyword, with_layout):
+        assert torch.equal(a, b)
+    assert with_layout[0][:, 40:].abs().sum() == 0

@@ -19,8 +19,9 @@ def assert_within_rule(out, ref64, ref_lowp, atol, what):
 
 
 def plain_linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="mean", z_loss=0.0):
-    """What plain PyTorch does in the input dtype: logits from a low-precision GEMM, the loss in fp32."""
-    logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight.t()).float()
+    """What plain PyTorch does in the input dtype: logits from a low-precision GEMM (an fp32 weight cast
+    to the hidden dtype), the loss in fp32."""
+    logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight.to(hidden.dtype).t()).float()
     tgt = targets.reshape(-1)
     lse = torch.logsumexp(logits, dim=-1)
     valid = tgt != ignore_index
@@ -264,6 +265,16 @@ def test_fp32_weight_with_fp16_hidden(device, reduction):
     for name, o, r64, rlp in zip(("loss", "grad_hidden", "grad_weight"), out, ref64, plain):
         assert o.dtype == rlp.dtype, name
         assert_within_rule(o, r64, rlp, ATOL[torch.float16], name)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_scalar_grad_output_scales_forward_gradients(device, reduction):
+    """A non-unit upstream gradient (loss / grad_accum, loss weights) scales the gradients made in the
+    forward: fp16 weight (scaled and cast in one pass) and fp32 weight (scaled in place)."""
+    hidden, weight, targets = make_inputs(device, (2, 15), 16, 300, torch.float16)
+    for w in (weight, weight.float()):
+        check_against_reference(hidden, w, targets, grad_out=torch.tensor(1 / 3, device=device), chunk_size=8,
+                                reduction=reduction)
 
 
 def test_none_reduction_with_broadcast_grad(device):

@@ -54,7 +54,8 @@ def small_configs(tmp_path, kb, **overrides):
 
     source, kb_dir = kb
     extra = {"kb_source": str(source), "kb_dir": str(kb_dir), "tokenizer": str(EMBEDDED_KB_DIR / "tokenizer.json"),
-             "val_rows": "1", "model.d_model": "64", "model.n_head": "2", "seq_len": "384", **overrides}
+             "val_rows": "1", "model.d_model": "64", "model.n_head": "2", "seq_len": "384",
+             "generated_worlds": "0", "min_doc_tokens": "0", **overrides}
     return {run: load_config(CONFIG_DIR / "demo.json", {**extra, "out_dir": str(tmp_path / run),
                                                         "retrieval": "true" if run == "rag" else "false"})
             for run in RUNS}
@@ -67,6 +68,39 @@ def test_train_in_parallel_runs_both_and_logs_every_step(tmp_path, small_kb):
         records = read_metrics(cfg.out_dir)
         assert [r["step"] for r in records] == [1, 2, 3]
         assert (tmp_path / run / "checkpoints").is_dir() and (tmp_path / run / "train.log").is_file()
+    check_eval_cli_on_any_kb(tmp_path, small_kb, configs["rag"].out_dir)
+
+
+def check_eval_cli_on_any_kb(tmp_path, kb, run_dir):
+    """`python -m refrag.eval answers` from another folder, pointed at a KB and its questions;
+    questions of another KB are refused instead of silently scoring 0."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    source, kb_dir = kb
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env.pop("TRITON_INTERPRET", None)
+
+    def answers(*args):
+        return subprocess.run([sys.executable, "-m", "refrag.eval", "answers", "--checkpoint", str(run_dir),
+                               "--limit", "2", "--max-new-tokens", "2", *args], capture_output=True, text=True,
+                              cwd=elsewhere, env=env, timeout=300)
+
+    done = answers("--kb", str(kb_dir), "--queries", str(source / "queries" / "test.jsonl"), "--json", "m.json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((elsewhere / "m.json").read_text())["count"] == 2
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text(json.dumps({"id": "q1", "question": "Who?", "answer": "x", "type": "single_hop",
+                                   "gold_doc_ids": ["not-in-this-kb"]}) + "\n")
+    done = answers("--kb", str(kb_dir), "--queries", str(foreign))
+    assert done.returncode == 2 and "belong to another KB" in done.stderr
+    done = answers("--kb", str(kb_dir))
+    assert done.returncode == 2 and "--kb needs --queries" in done.stderr
 
 
 def test_train_in_parallel_reports_a_failed_run(tmp_path, small_kb):

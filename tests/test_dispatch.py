@@ -67,3 +67,25 @@ def test_every_public_op_is_switchable():
     public = {name for name in kernels.__all__ if name[0].islower() and name not in
               ("use_backend", "set_backend", "current_backend")}
     assert public <= set(dispatch.OPS)
+
+
+def test_interpreter_switched_on_after_import_warns_that_the_reference_runs():
+    """TRITON_INTERPRET is read when the kernels are defined; set later, it cannot take effect."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, warnings, torch, kernels\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    kernels.causal_conv1d(torch.randn(1, 8, 4), torch.randn(4, 3))\n"
+        "    kernels.causal_conv1d(torch.randn(1, 8, 4), torch.randn(4, 3))\n"
+        "print(len(caught), caught[0].message if caught else '')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("1 ") and "set after `import kernels`" in out.stdout
+    assert "reference" in out.stdout

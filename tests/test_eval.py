@@ -2,6 +2,8 @@
 import pytest
 
 from refrag.eval.answers import (
+    IDK,
+    abstention_kind,
     aggregate,
     exact_match,
     format_table,
@@ -36,9 +38,34 @@ def test_normalize_answer(text, expected):
     pytest.param("economist", False, id="answer"),
     pytest.param("Known for nothing", False, id="known-not-unknown"),
     pytest.param("", False, id="empty"),
+    pytest.param("I don't I don't know", False, id="degenerate-repeat"),
+    pytest.param("I don't know know", False, id="degenerate-tail"),
 ])
 def test_is_abstention(text, expected):
     assert is_abstention(text) is expected
+
+
+@pytest.mark.parametrize("text, kind", [
+    pytest.param("I don't know.", "clean", id="clean"),
+    pytest.param("I don't know, maybe Paris", "clean", id="clean-with-words"),
+    pytest.param("I don't I don't know", "degenerate", id="repeat"),
+    pytest.param("I don't know know", "degenerate", id="tail"),
+    pytest.param("don't know", "degenerate", id="fragment"),
+    pytest.param("Kelb I don't know", "degenerate", id="name-then-idk"),
+    pytest.param("Kelb Works", None, id="answer"),
+    pytest.param("", None, id="empty"),
+])
+def test_abstention_kind(text, kind):
+    assert abstention_kind(text) == kind
+
+
+def test_degenerate_abstention_is_neither_abstention_nor_hallucination():
+    score = score_answer("I don't I don't know", IDK, "unanswerable", ["Kelb Works makes lamps."])
+    assert score["degenerate"] and not score["abstained"] and not score["hallucinated"]
+    assert score["em"] == score["f1"] == 0.0
+    metrics = aggregate([score, score_answer("I don't know", IDK, "unanswerable", [])])
+    assert metrics["degenerate_abstention"] == 0.5 and metrics["abstention_accuracy"] == 0.5
+    assert metrics["hallucination"] == 0.0
 
 
 def test_exact_match_and_f1():
@@ -115,7 +142,8 @@ class FirstDocuments:
 def test_evaluate_model_end_to_end(use_retrieval, reference_ops):  # the pipeline is under test, not the kernels
     import torch
 
-    from refrag.data import load_tokenizer
+    from refrag.data import load_queries, load_tokenizer
+    from refrag.data.prompt import PromptFormat
     from refrag.eval.evaluate import evaluate_model
     from refrag.model import HybridLM, MambaConfig, preset
 
@@ -123,8 +151,8 @@ def test_evaluate_model_end_to_end(use_retrieval, reference_ops):  # the pipelin
     torch.manual_seed(0)
     model = HybridLM(preset("tiny", vocab_size=tokenizer.vocab_size, d_model=64, n_head=2, block_pattern="T,M",
                             mamba=MambaConfig(d_state=16, headdim=16, chunk_size=16)))
-    metrics = evaluate_model(model, tokenizer, FirstDocuments(), "test", top_k=2, max_new_tokens=3,
-                             use_retrieval=use_retrieval, batch_size=2, limit=5)
+    metrics = evaluate_model(model, tokenizer, FirstDocuments(), load_queries("test")[:5],
+                             PromptFormat(retrieval=use_retrieval), top_k=2, max_new_tokens=3, batch_size=2)
     assert metrics["count"] == 5 and len(metrics["predictions"]) == 5
     first = metrics["predictions"][0]
     assert first["id"] == "test-0000" and first["retrieved"] == ["person-000", "person-001"]

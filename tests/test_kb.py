@@ -113,5 +113,34 @@ def test_load_queries_rejects_bad_split_and_records(tmp_path):
         {"id": "q", "question": "?", "answer": "a", "type": "two_hop", "gold_doc_ids": ["x", "y"]}) + "\n")
     with pytest.raises(ValueError, match=r"test.jsonl:1: a two_hop question needs one hop"):
         load_queries("test", tmp_path)
-    with pytest.raises(ValueError, match="query split not found"):
+    with pytest.raises(ValueError, match="no query file"):
         load_queries("val", tmp_path)
+
+
+@pytest.mark.parametrize("names, seed, varied", [("training", 5, True), ("heldout", 777, False)])
+def test_other_name_styles_build_consistent_worlds(names, seed, varied):
+    """Training and held-out worlds: every gold document states its answer, names differ from
+    the embedded KB's, and the held-out names use syllables the training style never draws."""
+    from refrag.data.make_kb import NAME_STYLES, build_kb
+
+    docs, splits = build_kb(seed, names, varied_documents=varied)
+    by_id = {d["id"]: d for d in docs}
+    embedded_titles = {d["title"] for d in read_documents(EMBEDDED_KB_DIR / "documents.jsonl")}
+    people = [d["title"] for d in docs if d["id"].startswith("person-")]
+    assert not set(people) & embedded_titles
+    for q in [q for split in splits.values() for q in split if q["type"] == "single_hop"]:
+        assert q["answer"] in by_id[q["gold_doc_ids"][0]]["content"], q
+    if names == "heldout":
+        training = NAME_STYLES["training"]
+        for part in NAME_STYLES["heldout"].vowels:
+            assert part not in training.vowels
+    else:  # varied documents: the first sentence is not always the one naming the entity first
+        assert sum(not d["content"].startswith(d["title"]) for d in docs if d["id"].startswith("person-")) > 30
+        assert any("-" in p for p in people) and any(any(c.isdigit() for c in p) for p in people)
+
+
+def test_unknown_name_style_is_an_error():
+    from refrag.data.make_kb import build_kb
+
+    with pytest.raises(ValueError, match="unknown name style 'fancy'"):
+        build_kb(1, "fancy")

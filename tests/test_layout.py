@@ -7,14 +7,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels.common.index import (
-    prepare_chunk_indices,
-    prepare_chunk_offsets,
-    prepare_lens,
-    prepare_position_ids,
-    prepare_seq_idx,
-)
-from kernels.layout import DocLayout, TileSummary
+from kernels.common.index import prepare_lens, prepare_position_ids, prepare_seq_idx
+from kernels.layout import BLOCK_START, IS_DOC, SEG_START, DocLayout, TileSummary
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -64,15 +58,26 @@ def loop_positions(lengths, doc_ids, per_document):
     return positions
 
 
-def loop_chunks(lengths, chunk_size):
-    indices, offsets = [], [0]
-    for n, length in enumerate(lengths):
-        count = 0
-        while count * chunk_size < length:
-            indices.append([n, count])
-            count += 1
-        offsets.append(offsets[-1] + count)
-    return indices, offsets
+def loop_chunks(lengths, chunk_size, doc_ids=None):
+    """Chunk rows [bos, eos, flags] and per-example chunk offsets; segments are examples, or
+    with doc_ids (doc_mode) runs of equal doc id inside an example."""
+    rows, offsets, start = [], [0], 0
+    for length in lengths:
+        t, end = start, start + length
+        while t < end:
+            seg_end = t + 1
+            while seg_end < end and (doc_ids is None or doc_ids[seg_end] == doc_ids[t]):
+                seg_end += 1
+            is_doc = doc_ids is not None and doc_ids[t] > 0
+            opens_block = is_doc and (t == start or doc_ids[t - 1] == 0)
+            for c, bos in enumerate(range(t, seg_end, chunk_size)):
+                flags = (SEG_START if c == 0 else 0) | (IS_DOC if is_doc else 0)
+                flags |= BLOCK_START if c == 0 and opens_block else 0
+                rows.append([bos, min(bos + chunk_size, seg_end), flags])
+            t = seg_end
+        offsets.append(len(rows))
+        start = end
+    return rows, offsets
 
 
 def loop_visible(seq_ids, doc_ids, i, j, causal):
@@ -226,8 +231,16 @@ def test_index_docstring_example():
     assert prepare_lens(cu).tolist() == [3, 0, 5]
     assert prepare_seq_idx(cu).tolist() == [0, 0, 0, 2, 2, 2, 2, 2]
     assert prepare_position_ids(cu).tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
-    assert prepare_chunk_offsets(cu, 2).tolist() == [0, 2, 2, 5]
-    assert prepare_chunk_indices(cu, 2).tolist() == [[0, 0], [0, 1], [2, 0], [2, 1], [2, 2]]
+
+
+def test_chunk_table_docstring_example():
+    layout = DocLayout.from_cu_seqlens(torch.tensor([0, 5, 9]), torch.tensor([0, 1, 1, 1, 2, 0, 0, 0, 0]))
+    S, D, B = SEG_START, IS_DOC, BLOCK_START
+    table = layout.chunk_table(2, doc_mode=True)
+    assert table.chunks.tolist() == [[0, 1, S], [1, 3, D | S | B], [3, 4, D], [4, 5, D | S], [5, 7, S], [7, 9, 0]]
+    assert table.seq_chunk_offsets.tolist() == [0, 4, 6] and table.num_chunks == 6 and table.chunk_size == 2
+    plain = layout.chunk_table(2)
+    assert plain.chunks.tolist() == [[0, 2, S], [2, 4, 0], [4, 5, 0], [5, 7, S], [7, 9, 0]]
 
 
 def test_empty_row():
@@ -235,7 +248,8 @@ def test_empty_row():
     assert layout.cu_seqlens.tolist() == [0] and layout.total_tokens == 0 and layout.num_seqs == 0
     assert layout.max_seqlen == 0 and not layout.has_documents
     assert layout.doc_spans() == [] and layout.retrieval_blocks() == []
-    assert layout.chunk_table(4).indices.shape == (0, 2)
+    assert layout.chunk_table(4).chunks.shape == (0, 3)
+    assert layout.chunk_table(4, doc_mode=True).seq_chunk_offsets.tolist() == [0]
     summary = layout.tile_summary(16, 16)
     assert summary.kv_indptr.tolist() == [0] and summary.q_indices.numel() == 0
 
@@ -329,13 +343,14 @@ def test_cuda_layout_matches_cpu():
 def test_chunk_table_matches_loop(seed, chunk_size):
     lengths, doc_ids = random_ids(random.Random(200 + seed), max_length=150)
     layout = layout_from_ids(lengths, doc_ids)
-    table = layout.chunk_table(chunk_size)
-    indices, offsets = loop_chunks(lengths, chunk_size)
-    assert table.indices.tolist() == indices
-    assert table.indices.shape == (len(indices), 2)
-    assert table.offsets.tolist() == offsets
-    assert table.indices.dtype == table.offsets.dtype == torch.int32
-    assert layout.chunk_table(chunk_size) is table
+    for doc_mode in (False, True):
+        table = layout.chunk_table(chunk_size, doc_mode=doc_mode)
+        rows, offsets = loop_chunks(lengths, chunk_size, doc_ids if doc_mode else None)
+        assert table.chunks.tolist() == rows
+        assert table.chunks.shape == (len(rows), 3)
+        assert table.seq_chunk_offsets.tolist() == offsets
+        assert table.chunks.dtype == table.seq_chunk_offsets.dtype == torch.int32
+        assert layout.chunk_table(chunk_size, doc_mode=doc_mode) is table
 
 
 @pytest.mark.parametrize(
@@ -349,9 +364,9 @@ def test_chunk_table_matches_loop(seed, chunk_size):
 )
 def test_chunk_table_awkward_lengths(lengths):
     layout = DocLayout.from_cu_seqlens(torch.tensor(loop_cu_seqlens(lengths)))
-    indices, offsets = loop_chunks(lengths, 64)
-    assert layout.chunk_table(64).indices.tolist() == indices
-    assert layout.chunk_table(64).offsets.tolist() == offsets
+    rows, offsets = loop_chunks(lengths, 64)
+    assert layout.chunk_table(64).chunks.tolist() == rows
+    assert layout.chunk_table(64).seq_chunk_offsets.tolist() == offsets
 
 
 # ---------------------------------------------------------------- masks and tile summaries
@@ -604,9 +619,10 @@ def reference_valid(cu, doc_ids, total):
 
 def assert_valid_layout_tables(layout, lengths, doc_ids):
     assert_matches_loops(layout, lengths, doc_ids)
-    indices, offsets = loop_chunks(lengths, 3)
-    assert layout.chunk_table(3).indices.tolist() == indices
-    assert layout.chunk_table(3).offsets.tolist() == offsets
+    for doc_mode in (False, True):
+        rows, offsets = loop_chunks(lengths, 3, doc_ids if doc_mode else None)
+        assert layout.chunk_table(3, doc_mode).chunks.tolist() == rows
+        assert layout.chunk_table(3, doc_mode).seq_chunk_offsets.tolist() == offsets
     assert_tiles_exact(layout, 3, 2, causal=True)
     assert_tiles_exact(layout, 4, 5, causal=False)
 

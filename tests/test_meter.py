@@ -212,3 +212,15 @@ def test_meter_markdown_names_the_model(small_rows):
     table = markdown(small_rows, {"torch": "x", "triton": "y"})
     assert "roofline MODEL, not measurements" in table
     assert table.count("| ssd_scan |") == 2
+
+
+def test_check_reports_changed_counts(small_rows):
+    import copy
+
+    from bench.meter.__main__ import compare
+
+    assert compare(small_rows, small_rows) == []
+    changed = copy.deepcopy(small_rows)
+    changed[0]["unique_bytes"] += 1
+    diffs = compare(small_rows, changed)
+    assert len(diffs) == 1 and "unique_bytes" in diffs[0]

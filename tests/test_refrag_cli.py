@@ -51,7 +51,8 @@ def test_train_refrag_then_eval_multihop_against_single_shot(tmp_path, small_kb)
     assert [r["step"] for r in rl_log] == [1] and 0.0 <= rl_log[0]["reward"] <= 1.0
     run_module("refrag.train", "sft", "--config", str(CONFIGS / "demo.json"), *data,
                "--out_dir", str(tmp_path / "sft"), "--max_steps", "2", "--val_rows", "1", "--question_first", "false",
-               "--max_doc_tokens", "24", "--extra_questions", "0", "--counterfactual_copies", "0")
+               "--max_doc_tokens", "24", "--min_doc_tokens", "0", "--generated_worlds", "0", "--extra_questions", "0",
+               "--counterfactual_copies", "0")
     report = tmp_path / "report.json"
     out = run_module("refrag.eval", "multihop", "--checkpoint", str(tmp_path / "refrag" / "rl" / "checkpoints"),
                      "--rag-checkpoint", str(tmp_path / "sft" / "checkpoints"), "--limit", "3",

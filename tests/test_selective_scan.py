@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kernels import reference
+from kernels.layout import DocLayout
 from kernels.selective_scan import (
     BWD_CONFIGS,
     DETERMINISTIC_BWD_CONFIG,
@@ -192,8 +193,8 @@ def launcher_inputs(device, dtype=torch.float32):
 def test_each_forward_config(config, chunk_size, device):
     t, cu = launcher_inputs(device)
     y, last, _, _, _ = selective_scan_fwd(
-        t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"], True, cu,
-        t["initial_state"], save_states=False, chunk_size=chunk_size, config=config)
+        t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"], True,
+        DocLayout.from_batch(1, t["u"].shape[2], cu), t["initial_state"], save_states=False, chunk_size=chunk_size, config=config)
     y_ref, last_ref = reference.selective_scan(**{k: v.double() for k, v in t.items()}, delta_softplus=True,
                                                cu_seqlens=cu, return_last_state=True)
     assert torch.allclose(y.double(), y_ref, rtol=1e-4, atol=1e-5)
@@ -204,8 +205,8 @@ def test_each_forward_config(config, chunk_size, device):
 def test_each_backward_config(config, device):
     t, cu = launcher_inputs(device)
     y, _, states, chunk_offsets, chunk_size = selective_scan_fwd(
-        t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"], True, cu,
-        t["initial_state"], save_states=True)
+        t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"], True,
+        DocLayout.from_batch(1, t["u"].shape[2], cu), t["initial_state"], save_states=True)
     gen = torch.Generator().manual_seed(3)
     dy = torch.randn(y.shape, generator=gen).to(device)
     dlast = torch.randn(t["initial_state"].shape, generator=gen).to(device)

@@ -91,3 +91,29 @@ def test_later_turns_reuse_the_documents_of_earlier_hops(tok):
 def test_bad_settings_are_named(tok):
     with pytest.raises(ValueError, match="max_hops"):
         RagService(hybrid(tok.vocab_size), tok, None, max_hops=0)
+
+
+def test_precomputed_documents_serve_every_first_hop_from_the_cache(tok):
+    server, plain = service(tok, question_first=False), service(tok, question_first=False, cache_bytes=0)
+    assert server.precompute(DOCS) == 3 * 3  # three documents, each in slots 1..3
+    assert server.precompute(DOCS) == 0  # already there
+    hits = server.cache_stats()["hits"]
+    assert [r.text for r in server.answer_many(QUESTIONS)] == [r.text for r in plain.answer_many(QUESTIONS)]
+    stats = server.cache_stats()
+    assert stats["hits"] - hits == 6 and stats["misses"] == 9
+    with pytest.raises(ValueError, match="documents-first"):
+        service(tok, question_first=True).precompute(DOCS)
+
+
+@pytest.mark.parametrize("precompute", [False, True], ids=["cold", "precomputed"])
+def test_compare_cache_counts_lookups_and_agrees_with_the_plain_engine(tok, precompute):
+    from refrag.eval.multihop import compare_cache
+
+    records = [{"id": f"q{i}", "question": q, "answer": "Pulbys", "type": "single_hop", "gold_doc_ids": []}
+               for i, q in enumerate(QUESTIONS)]
+    report = compare_cache(hybrid(tok.vocab_size), tok, FakeRetriever({q: DOCS for q in QUESTIONS}), records,
+                           precompute=DOCS if precompute else None, max_hops=1, top_k=3, max_new_tokens=3,
+                           question_first=False)
+    assert (report["hits"], report["misses"]) == ((6, 0) if precompute else (3, 3))
+    assert report["same_answers"] == 1.0 and report["latency_ratio"] > 0
+    assert ("precompute_seconds" in report) == precompute

@@ -9,7 +9,9 @@ import torch
 
 from kernels import reference as R
 from kernels import ssd_scan
+from kernels.layout import DocLayout
 from kernels.ssd import CONFIGS, ssd_scan_triton
+from kernels.ssd.tuning import SMEM_LIMIT_BYTES, TILES, prune_by_shared_memory, smem_estimate
 
 F64 = torch.float64
 ATOL = {torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}
@@ -168,8 +170,13 @@ def test_all_sequences_empty_pass_initial_states_through(device):
     assert torch.equal(leaves["initial_states"].grad, grad_final)
 
 
-@pytest.mark.parametrize("config", [pytest.param(c, id=f"BK{c.kwargs['BK']}-BV{c.kwargs['BV']}-w{c.num_warps}")
-                                    for c in CONFIGS])
+# Under the interpreter num_warps and num_stages change nothing: one config per tile shape there.
+TESTED_CONFIGS = CONFIGS if torch.cuda.is_available() else [
+    next(c for c in CONFIGS if (c.kwargs["BK"], c.kwargs["BV"]) == tile) for tile in TILES]
+
+
+@pytest.mark.parametrize("config", [pytest.param(c, id=f"BK{c.kwargs['BK']}-BV{c.kwargs['BV']}-w{c.num_warps}"
+                                                  f"-s{c.num_stages}") for c in TESTED_CONFIGS])
 def test_every_config_is_correct(config, device):
     floats, static = make_case(L=36, seqs=[14, 20], p=40, n=40, D="h", init=True,
                                docs=doc_row(36, [(16, 22), (22, 23)]))
@@ -178,6 +185,18 @@ def test_every_config_is_correct(config, device):
         return ssd_scan_triton(*args, **kwargs, config=config)
 
     check_against_reference(floats, static, torch.float32, device, fn=pinned)
+
+
+def test_autotune_space_is_pruned_to_the_rtx4070_shared_memory():
+    """num_stages 2-4 and num_warps 2-8 are in the space; at chunk 64 the pruned list keeps
+    only configs under 99 KB (bf16, fp32), and a chunk no config fits keeps the smallest."""
+    assert {c.num_stages for c in CONFIGS} == {2, 3, 4} and {c.num_warps for c in CONFIGS} == {2, 4, 8}
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.empty(1, 1, 1, dtype=dtype)
+        kept = prune_by_shared_memory(CONFIGS, {"x": x}, BT=64)
+        assert kept and all(smem_estimate(c, 64, x.element_size()) <= SMEM_LIMIT_BYTES for c in kept)
+        assert len(kept) < len(CONFIGS)
+    assert len(prune_by_shared_memory(CONFIGS, {"x": torch.empty(1)}, BT=256)) >= 1
 
 
 def _bad(**changes):
@@ -209,6 +228,13 @@ BAD_INPUTS = [
     pytest.param(_bad(doc_ids=torch.zeros(19, dtype=torch.int64), doc_mode=True), "doc_ids must have shape",
                  id="doc-ids-shape"),
     pytest.param(_bad(x=torch.zeros(1, 20, 2, 16, dtype=torch.int32)), "x must be fp16", id="x-int"),
+    pytest.param(_bad(doc_ids=torch.zeros(20, dtype=torch.int64)), "doc_ids given with doc_mode=False",
+                 id="doc-ids-without-doc-mode"),
+    pytest.param(_bad(cu_seqlens=[0, 8, 20]), "cu_seqlens must be a torch.Tensor", id="cu-list"),
+    pytest.param(_bad(layout=DocLayout.from_examples([(8, []), (12, [])])), "either layout or cu_seqlens",
+                 id="layout-and-cu"),
+    pytest.param(_bad(cu_seqlens=None, layout=DocLayout.from_examples([(21, [])])), "layout covers 21 tokens",
+                 id="layout-too-long"),
 ]
 
 
@@ -257,3 +283,27 @@ def test_offsets_past_int32(device):
     y_ref, final_ref = R.ssd_scan(part[0], part[1], A, B[:, L - tail:], C[:, L - tail:], return_final_states=True)
     assert rel_err(y[:, L - tail:], y_ref) < 2e-2
     assert rel_err(final[1:], final_ref) < 2e-2
+
+
+@pytest.mark.parametrize("doc_mode", [False, True], ids=["plain", "doc_mode"])
+def test_layout_equals_keyword_form(doc_mode, device):
+    """layout= and cu_seqlens/doc_ids give bitwise the same outputs and gradients; without
+    doc_mode a layout's documents are ignored."""
+    layout = DocLayout.from_examples([(1, []), (0, []), (16, [(2, 5), (5, 9)]), (33, [(0, 1), (20, 30)])],
+                                     device=device)
+    floats, static = make_case(L=56, seqs=[1, 0, 16, 33], D="h", z=True, dt_bias=True, softplus=True, init=True)
+    keyword = dict(static)
+    if doc_mode:
+        keyword.update(doc_ids=torch.nn.functional.pad(layout.doc_ids.cpu(), (0, 6)), doc_mode=True)
+    want = run(ssd_scan, floats, keyword, torch.float32, device)
+    static.pop("cu_seqlens")
+    got = run(ssd_scan, floats, dict(static, layout=layout, doc_mode=doc_mode), torch.float32, device)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA a positive A is a device-side assert, which ends "
+                                                      "the process's CUDA context")
+def test_positive_A_is_rejected():
+    with pytest.raises(ValueError, match="A must be <= 0"):
+        ssd_scan(**_bad(A=torch.tensor([-0.5, 0.25])))

@@ -167,6 +167,51 @@ def test_checkpoint_round_trip(tmp_path, reference_ops):
     assert set(state["optimizer"]["state"]) == set(state["model"])
 
 
+def test_checkpoint_is_self_contained(tmp_path, monkeypatch, reference_ops):
+    """A checkpoint carries its tokenizer and prompt-format record: evaluation loads them from
+    another folder, with the training config's relative tokenizer path meaningless there."""
+    from refrag.data.prompt import PromptFormat
+    from refrag.data import load_tokenizer
+    from refrag.data.tokenizer import DEFAULT_TOKENIZER_PATH
+    from refrag.eval.evaluate import load_trained_model
+
+    run_dir = tmp_path / "train_here"
+    (run_dir / "out").mkdir(parents=True)
+    (run_dir / "out" / "tok.json").write_text(DEFAULT_TOKENIZER_PATH.read_text())
+    monkeypatch.chdir(run_dir)
+    run(run_dir, "sc", max_steps=1, tokenizer="out/tok.json", question_first=True, max_doc_tokens=48,
+        retrieval=True)
+    path = ckpt.latest_checkpoint(run_dir / "sc" / "checkpoints")
+    assert {"prompt_format.json", "tokenizer.json"} <= {p.name for p in path.iterdir()}
+    assert set(json.loads((path / "manifest.json").read_text())["files"]) >= {"prompt_format.json", "tokenizer.json"}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    trained = load_trained_model(run_dir / "sc")  # the run's out_dir: newest step
+    assert trained.path == path
+    assert trained.prompt == PromptFormat(retrieval=True, question_first=True, max_doc_tokens=48)
+    assert trained.tokenizer.encode("Nindzer is an economist.") == load_tokenizer().encode("Nindzer is an economist.")
+    (path / "prompt_format.json").write_text("{}")
+    with pytest.raises(ckpt.CheckpointError, match="prompt_format.json is corrupt"):
+        load_trained_model(path)
+
+
+def test_prompt_format_record_round_trip_and_errors(tmp_path):
+    from refrag.data.prompt import PromptFormat
+
+    record = TrainConfig(retrieval=False, question_first=True, max_doc_tokens=40).prompt_format()
+    record.save(tmp_path / "p.json")
+    assert PromptFormat.load(tmp_path / "p.json") == record and not record.retrieval
+    with pytest.raises(ValueError, match="unknown prompt format key"):
+        PromptFormat.from_dict({"retrieval": True, "docs_first": True})
+    with pytest.raises(ValueError, match="version 9"):
+        PromptFormat.from_dict({"format_version": 9})
+    with pytest.raises(ValueError, match="max_doc_tokens must be an int >= 1"):
+        PromptFormat(max_doc_tokens=0)
+    with pytest.raises(ValueError, match="not found"):
+        PromptFormat.load(tmp_path / "missing.json")
+
+
 def test_resume_is_bit_identical(tmp_path, reference_ops):
     full = [r["loss"] for r in run(tmp_path, "full", max_steps=6, grad_accum=2, ckpt_every=3)]
     with pytest.raises(KeyboardInterrupt):  # killed during step 5, after the step-3 checkpoint
@@ -342,14 +387,19 @@ def test_cli_rejects_unknown_flags():
 
 def test_conversation_variants():
     from refrag.data import rag_conversation, render_conversation, load_tokenizer
-    from refrag.train.data import question_first, without_retrieval
+    from refrag.data.prompt import PromptFormat
 
     docs = [{"id": "d1", "title": "T", "content": "Nindzer is an economist.", "score": 1.0, "source": "s"}]
     conv = rag_conversation("What is Nindzer?", "economist", docs)
     roles = lambda c: [m["role"] for m in c["messages"]]  # noqa: E731
-    assert roles(question_first(conv)) == ["system", "user", "retrieval", "assistant"]
-    assert roles(without_retrieval(conv)) == ["system", "user", "assistant"]
-    example = render_conversation(question_first(conv), load_tokenizer())
+    question_first = PromptFormat(question_first=True)
+    assert roles(question_first.arrange(conv)) == ["system", "user", "retrieval", "assistant"]
+    assert roles(PromptFormat().arrange(conv)) == roles(conv)
+    assert roles(PromptFormat(retrieval=False, question_first=True).arrange(conv)) == ["system", "user", "assistant"]
+    generation = question_first.conversation("What is Nindzer?", docs)
+    assert roles(generation) == ["system", "user", "retrieval"] and generation["messages"][1]["content"] == "What is Nindzer?"
+    assert roles(PromptFormat().conversation("q", docs)) == ["system", "retrieval", "user"]
+    example = render_conversation(question_first.arrange(conv), load_tokenizer())
     tokenizer = load_tokenizer()
     text = tokenizer.decode(example.input_ids.tolist())
     assert text.index("[USER]") < text.index("[DOC_1]") < text.index("[ASST]") and "[QUERY]" not in text

@@ -394,7 +394,7 @@ def _is_sync(func, args, kwargs, out) -> bool:
     if name in _SYNC_OPS:
         return True
     if name == "repeat_interleave":
-        return kwargs.get("output_size") is None and (len(args) < 3 or args[-1] is None)
+        return func._overloadname in ("Tensor", "self_Tensor") and kwargs.get("output_size") is None
     if name in ("_to_copy", "copy_", "to"):  # device -> host
         return "cuda" in _devices((args, kwargs)) and "cpu" in _devices(out)
     return False

@@ -108,15 +108,16 @@ def markdown(rows: Sequence[Dict], versions: Dict[str, str]) -> str:
         "operands can be lower with the config a GPU autotuner picks.",
         "",
         "**GPU times below are a roofline MODEL, not measurements**: per Triton kernel max(unique bytes / "
-        "bandwidth, dot FLOPs / peak for the dot's operand dtype), plus torch-op bytes / bandwidth, plus "
+        "bandwidth, dot FLOPs / peak for the dot's operand dtype), plus per torch op max(bytes / bandwidth, GEMM "
+        "FLOPs / peak) (GEMM FLOPs by torch's FLOP formulas), plus "
         f"{roofline.LAUNCH_S * 1e6:.0f} µs per launch (Triton and aten ops) and {roofline.SYNC_S * 1e6:.0f} µs "
         "per host sync (both assumed). `min` is the op's own bound (minimum bytes or minimum FLOPs at the "
         "fp16 tensor rate, one launch). Figures: " + "; ".join(g.source for g in gpus.values()) + ".",
         "",
     ]
     head = ["case", "variant", "L", "mode", "launches", "host syncs (reads+ops)", "aten ops", "Triton logical MB",
-            "Triton unique MB", "torch-op MB", "min MB", "unique/min", "(unique+torch)/min", "dot GFLOP by dtype",
-            "min GFLOP"]
+            "Triton unique MB", "torch-op MB", "min MB", "unique/min", "(unique+torch)/min", "tl.dot GFLOP by dtype",
+            "torch GEMM GFLOP", "min GFLOP"]
     head += [f"{k} model µs (min)" for k in gpus]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -124,7 +125,7 @@ def markdown(rows: Sequence[Dict], versions: Dict[str, str]) -> str:
                  f"{r['host_syncs']} ({r['host_reads']}+{r['sync_ops']})", str(r["aten_ops"]),
                  f"{r['logical_bytes'] / MB:.2f}", f"{r['unique_bytes'] / MB:.2f}", f"{r['aten_bytes'] / MB:.2f}",
                  f"{r['min_bytes'] / MB:.3f}", f"{r['unique_over_min']:.2f}", f"{r['total_over_min']:.2f}",
-                 _fmt_flops(r["dot_flops"]),
+                 _fmt_flops(r["dot_flops"]), _fmt_flops(r.get("aten_flops", {})),
                  f"{r['min_flops'] / 1e9:.3g}" + ("" if r["min_flops_are_dot"] else " (no GEMM)")]
         cells += [f"{r[f'model_us_{k}']:.0f} ({r[f'min_us_{k}']:.1f})" for k in gpus]
         lines.append("| " + " | ".join(cells) + " |")

@@ -19,7 +19,7 @@ from bench.common import optional_import, torch_linear_cross_entropy
 from bench.layouts import examples_to_tensors, rag_examples, visible_pairs
 
 LENGTHS = (128, 512)
-MODEL_L = 256  # blocks and the train step (one length: they cost the most to interpret)
+MODEL_L = 128  # blocks and the train step (one length: they cost the most to interpret)
 DTYPE = torch.float16  # bf16 tl.dot is wrong in the interpreter; fp16 has the same byte counts
 SEED = 0
 # Packed RAG rows at meter lengths: examples of 2-5 documents of 32-128 tokens.

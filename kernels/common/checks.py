@@ -37,6 +37,9 @@ def check_no_overlap(name: str, t: torch.Tensor) -> None:
 
 def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
     """Raise unless every non-None tensor lives on the same device."""
+    for name, t in tensors.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n}: {d}" for n, d in devices.items())
@@ -49,6 +52,9 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, length: int) -> None:
     cu_seqlens: (N+1,) integer, starts at 0, non-decreasing (zero-length sequences
     allowed), last entry <= length (tokens past it are padding). Requires batch == 1.
     """
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise ValueError(f"cu_seqlens must be a torch.Tensor (N+1,) of int32/int64 on the inputs' device, got "
+                         f"{type(cu_seqlens).__name__} (build it with torch.tensor(..., dtype=torch.int32))")
     if batch != 1:
         raise ValueError(f"cu_seqlens requires batch size 1 (one packed row), got batch {batch}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
@@ -66,6 +72,8 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, length: int) -> None:
 
 def check_doc_ids(doc_ids: torch.Tensor, batch: int, length: int) -> None:
     """Validate per-token document ids: integer (b, l) or (l,), non-negative."""
+    if not isinstance(doc_ids, torch.Tensor):
+        raise ValueError(f"doc_ids must be a torch.Tensor of ints on the inputs' device, got {type(doc_ids).__name__}")
     if doc_ids.dtype.is_floating_point or doc_ids.dtype == torch.bool:
         raise ValueError(f"doc_ids must be an integer tensor, got {doc_ids.dtype}")
     if doc_ids.dim() == 1:
@@ -88,3 +96,10 @@ def assert_on_device(ok: torch.Tensor, message: str) -> None:
             raise ValueError(message) from None
     else:
         torch._assert_async(ok, message)
+
+
+def check_decay_rates(A: torch.Tensor) -> None:
+    """A (h,) of a Mamba scan must be <= 0: exp(dt * A) is a decay; a positive A grows the state
+    without bound. Checked without a host read (see `assert_on_device`)."""
+    assert_on_device((A <= 0).all(), "A must be <= 0 (exp(dt * A) is a decay; pass A = -exp(A_log)), "
+                                     "got a positive or NaN entry")

@@ -17,11 +17,26 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Iterable, Iterator, Optional, Union
 
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_BUILT_INTERPRETED = INTERPRET  # what the kernels were built as (tests may switch INTERPRET off)
+_warned_late_interpret = False
+
+
+def _warn_late_interpret() -> None:
+    """Triton reads TRITON_INTERPRET when a kernel is defined, i.e. when ``kernels`` is imported:
+    setting it later cannot switch the kernels to the interpreter. Say so, once."""
+    global _warned_late_interpret
+    if not _warned_late_interpret and not _BUILT_INTERPRETED and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        _warned_late_interpret = True
+        warnings.warn("TRITON_INTERPRET=1 was set after `import kernels`: the Triton kernels were built for the "
+                      "GPU, so CPU tensors run the PyTorch reference (kernels.reference), not the interpreted "
+                      "kernels. Set TRITON_INTERPRET=1 before the first import of kernels.", RuntimeWarning,
+                      stacklevel=3)
 
 BACKENDS = ("auto", "triton", "reference")
 # Every public op that dispatches; `use_backend(..., ops=...)` accepts only these names.
@@ -101,4 +116,6 @@ def use_triton(*tensors: Optional[torch.Tensor], op: Optional[str] = None) -> bo
             raise RuntimeError(f"backend 'triton' for {op or 'the ops'} on CPU tensors needs the Triton "
                                "interpreter: set TRITON_INTERPRET=1 before importing kernels")
         return True
+    if device.type == "cpu" and not INTERPRET:
+        _warn_late_interpret()
     return device.type == "cuda" or (device.type == "cpu" and INTERPRET)

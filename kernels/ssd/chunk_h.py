@@ -36,9 +36,9 @@ from kernels.ssd.tuning import autotuned, max_blocks
 @triton.jit
 def chunk_fwd_h_kernel(x, s_xt, s_xh, dt, g, k, s_kt, s_kg, h, hc, h0, ht, chunks, seq_chunk_offsets, H, K, V,
                        HPG, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr,
-                       DOC_MODE: tl.constexpr, PRECISION: tl.constexpr):
+                       DOC_MODE: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr):
     """Store the state entering each chunk in h (and the carried state in hc in doc_mode),
-    and the final carried state of each sequence in ht."""
+    and (STORE_FINAL) the final carried state of each sequence in ht."""
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_n, i_h = i_nh // H, i_nh % H
     i_g = i_h // HPG
@@ -82,36 +82,38 @@ def chunk_fwd_h_kernel(x, s_xt, s_xh, dt, g, k, s_kt, s_kg, h, hc, h0, ht, chunk
         b_carried = b_E * b_carried + b_S
         if DOC_MODE:
             b_doc = tl.where(is_doc, b_E * b_doc + b_S, b_doc)
-    tl.store(ht + p_user, b_carried, mask=m_kv)
+    if STORE_FINAL:
+        tl.store(ht + p_user, b_carried, mask=m_kv)
 
 
 chunk_fwd_h_tuned = autotuned(chunk_fwd_h_kernel)
 
 
 def chunk_fwd_h(x, dt, g, k, initial_states: Optional[torch.Tensor], table: ChunkTable, doc_mode: bool,
-                precision: str, config: Optional[triton.Config]):
+                precision: str, config: Optional[triton.Config], store_final: bool = True):
     """States entering every chunk and the final state of every sequence.
 
     x (T, H, V) and k (T, G, K) with unit last stride; dt, g (T, H) fp32; initial_states
     (N, H, V, K) fp32 or None. Returns h (NT, H, K, V) in x's dtype (the state each chunk's
     outputs read), hc (NT, H, K, V) in x's dtype (the carried state entering each chunk; in
-    doc_mode only, else None) and final (N, H, V, K) fp32.
+    doc_mode only, else None) and final (N, H, V, K) fp32 (None unless store_final).
     """
     T, H, V = x.shape
     K = k.shape[2]
     N = table.seq_chunk_offsets.numel() - 1
     h = x.new_empty(table.num_chunks, H, K, V)
     hc = torch.empty_like(h) if doc_mode else None
-    final = x.new_empty(N, H, V, K, dtype=torch.float32)
+    final = x.new_empty(N, H, V, K, dtype=torch.float32) if store_final else None
 
     def grid(meta):
         return (triton.cdiv(V, meta["BV"]), triton.cdiv(K, meta["BK"]), N * H)
 
     launch(chunk_fwd_h_tuned, grid, config, x=x, s_xt=x.stride(0), s_xh=x.stride(1), dt=dt, g=g, k=k,
            s_kt=k.stride(0), s_kg=k.stride(1), h=h, hc=h if hc is None else hc,
-           h0=final if initial_states is None else initial_states, ht=final, chunks=table.chunks,
-           seq_chunk_offsets=table.seq_chunk_offsets, H=H, K=K, V=V, HPG=H // k.shape[1], BT=table.chunk_size,
-           USE_H0=initial_states is not None, DOC_MODE=doc_mode, PRECISION=precision)
+           h0=h if initial_states is None else initial_states, ht=h if final is None else final,
+           chunks=table.chunks, seq_chunk_offsets=table.seq_chunk_offsets, H=H, K=K, V=V, HPG=H // k.shape[1],
+           BT=table.chunk_size, USE_H0=initial_states is not None, DOC_MODE=doc_mode, STORE_FINAL=store_final,
+           PRECISION=precision)
     return h, hc, final
 
 
@@ -128,11 +130,13 @@ def _gated_do(dy, s_dyt, s_dyh, z, s_zt, s_zh, o_t, i_h, o_v, m_tv, HAS_Z: tl.co
 @triton.jit
 def chunk_bwd_dh_kernel(q, s_qt, s_qg, g, dy, s_dyt, s_dyh, z, s_zt, s_zh, h, hc, dh, dht, dh0, dg_last, chunks,
                         seq_chunk_offsets, H, K, V, HPG, NV_MAX, NT, BT: tl.constexpr, BK: tl.constexpr,
-                        BV: tl.constexpr, USE_DHT: tl.constexpr, DOC_MODE: tl.constexpr, HAS_Z: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        BV: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DOC_MODE: tl.constexpr,
+                        HAS_Z: tl.constexpr, PRECISION: tl.constexpr):
     """Reverse walk: dh[c] = gradient w.r.t. S_c (what chunk c adds to the states it feeds),
-    dh0 = gradient w.r.t. the initial state, dg_last[tile, c, h] = this tile's share of the
-    gradient w.r.t. g_L through the decay E of the states crossing chunk c."""
+    dh0 = gradient w.r.t. the initial state (STORE_DH0); in doc_mode, dg_last[tile, c, h] =
+    this tile's share of the gradient w.r.t. g_L through the decay E of the states crossing
+    chunk c (outside doc_mode that is E <h_c, dh_c>, which `chunk_bwd_dqk` adds from the
+    tiles it loads anyway)."""
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_n, i_h = i_nh // H, i_nh % H
     i_g = i_h // HPG
@@ -156,8 +160,8 @@ def chunk_bwd_dh_kernel(q, s_qt, s_qg, g, dy, s_dyt, s_dyh, z, s_zt, s_zh, h, hc
         b_g_last = tl.load(g + (eos - 1) * H + i_h)
         b_E = tl.exp(b_g_last)
         o_state = (i_c * H + i_h) * K * V + p_state
-        b_h = tl.load(h + o_state, mask=m_kv, other=0.0).to(tl.float32)
         if DOC_MODE:
+            b_h = tl.load(h + o_state, mask=m_kv, other=0.0).to(tl.float32)
             flags = tl.load(chunks + i_c * 3 + 2)
             is_doc = (flags & 1) != 0
             b_hc = tl.load(hc + o_state, mask=m_kv, other=0.0).to(tl.float32)
@@ -167,7 +171,6 @@ def chunk_bwd_dh_kernel(q, s_qt, s_qg, g, dy, s_dyt, s_dyh, z, s_zt, s_zh, h, hc
             b_ddoc = b_ddoc_out * b_E
         else:
             tl.store(dh + o_state, b_dcarried.to(dh.dtype.element_ty), mask=m_kv)
-            tl.store(p_dg_last + i_c * H, b_E * tl.sum(b_h * b_dcarried))
         b_dcarried = b_dcarried * b_E
         o_t = bos + tl.arange(0, BT)
         m_t = o_t < eos
@@ -188,21 +191,22 @@ def chunk_bwd_dh_kernel(q, s_qt, s_qg, g, dy, s_dyt, s_dyh, z, s_zt, s_zh, h, hc
             b_dentry = tl.where(block_start, 0.0, b_dentry)
         else:
             b_dcarried += b_dh_out
-    tl.store(dh0 + p_user, b_dcarried, mask=m_kv)
+    if STORE_DH0:
+        tl.store(dh0 + p_user, b_dcarried, mask=m_kv)
 
 
 chunk_bwd_dh_tuned = autotuned(chunk_bwd_dh_kernel, reset_to_zero=["dg_last"])
 
 
 def chunk_bwd_dh(q, g, dy, z, h, hc, dfinal: Optional[torch.Tensor], table: ChunkTable, doc_mode: bool,
-                 precision: str, config: Optional[triton.Config]):
+                 precision: str, config: Optional[triton.Config], need_dh0: bool = True):
     """Reverse state recurrence.
 
     q (T, G, K); g (T, H) fp32; dy, z (T, H, V) (z or None: the output gate), unit last
     stride; h, hc as from `chunk_fwd_h`; dfinal (N, H, V, K) fp32 or None. Returns dh
-    (NT, H, K, V) in h's dtype (gradient w.r.t. each chunk's S_c), dh0 (N, H, V, K) fp32 and
-    dg_last (tiles, NT, H) fp32 partial sums of the gradient w.r.t. each chunk's g_L through
-    the state decay.
+    (NT, H, K, V) in h's dtype (gradient w.r.t. each chunk's S_c), dh0 (N, H, V, K) fp32
+    (None unless need_dh0) and, in doc_mode, dg_last (tiles, NT, H) fp32 partial sums of the
+    gradient w.r.t. each chunk's g_L through the state decay (None outside doc_mode).
     """
     T, H, V = dy.shape
     K = q.shape[2]
@@ -210,8 +214,8 @@ def chunk_bwd_dh(q, g, dy, z, h, hc, dfinal: Optional[torch.Tensor], table: Chun
     NT = table.num_chunks
     nk_max, nv_max = max_blocks(K, "BK", config), max_blocks(V, "BV", config)
     dh = torch.empty_like(h)
-    dh0 = dy.new_empty(N, H, V, K, dtype=torch.float32)
-    dg_last = dy.new_zeros(nk_max * nv_max, NT, H, dtype=torch.float32)
+    dh0 = dy.new_empty(N, H, V, K, dtype=torch.float32) if need_dh0 else None
+    dg_last = dy.new_zeros(nk_max * nv_max, NT, H, dtype=torch.float32) if doc_mode else None
 
     def grid(meta):
         return (triton.cdiv(V, meta["BV"]), triton.cdiv(K, meta["BK"]), N * H)
@@ -219,8 +223,9 @@ def chunk_bwd_dh(q, g, dy, z, h, hc, dfinal: Optional[torch.Tensor], table: Chun
     zz = dy if z is None else z
     launch(chunk_bwd_dh_tuned, grid, config, q=q, s_qt=q.stride(0), s_qg=q.stride(1), g=g, dy=dy,
            s_dyt=dy.stride(0), s_dyh=dy.stride(1), z=zz, s_zt=zz.stride(0), s_zh=zz.stride(1), h=h,
-           hc=h if hc is None else hc, dh=dh, dht=dh0 if dfinal is None else dfinal, dh0=dh0, dg_last=dg_last,
-           chunks=table.chunks, seq_chunk_offsets=table.seq_chunk_offsets, H=H, K=K, V=V, HPG=H // q.shape[1],
-           NV_MAX=nv_max, NT=NT, BT=table.chunk_size, USE_DHT=dfinal is not None, DOC_MODE=doc_mode,
-           HAS_Z=z is not None, PRECISION=precision)
+           hc=h if hc is None else hc, dh=dh, dht=dh if dfinal is None else dfinal, dh0=dh if dh0 is None else dh0,
+           dg_last=dh if dg_last is None else dg_last, chunks=table.chunks, seq_chunk_offsets=table.seq_chunk_offsets,
+           H=H, K=K, V=V, HPG=H // q.shape[1], NV_MAX=nv_max, NT=NT, BT=table.chunk_size,
+           USE_DHT=dfinal is not None, STORE_DH0=need_dh0, DOC_MODE=doc_mode, HAS_Z=z is not None,
+           PRECISION=precision)
     return dh, dh0, dg_last

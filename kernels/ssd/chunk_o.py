@@ -110,10 +110,12 @@ def chunk_fwd_o(x, z, dt, g, q, k, h, D, table: ChunkTable, total: int, precisio
 @triton.jit
 def chunk_bwd_dqk_kernel(x, s_xt, s_xh, dy, s_dyt, s_dyh, z, s_zt, s_zh, dt, g, q, s_qt, s_qg, k, s_kt, s_kg, h,
                          dh, dq, dk, dg, chunks, T, H, K, V, HPG, BT: tl.constexpr, BK: tl.constexpr,
-                         BV: tl.constexpr, HAS_Z: tl.constexpr, PRECISION: tl.constexpr):
+                         BV: tl.constexpr, HAS_Z: tl.constexpr, STATE_DECAY: tl.constexpr,
+                         PRECISION: tl.constexpr):
     """dq, dk for one (chunk, group, K-block), summed over the group's heads, and this
     K-block's share of dg (gradient w.r.t. g) for each head: dg_t = q_t.dq_t - k_t.dk_t,
-    plus, at the chunk's last token, the gradient of S_c through exp(g_L)."""
+    plus, at the chunk's last token, the gradient of S_c through exp(g_L) and (STATE_DECAY,
+    outside doc_mode) that of the decayed entering state, exp(g_L) <h_c, dh_c>."""
     i_k, i_c, i_g = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     bos = tl.load(chunks + i_c * 3).to(tl.int64)
     eos = tl.load(chunks + i_c * 3 + 1).to(tl.int64)
@@ -135,6 +137,7 @@ def chunk_bwd_dqk_kernel(x, s_xt, s_xh, dy, s_dyt, s_dyh, z, s_zt, s_zh, dt, g, 
         b_dq = tl.zeros([BT, BK], dtype=tl.float32)
         b_dk = tl.zeros([BT, BK], dtype=tl.float32)
         b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+        b_hdh = tl.sum(tl.zeros([BV], dtype=tl.float32), axis=0)  # fp32 scalar
         for i_v in range(tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
             m_tv = m_t[:, None] & (o_v < V)[None, :]
@@ -147,9 +150,13 @@ def chunk_bwd_dqk_kernel(x, s_xt, s_xh, dy, s_dyt, s_dyh, z, s_zt, s_zh, dt, g, 
             b_dA += tl.dot(b_do, tl.trans(b_x), input_precision=PRECISION)  # [BT, BV] @ [BV, BT] -> [BT, BT]
             b_dq += tl.dot(b_do, tl.trans(b_h), input_precision=PRECISION)  # [BT, BV] @ [BV, BK] -> [BT, BK]
             b_dk += tl.dot(b_x, tl.trans(b_dh), input_precision=PRECISION)  # [BT, BV] @ [BV, BK] -> [BT, BK]
+            if STATE_DECAY:
+                b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32))
         b_dq = b_dq * tl.exp(b_g)[:, None]
         b_dk = b_dk * tl.where(m_t, b_dt * tl.exp(b_g_last - b_g), 0.0)[:, None]
         b_dg_last = tl.sum(b_dk * b_k.to(tl.float32))
+        if STATE_DECAY:
+            b_dg_last += tl.exp(b_g_last) * b_hdh
         b_dA = tl.where(m_A, b_dA * tl.exp(b_g[:, None] - b_g[None, :]) * b_dt[None, :], 0.0).to(b_q.dtype)
         b_dq += tl.dot(b_dA, b_k, input_precision=PRECISION)  # [BT, BT] @ [BT, BK] -> [BT, BK]
         b_dk += tl.dot(tl.trans(b_dA), b_q, input_precision=PRECISION)  # [BT, BT] @ [BT, BK] -> [BT, BK]
@@ -166,11 +173,12 @@ def chunk_bwd_dqk_kernel(x, s_xt, s_xh, dy, s_dyt, s_dyh, z, s_zt, s_zh, dt, g, 
 chunk_bwd_dqk_tuned = autotuned(chunk_bwd_dqk_kernel, reset_to_zero=["dg"])
 
 
-def chunk_bwd_dqk(x, dy, z, dt, g, q, k, h, dh, table: ChunkTable, total: int, precision: str,
+def chunk_bwd_dqk(x, dy, z, dt, g, q, k, h, dh, table: ChunkTable, total: int, doc_mode: bool, precision: str,
                   config: Optional[triton.Config]):
     """Gradients w.r.t. q (C) and k (B), contiguous (T, G, K) in their dtypes, zero on
     padding, and dg (K-blocks, T, H) fp32 partial sums of the gradient w.r.t. the
-    chunk-local cumsum g (without the state-decay part, which `chunk_bwd_dh` returns)."""
+    chunk-local cumsum g (in doc_mode without the state-decay part, which `chunk_bwd_dh`
+    returns there)."""
     T, H, V = x.shape
     G, K = q.shape[1:]
     nk_max = max_blocks(K, "BK", config)
@@ -188,7 +196,7 @@ def chunk_bwd_dqk(x, dy, z, dt, g, q, k, h, dh, table: ChunkTable, total: int, p
                s_dyt=dy.stride(0), s_dyh=dy.stride(1), z=zz, s_zt=zz.stride(0), s_zh=zz.stride(1), dt=dt, g=g, q=q,
                s_qt=q.stride(0), s_qg=q.stride(1), k=k, s_kt=k.stride(0), s_kg=k.stride(1), h=h, dh=dh, dq=dq, dk=dk,
                dg=dg, chunks=table.chunks, T=T, H=H, K=K, V=V, HPG=H // G, BT=table.chunk_size, HAS_Z=z is not None,
-               PRECISION=precision)
+               STATE_DECAY=not doc_mode, PRECISION=precision)
     return dq, dk, dg
 
 

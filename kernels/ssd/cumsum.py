@@ -104,7 +104,7 @@ def chunk_dt_grad_kernel(dt_raw, s_dt, dt_bias, A, dt, dg, NDG, dg_last, NDL, NT
 
 
 def chunk_dt_grad(dt_raw, dt_bias, A, softplus: bool, dt, dg, dg_last, ddt_v, table: ChunkTable, total: int):
-    """dg (NDG, T, H), dg_last (NDL, NT, H), ddt_v (NDV, T, H) fp32 partial sums.
+    """dg (NDG, T, H), dg_last (NDL, NT, H) or None, ddt_v (NDV, T, H) fp32 partial sums.
     Chunks cover the tokens [0, total). Returns ddt_raw (T, H) in dt_raw's dtype (zero on
     padding), dA (H,) fp32 and
     ddt_bias (H,) fp32 or None."""
@@ -117,8 +117,8 @@ def chunk_dt_grad(dt_raw, dt_bias, A, softplus: bool, dt, dg, dg_last, ddt_v, ta
     BH = min(triton.next_power_of_2(H), 64)
     if NT:
         grid = (NT, triton.cdiv(H, BH))
-        chunk_dt_grad_kernel[grid](dt_raw, dt_raw.stride(0), dt_bias, A, dt, dg, dg.shape[0], dg_last,
-                                   dg_last.shape[0], NT, ddt_v, ddt_v.shape[0], ddt_raw, dA_part,
+        chunk_dt_grad_kernel[grid](dt_raw, dt_raw.stride(0), dt_bias, A, dt, dg, dg.shape[0],
+                                   dg if dg_last is None else dg_last, 0 if dg_last is None else dg_last.shape[0], NT, ddt_v, ddt_v.shape[0], ddt_raw, dA_part,
                                    dA_part if dbias_part is None else dbias_part, table.chunks, T, H,
                                    BT=table.chunk_size, BH=BH, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus)
     dA = dA_part.sum(0)

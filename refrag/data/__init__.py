@@ -29,7 +29,11 @@ Public API (all importable from `refrag.data`):
         iter -> PackedBatch(input_ids (B,L), targets (B,L), doc_ids (B,L), examples, num_tokens, .loss_mask);
         batch.layout() -> DocLayout of the batch flattened to (1, B*L); state_dict() / load_state_dict()
 
+    refrag.data.prompt.PromptFormat(retrieval, question_first, max_doc_tokens, system_prompt)
+        .arrange(conv) / .conversation(question, documents) / .render(...) / .render_for_generation(...)
+        the prompt-format record every checkpoint stores (prompt_format.json) and evaluation reuses
     refrag.data.augment: add_questions / counterfactual (training-data augmentations, see its docstring)
+    refrag.data.make_kb.build_kb(seed, names="embedded"|"training"|"heldout", varied_documents=False)
 
 Regenerate the embedded KB: python -m refrag.data.make_kb; its tokenizer:
 python -m refrag.data.tokenizer train --kb refrag/data/kb --out refrag/data/kb/tokenizer.json

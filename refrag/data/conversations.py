@@ -41,13 +41,24 @@ def validate_query(record: object, where: str) -> dict:
     return record
 
 
-def load_queries(split: str = "train", kb_dir: str | Path = EMBEDDED_KB_DIR) -> list[dict]:
-    """Validated query records of `kb_dir/queries/{split}.jsonl` (default: the embedded KB)."""
+def query_file(location: str | Path = EMBEDDED_KB_DIR, split: str = "train") -> Path:
+    """The query file of `split` at `location`: a .jsonl file itself, or a directory holding
+    ``queries/{split}.jsonl`` (a KB source folder) or ``{split}.jsonl`` (its queries/ folder)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    path = Path(kb_dir) / "queries" / f"{split}.jsonl"
-    if not path.is_file():
-        raise ValueError(f"{path}: query split not found")
+    location = Path(location)
+    if location.is_file():
+        return location
+    for path in (location / "queries" / f"{split}.jsonl", location / f"{split}.jsonl"):
+        if path.is_file():
+            return path
+    raise ValueError(f"{location}: no query file (expected a .jsonl file, or a directory with "
+                     f"queries/{split}.jsonl or {split}.jsonl)")
+
+
+def load_queries(split: str = "train", kb_dir: str | Path = EMBEDDED_KB_DIR) -> list[dict]:
+    """Validated query records of `query_file(kb_dir, split)` (default: the embedded KB's split)."""
+    path = query_file(kb_dir, split)
     records = []
     for lineno, line in enumerate(jsonl_lines(read_text_utf8(path)), start=1):
         if line.strip():
@@ -59,6 +70,17 @@ def load_queries(split: str = "train", kb_dir: str | Path = EMBEDDED_KB_DIR) -> 
                 raise ValueError(f"{path}:{lineno}: {e}") from None
             records.append(validate_query(record, f"{path}:{lineno}"))
     return records
+
+
+def check_gold_documents(records: Sequence[dict], doc_ids, where: str = "the knowledge base") -> None:
+    """ValueError when some question's gold documents are not among `doc_ids` (questions of
+    another KB scored against this one would silently score 0)."""
+    known = set(doc_ids)
+    missing = [(r["id"], g) for r in records for g in r["gold_doc_ids"] if g not in known]
+    if missing:
+        examples = ", ".join(f"{q} -> {g}" for q, g in missing[:3])
+        raise ValueError(f"{len(missing)} gold document(s) of these questions are not in {where} "
+                         f"(e.g. {examples}): the questions belong to another KB")
 
 
 def rag_conversation(question: str, answer: str, documents: list[dict], system: str = SYSTEM_PROMPT) -> dict:

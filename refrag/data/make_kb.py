@@ -15,7 +15,12 @@ cannot answer from pretraining memory. It contains
 Unanswerable questions ask about entities absent from the corpus or about facts no
 document states; their gold answer is "I don't know" and gold_doc_ids is empty.
 
-Usage: python -m refrag.data.make_kb [--out refrag/data/kb] [--seed 20240611]
+Other worlds: ``--names training`` (the procedurally generated worlds the demo trains on: more
+syllable parts, 1-3 syllables, hyphenated, numbered and two-word names) and ``--names heldout``
+(a disjoint syllable set, for a KB no training step has seen); ``--varied-documents`` shuffles
+each document's sentences and adds fillers, so the answer sits at any position.
+
+Usage: python -m refrag.data.make_kb [--out refrag/data/kb] [--seed 20240611] [--names embedded]
 """
 from __future__ import annotations
 
@@ -119,20 +124,73 @@ class Invention:
     purpose: str
 
 
-class NameGenerator:
-    """Draws unique pronounceable fictional names from syllables."""
+@dataclass(frozen=True)
+class NameStyle:
+    """How a world's names are drawn: syllable parts, syllables per word, and the shares of
+    names that are hyphenated, carry a number, or have a second word."""
 
-    def __init__(self, rng: random.Random):
-        self.rng = rng
+    onsets: tuple[str, ...]
+    vowels: tuple[str, ...]
+    codas: tuple[str, ...]
+    syllables: tuple[int, int] = (2, 2)
+    hyphen: float = 0.0
+    digits: float = 0.0
+    multiword: float = 0.0
+
+
+# "embedded": the embedded KB (two syllables, 4-9 letters); "training": the procedurally generated
+# worlds training reads from (more syllable parts, 1-3 syllables, hyphens, numbers, two-word names);
+# "heldout": a disjoint syllable set for the held-out evaluation KB that no training step sees.
+NAME_STYLES = {
+    "embedded": NameStyle(tuple(ONSETS), tuple(VOWELS), tuple(CODAS)),
+    "training": NameStyle(tuple(ONSETS + ["kw", "zh", "pf", "tl", "mb", "ng", "cz", "x", "ph", "gh", "sl", "dw",
+                                          "tw", "rh", "kn", "ts"]),
+                          tuple(VOWELS + ["oa", "ei", "ou", "uu", "aa", "ea", "ia"]),
+                          tuple(CODAS + ["ft", "lk", "rn", "ts", "zz", "q", "nk", "ps"]),
+                          syllables=(1, 3), hyphen=0.15, digits=0.1, multiword=0.15),
+    "heldout": NameStyle(("j", "w", "bl", "gl", "kl", "pl", "fr", "sn", "sp", "sw", "ch", "wh", "y", "fl", "cr"),
+                         ("oo", "ee", "ai", "au", "ue", "eu", "oi"),
+                         ("", "ck", "mp", "lt", "rch", "ff", "ll", "b", "g"),
+                         syllables=(1, 2), hyphen=0.05, digits=0.05, multiword=0.05),
+}
+
+
+class NameGenerator:
+    """Draws unique pronounceable fictional names from syllables (`NAME_STYLES`)."""
+
+    def __init__(self, rng: random.Random, style: str = "embedded"):
+        if style not in NAME_STYLES:
+            raise ValueError(f"unknown name style {style!r}; expected one of {sorted(NAME_STYLES)}")
+        self.rng, self.style_name, self.style = rng, style, NAME_STYLES[style]
         self.used: set[str] = set()
 
     def syllable(self) -> str:
-        return self.rng.choice(ONSETS) + self.rng.choice(VOWELS) + self.rng.choice(CODAS)
+        style = self.style
+        return self.rng.choice(style.onsets) + self.rng.choice(style.vowels) + self.rng.choice(style.codas)
 
     def word(self, min_len: int = 4, max_len: int = 9) -> str:
+        if self.style_name != "embedded":
+            return self.styled_word(short=max_len <= 7)
         while True:
             w = (self.syllable() + self.syllable()).capitalize()
             if min_len <= len(w) <= max_len and w not in self.used and not re.search(r"(.)\1", w.lower()):
+                self.used.add(w)
+                return w
+
+    def styled_word(self, short: bool) -> str:
+        """A name of the style: 1..N syllables, sometimes hyphenated, numbered or two words."""
+        style, rng = self.style, self.rng
+        low, high = style.syllables
+        while True:
+            part = lambda: "".join(self.syllable() for _ in range(rng.randint(low, high - short))).capitalize()  # noqa: E731
+            w = part()
+            if rng.random() < style.hyphen:
+                w += "-" + part()
+            if not short and rng.random() < style.multiword:
+                w += " " + part()
+            if rng.random() < style.digits:
+                w += str(rng.randint(2, 99))
+            if len(w) >= 2 and w not in self.used:
                 self.used.add(w)
                 return w
 
@@ -141,9 +199,13 @@ class World:
     """All fictional entities, drawn deterministically from one seed."""
 
     def __init__(self, seed: int, n_people: int = 140, n_companies: int = 48, n_cities: int = 36,
-                 n_inventions: int = 48):
+                 n_inventions: int = 48, names: str = "embedded"):
         self.rng = random.Random(seed)
-        self.names = NameGenerator(self.rng)
+        self.names = NameGenerator(self.rng, names)
+        # Other styles also draw their countries and rivers (the embedded KB's are fixed lists).
+        generated = names != "embedded"
+        self.countries = [self.names.word() for _ in COUNTRIES] if generated else COUNTRIES
+        self.rivers = [self.names.word() for _ in RIVERS] if generated else RIVERS
         self.cities = [self._city(i) for i in range(n_cities)]
         surnames = [self.names.word() for _ in range(n_people * 2 // 3)]
         self.people = [self._person(i, surnames) for i in range(n_people)]
@@ -157,8 +219,8 @@ class World:
 
     def _city(self, i: int) -> City:
         old = self.rng.randrange(20, 400) * 1000
-        return City(key=f"city-{i:03d}", name=self.names.word(), country=self.rng.choice(COUNTRIES),
-                    river=self.rng.choice(RIVERS) + " River", founded=self.rng.randrange(800, 1700),
+        return City(key=f"city-{i:03d}", name=self.names.word(), country=self.rng.choice(self.countries),
+                    river=self.rng.choice(self.rivers) + " River", founded=self.rng.randrange(800, 1700),
                     landmark=self.rng.choice(LANDMARKS), population_old=old,
                     population_new=old + self.rng.randrange(5, 60) * 1000)
 
@@ -496,12 +558,35 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     fileio.write_jsonl(path, records)
 
 
-def generate(out: Path, seed: int = DEFAULT_SEED) -> dict[str, int]:
-    """Write documents.jsonl and queries/{train,val,test}.jsonl under `out`; returns record counts."""
+def vary_documents(docs: list[dict], rng: random.Random) -> list[dict]:
+    """Documents with their sentences in a random order and 0-3 further filler sentences
+    interleaved, so the asked fact sits at any position and documents vary in length."""
+    out = []
+    for d in docs:
+        sentences = re.split(r"(?<=[.!?]) (?=[A-Z])", d["content"])
+        rng.shuffle(sentences)
+        for filler in rng.sample(FILLERS, rng.randrange(4)):
+            if filler not in sentences:
+                sentences.insert(rng.randrange(len(sentences) + 1), filler)
+        out.append({**d, "content": " ".join(sentences)})
+    return out
+
+
+def build_kb(seed: int = DEFAULT_SEED, names: str = "embedded",
+             varied_documents: bool = False) -> tuple[list[dict], dict[str, list[dict]]]:
+    """(documents, {split: query records}) of the world drawn from `seed` with the `names` style."""
     rng = random.Random(seed + 1)
-    world = World(seed)
+    world = World(seed, names=names)
     docs = build_documents(world, rng)
-    splits = split_questions(build_questions(world, rng), rng)
+    if varied_documents:
+        docs = vary_documents(docs, random.Random(f"{seed}:vary"))
+    return docs, split_questions(build_questions(world, rng), rng)
+
+
+def generate(out: Path, seed: int = DEFAULT_SEED, names: str = "embedded",
+             varied_documents: bool = False) -> dict[str, int]:
+    """Write documents.jsonl and queries/{train,val,test}.jsonl under `out`; returns record counts."""
+    docs, splits = build_kb(seed, names, varied_documents)
     write_jsonl(out / "documents.jsonl", docs)
     for split, items in splits.items():
         write_jsonl(out / "queries" / f"{split}.jsonl", items)
@@ -512,8 +597,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "kb", help="output directory")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="generator seed")
+    parser.add_argument("--names", default="embedded", choices=sorted(NAME_STYLES),
+                        help="name generator: embedded (the shipped KB), training (the generated training "
+                             "worlds) or heldout (a syllable set no training step sees)")
+    parser.add_argument("--varied-documents", action="store_true",
+                        help="shuffle each document's sentences and add fillers (answer at any position)")
     args = parser.parse_args(argv)
-    counts = generate(args.out, args.seed)
+    counts = generate(args.out, args.seed, args.names, args.varied_documents)
     print(json.dumps(counts))
 
 

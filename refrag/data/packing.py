@@ -4,23 +4,18 @@ Each row of `max_len` tokens holds whole examples (never split) followed by padd
 targets[i] = input_ids[i + 1] when that next token is in the same example and has loss
 mask 1, else -100 (the last token of every example, and all padding, predict nothing).
 `row.layout()` is the row's `kernels.DocLayout`; padding is one extra document-free example.
-
-CLI (report on the embedded KB, BM25 retrieval, no encoder needed):
-    python -m refrag.data.packing --max-len 8192 [--split train] [--top-k 5]
+A packing report on the embedded KB: `python -m bench.packing_report`.
 """
 from __future__ import annotations
 
-import argparse
 import bisect
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
+from kernels import IGNORE_INDEX
 from refrag.data.render import RenderedExample
-from refrag.validate import number_arg
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -111,33 +106,3 @@ def packing_efficiency(rows: Sequence[PackedRow]) -> float:
     if not rows:
         raise ValueError("no rows")
     return sum(r.num_tokens for r in rows) / sum(len(r.input_ids) for r in rows)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from refrag.data.conversations import build_conversations, load_queries
-    from refrag.data.render import render_conversations
-    from refrag.data.tokenizer import load_tokenizer
-    from refrag.retrieval import HashingEncoder, KnowledgeBase, RetrievalManager, read_documents
-    from refrag.data.conversations import EMBEDDED_KB_DIR
-
-    parser = argparse.ArgumentParser(prog="python -m refrag.data.packing", description="Packing report.")
-    parser.add_argument("--max-len", type=number_arg(int, minimum=1), default=8192)
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--top-k", type=number_arg(int, minimum=1), default=5)
-    parser.add_argument("--max-doc-tokens", type=number_arg(int, minimum=1), default=256)
-    args = parser.parse_args(argv)
-    kb = KnowledgeBase.build(read_documents(EMBEDDED_KB_DIR / "documents.jsonl"), HashingEncoder(64),
-                             show_progress=False)
-    manager = RetrievalManager("bm25", knowledge_base=kb)
-    convs = build_conversations(load_queries(args.split), manager, args.top_k)
-    examples, stats = render_conversations(convs, load_tokenizer(), max_len=args.max_len,
-                                           max_doc_tokens=args.max_doc_tokens)
-    rows = pack_examples(examples, args.max_len, load_tokenizer().pad_id)
-    lengths = [len(e) for e in examples]
-    print(f"examples {stats.rendered} (dropped {stats.dropped_too_long}, truncated docs {stats.truncated_docs}), "
-          f"length min/mean/max {min(lengths)}/{np.mean(lengths):.0f}/{max(lengths)}")
-    print(f"rows {len(rows)} x {args.max_len}: packing efficiency {packing_efficiency(rows):.4f}")
-
-
-if __name__ == "__main__":
-    main()

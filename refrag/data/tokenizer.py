@@ -10,6 +10,7 @@ CLI: python -m refrag.data.tokenizer train --kb refrag/data/kb --out tokenizer.j
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -40,6 +41,9 @@ class RagTokenizer:
         tokenizer.encode_special_tokens = True
         self.tokenizer = tokenizer
         self.special_ids = {t: added[t] for t in SPECIAL_TOKENS}
+        # Training data repeats texts (system prompt, documents, questions) many times over.
+        self._encode = functools.lru_cache(maxsize=1 << 17)(
+            lambda text: tuple(tokenizer.encode(text, add_special_tokens=False).ids))
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, min_frequency: int = 2) -> "RagTokenizer":
@@ -92,7 +96,7 @@ class RagTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Plain text -> ids; special-token spellings in the text are encoded as ordinary bytes."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return list(self._encode(text))
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -104,13 +108,14 @@ def load_tokenizer(path: str | Path | None = None) -> RagTokenizer:
 
 
 def corpus_texts(kb: str | Path) -> Iterator[str]:
-    """Document texts, then questions and answers of queries/*.jsonl when `kb` is a directory."""
+    """Document texts, then the training questions and answers (queries/train.jsonl) when `kb` is
+    a directory: validation and test questions are never part of a tokenizer's corpus."""
     kb = Path(kb)
     docs_path = kb / "documents.jsonl" if kb.is_dir() else kb
     for doc in read_documents(docs_path):
         yield document_text(doc)
     if kb.is_dir():
-        for split in sorted((kb / "queries").glob("*.jsonl")):
+        for split in sorted((kb / "queries").glob("train.jsonl")):
             for line in jsonl_lines(read_text_utf8(split)):
                 if line.strip():
                     record = json.loads(line)

@@ -6,13 +6,17 @@ a/an/the removed, whitespace collapsed):
 - **exact match / F1** against the gold answer. When the gold answer is an abstention
   ("I don't know", unanswerable questions) both are 1 iff the prediction abstains, else 0.
 - **abstention**: the normalized prediction starts with one of `ABSTENTION_PHRASES`
-  ("i don't know", "i do not know", "unknown", ...). Abstention accuracy is the share of
-  unanswerable questions on which the model abstains; false abstention is the share of
-  answerable questions on which it does.
-- **hallucination**: the prediction does not abstain, has at least one normalized token,
-  and no single retrieved document contains all of its normalized tokens (token-level
-  containment, order ignored). The hallucination rate is over all questions, so
-  ``abstention + answered-and-supported + hallucinated + empty = 1`` per question.
+  ("i don't know", "i do not know", "unknown", ...) and the rest repeats no abstention word
+  (see degenerate). Abstention accuracy is the share of unanswerable questions on which the
+  model abstains; false abstention is the share of answerable questions on which it does.
+- **degenerate abstention**: an output that is not a clean abstention but is made of
+  abstention words ("I don't I don't know", "I don't know know", "don't know", "Kelb I don't
+  know"): an abstention failure, counted neither as a correct abstention (its EM/F1 on an
+  unanswerable question is 0) nor as a hallucination; reported as its own rate.
+- **hallucination**: the prediction neither abstains nor is degenerate, has at least one
+  normalized token, and no single retrieved document contains all of its normalized tokens
+  (token-level containment, order ignored). The rates are over all questions, so
+  ``abstention + degenerate + answered-and-supported + hallucinated + empty = 1`` per question.
   With no documents, every non-empty non-abstaining answer is a hallucination.
 
 `score_answer` scores one prediction; `aggregate` turns a list of scored records into
@@ -55,10 +59,29 @@ def answer_tokens(text: str) -> list[str]:
     return normalize_answer(text).split()
 
 
-def is_abstention(text: str) -> bool:
-    """True when the answer declines to answer ("I don't know" and its variants)."""
+_ABSTENTION_WORDS = re.compile(r"\b(dont|do not|know|unknown|cannot)\b")
+
+
+def abstention_kind(text: str) -> str | None:
+    """"clean" for an abstention ("I don't know" and its variants, optionally followed by words
+    that repeat none of them), "degenerate" for other outputs built from abstention words
+    ("I don't I don't know", "I don't know know"), None for everything else."""
     normalized = normalize_answer(text)
-    return any(normalized.startswith(phrase) for phrase in ABSTENTION_PHRASES)
+    for phrase in ABSTENTION_PHRASES:
+        if normalized == phrase or (normalized.startswith(phrase + " ")
+                                    and not _ABSTENTION_WORDS.search(normalized[len(phrase):])):
+            return "clean"
+    return "degenerate" if _ABSTENTION_WORDS.search(normalized) else None
+
+
+def is_abstention(text: str) -> bool:
+    """True when the answer cleanly declines to answer ("I don't know" and its variants)."""
+    return abstention_kind(text) == "clean"
+
+
+def is_degenerate_abstention(text: str) -> bool:
+    """True for a broken abstention such as "I don't I don't know" (see `abstention_kind`)."""
+    return abstention_kind(text) == "degenerate"
 
 
 def exact_match(prediction: str, gold: str) -> float:
@@ -89,8 +112,9 @@ def is_supported(prediction: str, documents: Sequence[str]) -> bool:
 
 
 def is_hallucination(prediction: str, documents: Sequence[str]) -> bool:
-    """A non-empty, non-abstaining answer that no single retrieved document supports."""
-    if is_abstention(prediction) or not answer_tokens(prediction):
+    """A non-empty answer, neither an abstention nor a degenerate one, that no single retrieved
+    document supports."""
+    if abstention_kind(prediction) is not None or not answer_tokens(prediction):
         return False
     return not is_supported(prediction, documents)
 
@@ -104,6 +128,7 @@ def score_answer(prediction: str, gold: str, question_type: str, documents: Sequ
         "em": exact_match(prediction, gold),
         "f1": token_f1(prediction, gold),
         "abstained": is_abstention(prediction),
+        "degenerate": is_degenerate_abstention(prediction),
         "answerable": not is_abstention(gold),
         "hallucinated": is_hallucination(prediction, documents),
     }
@@ -124,6 +149,7 @@ def _summarize(records: list[dict]) -> dict:
         "abstention_accuracy": _mean(float(r["abstained"]) for r in unanswerable),
         "false_abstention": _mean(float(r["abstained"]) for r in answerable),
         "hallucination": _mean(float(r["hallucinated"]) for r in records),
+        "degenerate_abstention": _mean(float(r.get("degenerate", False)) for r in records),
     }
 
 
@@ -140,7 +166,8 @@ def format_table(results: dict[str, dict]) -> str:
     """Plain-text table of several runs' metrics, one column per run name."""
     names = list(results)
     rows = [("questions", "count")] + [(m, m) for m in
-                                      ("em", "f1", "abstention_accuracy", "false_abstention", "hallucination")]
+                                      ("em", "f1", "abstention_accuracy", "false_abstention", "hallucination",
+                                       "degenerate_abstention")]
     for qtype in QUESTION_TYPES:
         rows += [(f"{qtype} {m}", (qtype, m)) for m in ("em", "f1")]
 

@@ -10,7 +10,11 @@ outcome (``answered``, ``abstained``, ``max_hops``, ``truncated``, ``empty``).
 CLI (one command, one table)::
 
     python -m refrag.eval.multihop --checkpoint out/refrag/rl/checkpoints \\
-        [--rag-checkpoint out/sft/checkpoints] [--split test] [--max-hops 3] [--top-k 3]
+        [--rag-checkpoint out/sft/checkpoints] [--kb KB_DIR --queries FILE_OR_DIR] [--split test] \
+        [--max-hops 3] [--top-k 3]
+
+``--kb``/``--queries`` point both models at another prepared KB and its questions (questions
+whose gold documents are not in that KB are refused).
 
 The optional single-shot column evaluates an SFT-RAG checkpoint with
 `refrag.eval.evaluate.evaluate_model` (one retrieval) on the same questions. Like is compared
@@ -29,7 +33,9 @@ from typing import Sequence
 import torch
 
 from refrag.data import EMBEDDED_KB_DIR, RagTokenizer, load_queries
+from refrag.data.conversations import check_gold_documents
 from refrag.eval.answers import aggregate, format_table, score_answer
+from refrag.data.prompt import PromptFormat
 from refrag.eval.evaluate import evaluate_model, load_trained_model
 from refrag.infer import Engine
 from refrag.infer.doc_cache import CachedEngine, DocumentCache
@@ -37,7 +43,6 @@ from refrag.infer.multihop import STATUSES, run_multihop
 from refrag.retrieval import RetrievalManager
 from refrag.retrieval.documents import document_text
 from refrag.fileio import check_writable_file
-from refrag.train.checkpoint import latest_checkpoint, verify_checkpoint
 from refrag.validate import number_arg
 
 
@@ -86,14 +91,28 @@ def cache_stats(cache: DocumentCache) -> dict:
 
 
 def compare_cache(model, tokenizer: RagTokenizer, retriever, records: Sequence[dict], *,
-                  cache_bytes: int = 1 << 30, **kwargs) -> dict:
+                  cache_bytes: int = 1 << 30, precompute: Sequence[dict] | None = None, **kwargs) -> dict:
     """Serve the questions one at a time (batch 1, as a server answers a user) through the loop
-    with a cold `CachedEngine` and with the plain `Engine`; returns the cache's counters, both
-    wall times, their ratio and the share of questions whose answers agree.
+    with a `CachedEngine` and with the plain `Engine`; returns the cache's counters, both wall
+    times, their ratio and the share of questions whose answers agree.
 
-    kwargs: evaluate_multihop's settings (max_hops, top_k, max_doc_tokens, question_first, ...).
+    The cache starts cold, or holds `precompute` (documents, e.g. the whole KB) encoded ahead
+    of the questions for every slot up to top_k (documents first only; the time it took is
+    ``precompute_seconds``, not part of the ratio). kwargs: evaluate_multihop's settings
+    (max_hops, top_k, max_doc_tokens, question_first, ...).
     """
+    from refrag.infer.serve import precompute_documents
+
     cache = DocumentCache(max_bytes=cache_bytes)
+    extra = {}
+    if precompute:
+        if kwargs.get("question_first", True):
+            raise ValueError("precomputing documents needs the documents-first layout")
+        start = time.perf_counter()
+        extra["precomputed"] = precompute_documents(CachedEngine(model, cache), tokenizer, precompute,
+                                                    kwargs.get("top_k", 3), kwargs.get("max_doc_tokens", 256))
+        extra["precompute_seconds"] = time.perf_counter() - start
+        cache.stats = type(cache.stats)()  # count the questions' lookups only
     runs = {}
     for name, generator in (("uncached", Engine(model, tokenizer)), ("cached", CachedEngine(model, cache))):
         start = time.perf_counter()
@@ -104,7 +123,7 @@ def compare_cache(model, tokenizer: RagTokenizer, retriever, records: Sequence[d
     return {**cache_stats(cache), "seconds_cached": runs["cached"]["seconds"],
             "seconds_uncached": runs["uncached"]["seconds"],
             "latency_ratio": runs["cached"]["seconds"] / runs["uncached"]["seconds"],
-            "same_answers": sum(agree) / len(agree)}
+            "same_answers": sum(agree) / len(agree), **extra}
 
 
 def format_comparison(results: dict[str, dict]) -> str:
@@ -119,29 +138,27 @@ def format_comparison(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def checkpoint_prompt(config: dict) -> dict:
-    """Prompt format a checkpoint's model was trained with, from its config.json contents:
+def checkpoint_prompt(config: dict, record: PromptFormat) -> dict:
+    """Prompt format a checkpoint's model was trained with:
     {"multihop": bool, "question_first": bool, "max_doc_tokens": int}.
 
-    REFRAG checkpoints store it (``prompt``); older REFRAG checkpoints were always rendered
-    question first with the REFRAG ``max_doc_tokens``; SFT checkpoints take their train config.
+    REFRAG checkpoints store it in config.json (``prompt``); older REFRAG checkpoints were always
+    rendered question first with the REFRAG ``max_doc_tokens``; SFT checkpoints take their
+    `PromptFormat` record (prompt_format.json, see `refrag.eval.evaluate.load_trained_model`).
     """
     if "prompt" in config:
         return dict(config["prompt"])
-    if "refrag" in config:
+    if "refrag" in config and "max_doc_tokens" in config["refrag"]:
         return {"multihop": True, "question_first": True, "max_doc_tokens": config["refrag"]["max_doc_tokens"]}
-    train = config["train"]
-    return {"multihop": False, "question_first": train.get("question_first", False),
-            "max_doc_tokens": train.get("max_doc_tokens", 256)}
+    return {"multihop": False, "question_first": record.question_first, "max_doc_tokens": record.max_doc_tokens}
 
 
 def load_for_eval(checkpoint: str | Path, device: str) -> tuple:
-    """(model, tokenizer, TrainConfig, prompt format, checkpoint dir) of a run's newest checkpoint
-    (or a step directory); CheckpointError when missing, partial or corrupt."""
-    path = latest_checkpoint(checkpoint) or Path(checkpoint)
-    verify_checkpoint(path)
-    model, tokenizer, train_cfg = load_trained_model(path, device)
-    return model, tokenizer, train_cfg, checkpoint_prompt(json.loads((path / "config.json").read_text())), path
+    """(model, tokenizer, TrainConfig, prompt format dict, checkpoint dir) of a run's newest
+    checkpoint (or a step directory); CheckpointError when missing, partial or corrupt."""
+    trained = load_trained_model(checkpoint, device)
+    prompt = checkpoint_prompt(json.loads((trained.path / "config.json").read_text()), trained.prompt)
+    return trained.model, trained.tokenizer, trained.config, prompt, trained.path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Multi-hop (REFRAG) answer evaluation vs single-shot RAG.")
     parser.add_argument("--checkpoint", required=True, help="REFRAG checkpoint (step dir or checkpoints/ dir)")
     parser.add_argument("--rag-checkpoint", help="single-shot SFT-RAG checkpoint of the same model size")
+    parser.add_argument("--kb", help="prepared KB directory for both models (default: each run's training KB)")
+    parser.add_argument("--queries", help="questions: a .jsonl file, a folder with queries/{split}.jsonl or the "
+                                          "queries/ folder (default: the run's KB source; required with --kb)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--max-hops", type=int, default=3)
     parser.add_argument("--top-k", type=number_arg(int, minimum=1), default=None,
@@ -162,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare-cache", action="store_true",
                         help="also serve the questions one at a time with and without the cache and report "
                              "hit rate, both wall times and their ratio (key 'cache')")
+    parser.add_argument("--precompute-kb", action="store_true",
+                        help="with --compare-cache: encode every KB document (each slot up to top_k) before the "
+                             "questions, as a server does offline (documents-first checkpoints only)")
     parser.add_argument("--json", help="also write metrics and predictions to this file")
     return parser
 
@@ -174,17 +197,19 @@ def main_multihop(argv: list[str] | None = None) -> dict:
         parser.error(f"--max-hops must be at least 1, got {args.max_hops}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be at least 1, got {args.limit}")
+    if args.kb and not args.queries:
+        parser.error("--kb needs --queries (the questions of that knowledge base)")
     try:
         if args.json:
             check_writable_file(args.json, "--json")
         model, tokenizer, train_cfg, prompt, path = load_for_eval(args.checkpoint, args.device)
-        rag = load_for_eval(args.rag_checkpoint, args.device) if args.rag_checkpoint else None
+        rag = load_trained_model(args.rag_checkpoint, args.device) if args.rag_checkpoint else None
+        top_k = args.top_k or train_cfg.top_k
+        manager = RetrievalManager(train_cfg.retriever, knowledge_base=args.kb or train_cfg.kb_dir)
+        records = load_queries(args.split, args.queries or train_cfg.kb_source or EMBEDDED_KB_DIR)[:args.limit]
+        check_gold_documents(records, manager.knowledge_base.ids, f"the knowledge base {args.kb or train_cfg.kb_dir}")
     except ValueError as err:  # CheckpointError, unwritable --json
         parser.exit(2, f"error: {err}\n")
-    kb_source = train_cfg.kb_source or EMBEDDED_KB_DIR
-    top_k = args.top_k or train_cfg.top_k
-    manager = RetrievalManager(train_cfg.retriever, knowledge_base=train_cfg.kb_dir)
-    records = load_queries(args.split, kb_source)[:args.limit]
     settings = dict(max_hops=args.max_hops, top_k=top_k, max_new_tokens=args.max_new_tokens,
                     max_doc_tokens=prompt["max_doc_tokens"], question_first=prompt["question_first"])
     cache = None if args.no_cache else DocumentCache(max_bytes=1 << 30)
@@ -195,16 +220,16 @@ def main_multihop(argv: list[str] | None = None) -> dict:
     if cache is not None:
         results["refrag"]["doc_cache"] = cache_stats(cache)
     if rag is not None:
-        rag_model, rag_tokenizer, rag_cfg, rag_prompt, rag_path = rag
+        rag_cfg = rag.config
         rag_top_k = args.top_k or rag_cfg.top_k
-        same_index = (rag_cfg.retriever, rag_cfg.kb_dir) == (train_cfg.retriever, train_cfg.kb_dir)
-        rag_manager = manager if same_index else RetrievalManager(rag_cfg.retriever, knowledge_base=rag_cfg.kb_dir)
-        results["single_shot"] = evaluate_model(rag_model, rag_tokenizer, rag_manager, args.split, rag_top_k,
-                                                args.max_new_tokens, use_retrieval=rag_cfg.retrieval,
-                                                kb_source=kb_source, batch_size=args.batch_size, limit=args.limit,
-                                                max_doc_tokens=rag_prompt["max_doc_tokens"],
-                                                question_first=rag_prompt["question_first"])
-        results["single_shot"].update(checkpoint=str(rag_path), prompt=rag_prompt, top_k=rag_top_k)
+        rag_kb = args.kb or rag_cfg.kb_dir
+        same_index = (rag_cfg.retriever, rag_kb) == (train_cfg.retriever, args.kb or train_cfg.kb_dir)
+        rag_manager = manager if same_index else RetrievalManager(rag_cfg.retriever, knowledge_base=rag_kb)
+        results["single_shot"] = evaluate_model(rag.model, rag.tokenizer, rag_manager, records, rag.prompt,
+                                                top_k=rag_top_k, max_new_tokens=args.max_new_tokens,
+                                                batch_size=args.batch_size)
+        results["single_shot"].update(checkpoint=str(rag.path), prompt=checkpoint_prompt({}, rag.prompt),
+                                      top_k=rag_top_k)
     print(f"split {args.split}, {len(records)} questions, max_hops {args.max_hops}")
     for name, result in results.items():
         print(f"{name}: {result['checkpoint']} (top_k {result['top_k']}, {result['prompt']})")
@@ -212,7 +237,10 @@ def main_multihop(argv: list[str] | None = None) -> dict:
     if cache is not None:
         print(f"document cache: {results['refrag']['doc_cache']}")
     if args.compare_cache:
-        results["cache"] = compare_cache(model, tokenizer, manager, records, **settings)
+        documents = None
+        if args.precompute_kb:
+            documents = list(manager.knowledge_base.documents)
+        results["cache"] = compare_cache(model, tokenizer, manager, records, precompute=documents, **settings)
         print("serving one question at a time, cached vs uncached: "
               + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in results["cache"].items()))
     if args.json:

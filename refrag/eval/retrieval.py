@@ -6,8 +6,10 @@ Per question type of a query split:
   gold[1]), both-hop recall (both of those), and question-only recall of both gold docs;
 - unanswerable questions have no gold documents and are skipped.
 
-CLI: python -m refrag.eval.retrieval --kb DIR --split test [--k 1 5 10] [--json results.json]
-     (--kb embedded builds the embedded KB in memory, with --encoder or all-MiniLM-L6-v2)
+CLI: python -m refrag.eval.retrieval --kb DIR --queries FILE_OR_DIR [--split test] [--k 1 5 10] [--json FILE]
+     (--kb embedded builds the embedded KB in memory, with --encoder or all-MiniLM-L6-v2;
+     --queries defaults to the embedded KB's questions). Questions whose gold documents are not in the KB are
+     refused: they belong to another KB and would score 0.
 """
 from __future__ import annotations
 
@@ -100,7 +102,7 @@ def format_table(results: dict[str, dict[str, dict]], ks: Sequence[int]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from refrag.data.conversations import EMBEDDED_KB_DIR, load_queries
+    from refrag.data.conversations import EMBEDDED_KB_DIR, check_gold_documents, load_queries
     from refrag.fileio import check_writable_file
     from refrag.retrieval import DEFAULT_ENCODER, KnowledgeBase, make_retriever, read_documents
     from refrag.validate import number_arg
@@ -110,7 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--encoder", default=None,
                         help="query encoder (default: the KB's; with --kb embedded: all-MiniLM-L6-v2)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--queries-dir", default=str(EMBEDDED_KB_DIR), help="directory holding queries/{split}.jsonl")
+    parser.add_argument("--queries", "--queries-dir", dest="queries", default=None,
+                        help="questions: a .jsonl file, a folder with queries/{split}.jsonl or the queries/ folder "
+                             "(default: the embedded KB's questions)")
     parser.add_argument("--retrievers", nargs="+", default=["dense", "bm25", "hybrid"])
     parser.add_argument("--k", type=number_arg(int, minimum=1), nargs="+", default=[1, 5, 10])
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
             check_writable_file(args.json, "--json")
         kb = (KnowledgeBase.build(read_documents(EMBEDDED_KB_DIR / "documents.jsonl"), args.encoder or DEFAULT_ENCODER)
               if args.kb == "embedded" else KnowledgeBase.load(args.kb, args.encoder))
-        records = load_queries(args.split, args.queries_dir)
+        records = load_queries(args.split, args.queries or EMBEDDED_KB_DIR)
+        check_gold_documents(records, kb.ids, f"the knowledge base {args.kb}")
         results = {name: evaluate_retriever(make_retriever(name, kb), records, args.k) for name in args.retrievers}
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")

@@ -9,6 +9,7 @@ Example::
     reply.text, reply.status, reply.hops, reply.documents, reply.seconds
     service.answer_many(questions)              # the same, several questions per generate call
     service.cache_stats()                       # {"hits", "misses", "hit_rate", "entries", "bytes", ...}
+    service.precompute(kb_documents)            # documents first: encode the KB ahead of questions
 
 Every question runs through `refrag.infer.multihop.run_multihop` with greedy decoding: a
 REFRAG model may ask follow-up queries (up to ``max_hops`` retrievals), a single-shot RAG
@@ -104,6 +105,17 @@ class RagService:
         seconds = time.perf_counter() - start
         return [Answer(t.question, t.answer or "", t.status, t.hops, t.retrieved_doc_ids, seconds) for t in traces]
 
+    def precompute(self, documents: Sequence[dict], slots: int | None = None) -> int:
+        """Encode documents ahead of questions (`precompute_documents`, slots default top_k);
+        returns the number of encodings computed."""
+        if self.cache is None:
+            raise ValueError("precompute needs the document cache (cache_bytes > 0)")
+        if self.question_first:
+            raise ValueError("precompute needs the documents-first layout: question first, the tokens before "
+                             "a document include the question")
+        return precompute_documents(self.engine, self.tokenizer, documents, slots or self.top_k,
+                                    self.max_doc_tokens, self.system)
+
     def cache_stats(self) -> dict:
         """Counters of the document cache (hit_rate = hits / lookups; None before any lookup)."""
         if self.cache is None:
@@ -112,3 +124,34 @@ class RagService:
         lookups = stats["hits"] + stats["misses"]
         return {"enabled": True, **stats, "hit_rate": stats["hits"] / lookups if lookups else None,
                 "entries": len(self.cache), "bytes": self.cache.nbytes}
+
+
+def precompute_documents(engine: CachedEngine, tokenizer, documents: Sequence[dict], slots: int,
+                         max_doc_tokens: int, system: str = SYSTEM_PROMPT) -> int:
+    """Encode documents ahead of questions (offline, as a KB is indexed) into engine's cache.
+
+    Documents first, a hop-1 document's encoding depends only on the system prompt, so each
+    document is encoded once per slot ``[DOC_k]`` (k = 1..slots) and every later question that
+    retrieves it in that slot hits. Returns the number of encodings computed (cache misses).
+    With attention blocks the model needs block document positions (every document of a block
+    starts at the same RoPE position), else ValueError.
+    """
+    from refrag.data import render_for_generation
+
+    if engine.model.config.doc_positions != "block" and engine._has_attention:
+        raise ValueError("precompute needs doc_positions='block' (a document's positions must not depend on "
+                         "the documents before it)")
+    misses = engine.cache.stats.misses
+    for doc in documents:
+        ref = {k: doc[k] for k in ("id", "title", "content", "source") if k in doc}
+        for slot in range(1, slots + 1):
+            conv = {"messages": [{"role": "system", "content": system},
+                                 {"role": "retrieval", "documents": [ref] * slot}, {"role": "user", "content": "?"}]}
+            rendered = render_for_generation(conv, tokenizer, max_doc_tokens)
+            ids, doc_ids = rendered.input_ids.tolist(), rendered.doc_ids.tolist()
+            first, start = doc_ids.index(1), doc_ids.index(slot)
+            stop = len(doc_ids) - doc_ids[::-1].index(slot)
+            # prefix, the slot-k document alone, one shared token: the document's cache key (its
+            # tokens, the tokens before the block, the block position) is the one a real block gives
+            engine.prefill([ids[:first], [ids[start:stop]], [ids[stop]]])
+    return engine.cache.stats.misses - misses

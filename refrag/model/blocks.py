@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import causal_conv1d, causal_conv1d_update, doc_attention, ssd_scan, ssd_state_update
+from kernels import DocLayout, causal_conv1d, causal_conv1d_update, doc_attention, ssd_scan, ssd_state_update
 from refrag.model.cache import AttentionCache, MambaCache
 from refrag.model.config import ModelConfig
 from refrag.model.layers import (
@@ -37,19 +37,27 @@ from refrag.model.layers import (
 class SequenceContext:
     """Per-batch metadata every block reads; built once per forward by HybridLM.
 
-    cu_seqlens (N+1,) int32 or None (then each of the b rows is one example);
-    doc_ids (L,) int32 or None (no documents); positions (1|b, L) int64 RoPE positions (with
-    block document positions they repeat across the documents of a retrieval block, so they
-    never index the KV cache); cos, sin (1|b, L, head_dim/2) fp32; seq_idx (L,) example of
-    each token or None.
+    layout: the packed row's DocLayout, passed as ``layout=`` to every op (its tables are
+    cached on it), or None (then each of the b rows is one example of shared text);
+    positions (1|b, L) int64 RoPE positions (with block document positions they repeat across
+    the documents of a retrieval block, so they never index the KV cache); cos, sin
+    (1|b, L, head_dim/2) fp32.
     """
 
-    cu_seqlens: torch.Tensor | None
-    doc_ids: torch.Tensor | None
+    layout: DocLayout | None
     positions: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
-    seq_idx: torch.Tensor | None
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor | None:
+        """(N+1,) int32 example offsets of the layout, or None."""
+        return None if self.layout is None else self.layout.cu_seqlens
+
+    @property
+    def seq_idx(self) -> torch.Tensor | None:
+        """(L,) int32 example of each token, or None."""
+        return None if self.layout is None else self.layout.seq_idx
 
 
 class AttentionBlock(nn.Module):
@@ -107,8 +115,7 @@ class AttentionBlock(nn.Module):
         q, raw, v = self._project(x)
         k = raw
         if self.key_conv is not None:
-            k = causal_conv1d(raw, self.key_conv, None, cu_seqlens=ctx.cu_seqlens, doc_ids=ctx.doc_ids,
-                              activation=None)
+            k = causal_conv1d(raw, self.key_conv, None, activation=None, layout=ctx.layout)
         q, k = self._rotate(q, k, ctx.cos, ctx.sin)
         return q, k, v, raw
 
@@ -120,7 +127,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
         """x (b, L, d_model) -> (b, L, d_model)."""
         q, k, v, _ = self._qkv(x, ctx)
-        o = doc_attention(q, k, v, cu_seqlens=ctx.cu_seqlens, doc_ids=ctx.doc_ids, causal=True)
+        o = doc_attention(q, k, v, causal=True, layout=ctx.layout)
         return self._attend_and_mlp(x, o)
 
     def prefill(self, x: torch.Tensor, ctx: SequenceContext, capacity: int):
@@ -130,8 +137,8 @@ class AttentionBlock(nn.Module):
         state is the last key_conv - 1 raw keys of each example (the next token is shared text).
         """
         q, k, v, raw = self._qkv(x, ctx)
-        o = doc_attention(q, k, v, cu_seqlens=ctx.cu_seqlens, doc_ids=ctx.doc_ids, causal=True)
-        n_seqs = ctx.cu_seqlens.numel() - 1
+        o = doc_attention(q, k, v, causal=True, layout=ctx.layout)
+        n_seqs = ctx.layout.num_seqs
         cache_k = k.new_zeros(n_seqs, capacity, self.n_kv_head, self.head_dim)
         cache_v = torch.zeros_like(cache_k)
         rows = ctx.seq_idx.long()
@@ -326,13 +333,15 @@ class MambaBlock(nn.Module):
     def _scan_packed(self, xBC_raw: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, ctx: SequenceContext,
                      return_state: bool):
         """Conv + SSD of full sequences laid out by ctx -> (y (b, L, h, p), MambaCache per example or None)."""
-        doc_ids = ctx.doc_ids if self.doc_mode else None
-        xBC = causal_conv1d(xBC_raw, self.conv_weight, self.conv_bias, cu_seqlens=ctx.cu_seqlens,
-                            doc_ids=doc_ids, activation="silu")
+        # Without doc_mode the block ignores documents: its conv windows restart at examples only.
+        layout = ctx.layout
+        doc_mode = self.doc_mode and layout is not None and layout.has_documents
+        if layout is not None and not doc_mode:
+            layout = layout.examples_only()
+        xBC = causal_conv1d(xBC_raw, self.conv_weight, self.conv_bias, activation="silu", layout=layout)
         xs, B, C = self._split_xbc(xBC)
-        result = ssd_scan(xs, dt, A, B, C, chunk_size=self.chunk_size, D=self.D,
-                          dt_bias=self.dt_bias, dt_softplus=True, cu_seqlens=ctx.cu_seqlens, doc_ids=doc_ids,
-                          doc_mode=doc_ids is not None, return_final_states=return_state)
+        result = ssd_scan(xs, dt, A, B, C, chunk_size=self.chunk_size, D=self.D, dt_bias=self.dt_bias,
+                          dt_softplus=True, doc_mode=doc_mode, return_final_states=return_state, layout=layout)
         if not return_state:
             return result, None
         y, final = result

@@ -5,13 +5,13 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import DocLayout, fused_linear_cross_entropy
+from kernels import IGNORE_INDEX, DocLayout, fused_linear_cross_entropy
+from kernels.common.checks import assert_on_device
 from refrag.model.blocks import AttentionBlock, MambaBlock, SequenceContext
 from refrag.model.cache import HybridCache
 from refrag.model.config import ModelConfig
 from refrag.model.layers import rotary_cos_sin
 
-IGNORE_INDEX = -100
 
 
 class HybridLM(nn.Module):
@@ -104,9 +104,9 @@ class HybridLM(nn.Module):
             raise ValueError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
         if input_ids.numel() == 0:
             raise ValueError("input_ids is empty")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= self.config.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got range [{low}, {high}]")
+        # No host read: a CPU tensor raises at once, a CUDA one trips a device-side assert.
+        vocab = self.config.vocab_size
+        assert_on_device(((input_ids >= 0) & (input_ids < vocab)).all(), f"token ids must lie in [0, {vocab})")
         if layout is None:
             return
         if not isinstance(layout, DocLayout):
@@ -118,15 +118,17 @@ class HybridLM(nn.Module):
             raise ValueError(f"layout is on {layout.device} but input_ids on {input_ids.device}")
 
     def _context(self, input_ids: torch.Tensor, layout: DocLayout | None) -> SequenceContext:
+        c = self.config
         if layout is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-            cu_seqlens = doc_ids = seq_idx = None
-        else:
-            positions = layout.position_ids(per_document=self.config.doc_positions == "block")[None]
-            cu_seqlens, seq_idx = layout.cu_seqlens, layout.seq_idx
-            doc_ids = layout.doc_ids if layout.has_documents else None
-        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        return SequenceContext(cu_seqlens, doc_ids, positions, cos, sin, seq_idx)
+            cos, sin = rotary_cos_sin(positions, c.head_dim, c.rope_theta)
+            return SequenceContext(layout, positions, cos, sin)
+
+        def rope(layout: DocLayout):  # once per layout (batch), shared by every layer and call
+            positions = layout.position_ids(per_document=c.doc_positions == "block")[None]
+            return (positions, *rotary_cos_sin(positions, c.head_dim, c.rope_theta))
+
+        return SequenceContext(layout, *layout.memo(("rope", c.doc_positions, c.head_dim, c.rope_theta), rope))
 
     # ------------------------------------------------------------------ generation
 

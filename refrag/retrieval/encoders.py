@@ -73,7 +73,10 @@ def _sentence_transformer(path: str, device: str | None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
 
+    if not os.environ.get("REFRAG_VERBOSE"):  # the weight-loading bar of a 90 MB model is noise
+        hf_logging.disable_progress_bar()
     return SentenceTransformer(path, device=device, local_files_only=True)
 
 

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -54,12 +55,12 @@ def bm25_tokenize(text: str) -> list[str]:
 
 
 def embed_texts(encoder: Encoder, texts: Sequence[str], batch_size: int, show_progress: bool) -> np.ndarray:
-    """Encode in batches with a progress bar: texts (n,) -> float32 (n, encoder.dim)."""
+    """Encode in batches with a progress bar (shown once it runs 10 s): texts (n,) -> float32 (n, encoder.dim)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     chunks = []
     starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="embedding", unit="batch", disable=not show_progress):
+    for start in tqdm(starts, desc="embedding", unit="batch", disable=not show_progress, delay=10):
         chunks.append(encoder.encode(texts[start:start + batch_size], batch_size=batch_size))
     emb = np.concatenate(chunks, axis=0).astype(np.float32)
     if emb.shape != (len(texts), encoder.dim):
@@ -233,7 +234,8 @@ class KnowledgeBase:
         import faiss
 
         path = Path(path).resolve()
-        recover_directory(path)
+        for action in recover_directory(path):  # said, not silent: the user learns what a crash left
+            print(f"note: {action}", file=sys.stderr)
         meta = read_meta(path)
         verify_files(path, meta)
         docs = parse_documents(jsonl_lines(read_text_utf8(path / "documents.jsonl")),

@@ -7,6 +7,8 @@ A checkpoint is a directory ``<root>/step_000123/`` holding
 - ``trainer.pt``    scheduler state, step counters, per-rank data-loader positions and RNG
                     states (python, numpy, torch, cuda) as tensors and plain types
 - ``config.json``   the training config and the model config
+- any further files the caller passes (`save_checkpoint(files=...)`): SFT runs store
+  ``tokenizer.json`` and ``prompt_format.json`` so a checkpoint is self-contained
 - ``manifest.json`` sha256 and size of every file above, written LAST
 
 Saving writes every file into a temp directory and swaps it into place with
@@ -31,10 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from refrag.data.prompt import FILE_NAME as PROMPT_FORMAT_FILE
 from refrag.fileio import atomic_directory, fsync_path, lock_path, recover_directory, sha256_file
 
 MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"  # the run's tokenizer, stored inside SFT checkpoints
 PAYLOADS = ("model.pt", "optimizer.pt", "trainer.pt", "config.json")
+# Files a checkpoint may also hold (save_checkpoint(files=...)): they make it self-contained.
+OPTIONAL_PAYLOADS = (TOKENIZER_FILE, PROMPT_FORMAT_FILE)
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -84,7 +90,9 @@ def _write_payloads(tmp: Path, payloads: dict, crash_after_files: int | None) ->
         if crash_after_files is not None and written == crash_after_files:
             raise SimulatedCrash(f"simulated crash after {written} checkpoint files in {tmp}")
         path = tmp / name
-        if name.endswith(".json"):
+        if isinstance(payload, str):
+            path.write_text(payload)
+        elif name.endswith(".json"):
             path.write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=False))
         else:
             torch.save(payload, path)
@@ -97,10 +105,12 @@ def _write_manifest(tmp: Path, names) -> None:
 
 
 def save_checkpoint(root: str | Path, step: int, *, model_state: dict, optimizer_state: dict,
-                    trainer_state: dict, config: dict, crash_after_files: int | None = None) -> Path:
+                    trainer_state: dict, config: dict, files: dict | None = None,
+                    crash_after_files: int | None = None) -> Path:
     """Atomically write the checkpoint of `step` under `root`; returns its directory.
 
-    config: {"train": ..., "model": ...} plain JSON. crash_after_files: test hook, raise
+    config: {"train": ..., "model": ...} plain JSON. files: further {name: text or JSON-able dict}
+    written beside them (and covered by the manifest). crash_after_files: test hook, raise
     SimulatedCrash after writing that many files (nothing is swapped into place then).
     """
     root = Path(root)
@@ -108,6 +118,10 @@ def save_checkpoint(root: str | Path, step: int, *, model_state: dict, optimizer
     final = root / step_dir_name(step)
     payloads = {"model.pt": model_state, "optimizer.pt": optimizer_state,
                 "trainer.pt": trainer_state, "config.json": config}
+    unknown = sorted(set(files or {}) - set(OPTIONAL_PAYLOADS))
+    if unknown:
+        raise ValueError(f"checkpoint file name(s) {unknown} are not among {OPTIONAL_PAYLOADS}")
+    payloads.update(files or {})
     with atomic_directory(final) as tmp:
         _write_payloads(tmp, payloads, crash_after_files)
         _write_manifest(tmp, payloads)
@@ -131,10 +145,11 @@ def verify_checkpoint(path: str | Path) -> dict:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
         raise CheckpointError(f"checkpoint {path}: format version {version!r}, expected {FORMAT_VERSION}")
     files = manifest.get("files")
-    if not isinstance(files, dict) or sorted(files) != sorted(PAYLOADS):
+    if not isinstance(files, dict) or not set(PAYLOADS) <= set(files) <= set(PAYLOADS + OPTIONAL_PAYLOADS):
         listed = sorted(files) if isinstance(files, dict) else files
-        raise CheckpointError(f"checkpoint {path}: {MANIFEST} must list exactly {', '.join(PAYLOADS)}, "
-                              f"it lists {listed!r} (corrupt or edited manifest)")
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} must list exactly {', '.join(PAYLOADS)} "
+                              f"(and optionally {', '.join(OPTIONAL_PAYLOADS)}), it lists {listed!r} "
+                              f"(corrupt or edited manifest)")
     for name, entry in files.items():
         file = path / name
         if not file.is_file():

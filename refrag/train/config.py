@@ -14,13 +14,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from refrag.data.prompt import PromptFormat
 from refrag.fileio import check_finite_tree, loads_strict
 from refrag.validate import require
 
 GROUPS = {
     "model": ("preset", "model"),
     "data": ("kb_source", "kb_dir", "tokenizer", "vocab_size", "top_k", "retrieval", "question_first", "retriever", "seq_len",
-             "max_doc_tokens", "extra_questions", "counterfactual_copies", "document_loss", "batch_size", "val_rows"),
+             "max_doc_tokens", "min_doc_tokens", "generated_worlds", "extra_questions", "counterfactual_copies",
+             "document_loss", "batch_size", "val_rows"),
     "optimization": ("max_steps", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
                      "beta1", "beta2", "grad_clip"),
     "system": ("device", "seed", "deterministic", "fsdp", "bf16"),
@@ -39,7 +41,11 @@ HELP = {
     "question_first": "put the user question before the retrieval block (documents are read knowing it)",
     "retriever": "retriever kind: dense, bm25, hybrid",
     "seq_len": "tokens per packed row",
-    "max_doc_tokens": "each retrieved document is cut to this many tokens",
+    "max_doc_tokens": "each retrieved document is cut to this many tokens (recorded in the prompt format)",
+    "min_doc_tokens": "train: when > 0, each conversation's documents are cut at a length drawn from "
+                      "[min_doc_tokens, max_doc_tokens], and answers the cut removed become \"I don't know\"",
+    "generated_worlds": "train: procedurally generated worlds (make_kb --names training --varied-documents, "
+                        "fresh names each) whose questions are added to the training conversations",
     "extra_questions": "train: up to this many further questions about the shown documents per conversation",
     "counterfactual_copies": "train, with retrieval: copies of each conversation with its answers swapped consistently",
     "document_loss": "train: also learn next-token prediction on the retrieved documents' tokens",
@@ -83,6 +89,8 @@ class TrainConfig:
     retriever: str = "bm25"
     seq_len: int = 1024
     max_doc_tokens: int = 256
+    min_doc_tokens: int = 0
+    generated_worlds: int = 0
     extra_questions: int = 0
     counterfactual_copies: int = 0
     document_loss: bool = False
@@ -112,7 +120,7 @@ class TrainConfig:
         for name in ("vocab_size", "top_k", "seq_len", "max_doc_tokens", "batch_size", "max_steps", "grad_accum", "log_every",
                      "keep_checkpoints"):
             require(name, getattr(self, name), int, minimum=1)
-        for name in ("extra_questions", "counterfactual_copies", "val_rows", "warmup_steps", "eval_every", "ckpt_every", "seed"):
+        for name in ("min_doc_tokens", "generated_worlds", "extra_questions", "counterfactual_copies", "val_rows", "warmup_steps", "eval_every", "ckpt_every", "seed"):
             require(name, getattr(self, name), int, minimum=0)
         for name in ("lr", "weight_decay", "grad_clip"):
             require(name, getattr(self, name), float, minimum=0)
@@ -121,6 +129,9 @@ class TrainConfig:
             require(name, getattr(self, name), float, minimum=0, below=1)
         for name in ("retrieval", "question_first", "document_loss", "deterministic", "fsdp", "bf16"):
             require(name, getattr(self, name), bool)
+        if self.min_doc_tokens > self.max_doc_tokens:
+            raise ValueError(f"config key min_doc_tokens ({self.min_doc_tokens}) must not exceed "
+                             f"max_doc_tokens ({self.max_doc_tokens})")
         if not isinstance(self.model, dict):
             raise ValueError(f"config key model must be a dict of ModelConfig overrides, got {self.model!r}")
         check_finite_tree(self.model, "config key model")
@@ -128,6 +139,11 @@ class TrainConfig:
             raise ValueError(f"config key device must be auto, cpu or cuda, got {self.device!r}")
         if self.retriever not in ("dense", "bm25", "hybrid"):
             raise ValueError(f"config key retriever must be dense, bm25 or hybrid, got {self.retriever!r}")
+
+    def prompt_format(self) -> PromptFormat:
+        """The prompt-format record of this run (saved in every checkpoint as prompt_format.json)."""
+        return PromptFormat(retrieval=self.retrieval, question_first=self.question_first,
+                            max_doc_tokens=self.max_doc_tokens)
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict; `from_dict` reads it back."""

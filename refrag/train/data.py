@@ -4,23 +4,25 @@ Training conversations retrieve ``top_k`` documents per question and always cont
 gold documents (inserted at random ranks, so rank does not reveal them); two-hop questions
 are single retrievals whose list holds both gold documents. With ``retrieval=False`` the
 retrieval message is dropped (the no-retrieval baseline sees the same questions and answers).
-With ``question_first`` the order is system, user, retrieval, assistant (the REFRAG hop-1
-order): document tokens see the earlier question, so each document is read knowing what is
-asked (attention and the Mamba state entering the block both carry it).
+The layout (retrieval on/off, question first, document cut) is the run's
+`refrag.data.prompt.PromptFormat` (`TrainConfig.prompt_format()`), the record its checkpoints store.
 The train split can be augmented (`refrag.data.augment`): ``extra_questions`` more turns about
 the shown documents, ``counterfactual_copies`` rewritten copies with swapped answers (with
 retrieval only), and ``document_loss`` adds next-token loss on document tokens.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
+import re
 from pathlib import Path
 
 from refrag.data import (EMBEDDED_KB_DIR, PackedLoader, RagTokenizer, build_conversations, load_queries,
                          pack_examples, render_conversations)
-from refrag.data.augment import AnswerPools, QuestionIndex, add_questions, counterfactual
+from refrag.data.augment import IDK, AnswerPools, QuestionIndex, add_questions, counterfactual
+from refrag.data.make_kb import build_kb
 from refrag.data.tokenizer import corpus_texts
-from refrag.retrieval import RetrievalManager
+from refrag.retrieval import KnowledgeBase, RetrievalManager
 from refrag.train.config import TrainConfig
 from refrag.train.shims import DistEnv, barrier
 
@@ -54,22 +56,6 @@ def retrieval_manager(cfg: TrainConfig) -> RetrievalManager:
     return RetrievalManager(cfg.retriever, knowledge_base=cfg.kb_dir)
 
 
-def without_retrieval(conversation: dict) -> dict:
-    """The conversation minus its retrieval messages (no-retrieval baseline)."""
-    return {**conversation, "messages": [m for m in conversation["messages"] if m["role"] != "retrieval"]}
-
-
-def question_first(conversation: dict) -> dict:
-    """The conversation with its first user message moved before the retrieval messages."""
-    messages = conversation["messages"]
-    first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-    first_retrieval = next(i for i, m in enumerate(messages) if m["role"] == "retrieval")
-    if first_user < first_retrieval:
-        return conversation
-    rest = messages[:first_user] + messages[first_user + 1:]
-    return {**conversation, "messages": rest[:first_retrieval] + [messages[first_user]] + rest[first_retrieval:]}
-
-
 def augmented(conversations: list[dict], records: list[dict], cfg: TrainConfig) -> list[dict]:
     """Training conversations with cfg.extra_questions further turns each and, with retrieval,
     cfg.counterfactual_copies rewritten copies of every conversation (refrag.data.augment)."""
@@ -85,22 +71,81 @@ def augmented(conversations: list[dict], records: list[dict], cfg: TrainConfig) 
     return out
 
 
-def sft_conversations(split: str, cfg: TrainConfig, manager: RetrievalManager) -> list[dict]:
-    """Single-retrieval conversations of a query split (gold documents ensured)."""
-    records = load_queries(split, kb_source(cfg))
+def world_seed(cfg: TrainConfig, world: int) -> int:
+    """Seed of generated training world `world` (never the embedded KB's seed)."""
+    return 1_000_003 * (cfg.seed + 1) + 7919 * (world + 1)
+
+
+def generated_world(cfg: TrainConfig, world: int) -> tuple[list[dict], RetrievalManager]:
+    """(every query record, a BM25 manager over its documents) of generated training world `world`:
+    `refrag.data.make_kb.build_kb` with the "training" name style and varied documents."""
+    docs, splits = build_kb(world_seed(cfg, world), names="training", varied_documents=True)
+    kb = KnowledgeBase.build(docs, "hashing:64", show_progress=False)  # BM25 retrieval; dense unused
+    records = [{**r, "id": f"world{world}-{r['id']}"} for split in ("train", "val", "test") for r in splits[split]]
+    return records, RetrievalManager("bm25", knowledge_base=kb)
+
+
+def cut_documents(conversation: dict, tokenizer: RagTokenizer, max_tokens: int, cache: dict | None = None) -> dict:
+    """`conversation` with each document cut to `max_tokens` tokens (title included, as rendered)
+    and every answer that no longer occurs in the shown documents replaced by "I don't know".
+    cache: optional {document text: token ids} shared across calls (documents repeat)."""
+    cache = {} if cache is None else cache
+    messages, shown = [], []
+    for m in conversation["messages"]:
+        if m["role"] == "retrieval":
+            docs = []
+            for d in m["documents"]:
+                text = f"{d['title']}\n{d['content']}"
+                ids = cache[text] if text in cache else cache.setdefault(text, tokenizer.encode(text))
+                if len(ids) > max_tokens:
+                    title, _, content = tokenizer.decode(ids[:max_tokens]).partition("\n")
+                    d = {**d, "title": title or d["title"], "content": content}
+                docs.append(d)
+                shown.append(f"{d['title']} {d['content']}")
+            m = {**m, "documents": docs}
+        messages.append(m)
+    visible = " ".join(shown)
+    for i, m in enumerate(messages):
+        answer = m.get("content") if m["role"] == "assistant" else None
+        if answer and answer != IDK and not re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", visible):
+            messages[i] = {**m, "content": IDK}
+    return {**conversation, "messages": messages}
+
+
+def rag_conversations(records: list[dict], manager: RetrievalManager, cfg: TrainConfig, augment: bool,
+                      counterfactual_copies: int) -> list[dict]:
+    """Single-retrieval conversations (gold documents ensured), augmented when `augment`."""
     conversations = build_conversations(records, manager, cfg.top_k, ensure_gold=True, multi_hop=False,
                                         seed=cfg.seed)
-    if split == "train":
-        conversations = augmented(conversations, records, cfg)
-    if not cfg.retrieval:
-        return [without_retrieval(c) for c in conversations]
-    return [question_first(c) for c in conversations] if cfg.question_first else conversations
+    if augment:
+        conversations = augmented(conversations, records, dataclasses.replace(
+            cfg, counterfactual_copies=counterfactual_copies))
+    return conversations
+
+
+def sft_conversations(split: str, cfg: TrainConfig, manager: RetrievalManager,
+                      tokenizer: RagTokenizer | None = None) -> list[dict]:
+    """Conversations of a query split in the run's prompt format. The train split adds the
+    augmentations, cfg.generated_worlds generated worlds and, with cfg.min_doc_tokens and a
+    tokenizer, a varied document cut per conversation (`cut_documents`)."""
+    train = split == "train"
+    conversations = rag_conversations(load_queries(split, kb_source(cfg)), manager, cfg, train,
+                                      cfg.counterfactual_copies)
+    for world in range(cfg.generated_worlds if train else 0):
+        records, world_manager = generated_world(cfg, world)
+        conversations += rag_conversations(records, world_manager, cfg, True, 0)
+    if train and cfg.min_doc_tokens and tokenizer is not None and cfg.retrieval:
+        rng, cache = random.Random(f"{cfg.seed}:cut"), {}
+        conversations = [cut_documents(c, tokenizer, rng.randint(cfg.min_doc_tokens, cfg.max_doc_tokens), cache)
+                         for c in conversations]
+    prompt = cfg.prompt_format()
+    return [prompt.arrange(c) for c in conversations]
 
 
 def packed_loader(split: str, cfg: TrainConfig, tokenizer: RagTokenizer, manager: RetrievalManager,
                   env: DistEnv, shuffle: bool) -> PackedLoader:
     """This rank's PackedLoader over the split's conversations packed into cfg.seq_len rows."""
-    examples, _ = render_conversations(sft_conversations(split, cfg, manager), tokenizer, max_len=cfg.seq_len,
+    examples, _ = render_conversations(sft_conversations(split, cfg, manager, tokenizer), tokenizer, max_len=cfg.seq_len,
                                        max_doc_tokens=cfg.max_doc_tokens)
     if split == "train" and cfg.document_loss:
         for example in examples:

@@ -56,7 +56,7 @@ from refrag.data import RagTokenizer, load_queries, pack_examples, refrag_conver
 from refrag.data.conversations import gold_documents, with_gold
 from refrag.data.loader import PackedLoader
 from refrag.eval.answers import exact_match, token_f1
-from refrag.fileio import dumps_line
+from refrag.fileio import dumps_line, file_lock
 from refrag.infer import Engine
 from refrag.infer.multihop import ABSTAINED, ANSWERED, TRUNCATED, MultiHopTrace, run_multihop
 from refrag.model import HybridLM, ModelConfig, preset
@@ -64,7 +64,7 @@ from refrag.train import checkpoint as ckpt
 from refrag.train.config import TrainConfig, apply_overrides, parse_value, read_config_file, require
 from refrag.train.data import kb_source, prepare_tokenizer, retrieval_manager
 from refrag.train.optim import parameter_groups
-from refrag.train.sft import train_sft
+from refrag.train.sft import checkpoint_assets, train_sft
 from refrag.train.shims import DistEnv, autocast, init_distributed, nvtx_range, seed_everything
 
 REWARD_WEIGHTS = {"answer": 0.6, "relevance": 0.3, "efficiency": 0.1}
@@ -79,7 +79,6 @@ REFRAG_HELP = {
     "group_size": "sampled trajectories per question (GRPO group)",
     "max_hops": "retrievals per question at most (>= 1)",
     "max_new_tokens": "tokens per model turn at most",
-    "max_doc_tokens": "tokens per rendered document at most",
     "temperature": "sampling temperature of RL trajectories",
     "top_p": "nucleus sampling mass of RL trajectories",
     "kl_beta": "weight of the per-token k3 KL penalty to the frozen SFT model (0 disables it)",
@@ -99,7 +98,6 @@ class RefragConfig:
     group_size: int = 4
     max_hops: int = 3
     max_new_tokens: int = 32
-    max_doc_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 0.95
     kl_beta: float = 0.02
@@ -109,7 +107,7 @@ class RefragConfig:
     def __post_init__(self):
         for name in ("sft_steps", "rl_steps"):
             require(name, getattr(self, name), int, minimum=0)
-        for name in ("questions_per_step", "max_hops", "max_new_tokens", "max_doc_tokens"):
+        for name in ("questions_per_step", "max_hops", "max_new_tokens"):
             require(name, getattr(self, name), int, minimum=1)
         require("group_size", self.group_size, int, minimum=2)  # GRPO advantages of a group of 1 are all 0
         for name in ("temperature", "kl_beta", "rl_lr"):
@@ -183,7 +181,7 @@ def multihop_loader(records: Sequence[dict], cfg: TrainConfig, rcfg: RefragConfi
     """PackedLoader over the records' multi-hop conversations packed into cfg.seq_len rows."""
     conversations = multihop_conversations(records, manager, cfg.top_k, cfg.seed, cfg.question_first)
     examples, _ = render_conversations(conversations, tokenizer, max_len=cfg.seq_len,
-                                       max_doc_tokens=rcfg.max_doc_tokens)
+                                       max_doc_tokens=cfg.max_doc_tokens)
     if not examples:
         raise ValueError(f"no multi-hop example fits seq_len={cfg.seq_len}")
     rows = pack_examples(examples, cfg.seq_len, tokenizer.pad_id)
@@ -323,7 +321,7 @@ def train_rl(model: HybridLM, tokenizer: RagTokenizer, retriever, records: Seque
                 traces = run_multihop(generator, tokenizer, retriever, [r["question"] for r in batch],
                                       max_hops=rcfg.max_hops, top_k=cfg.top_k, max_new_tokens=rcfg.max_new_tokens,
                                       temperature=rcfg.temperature, top_p=rcfg.top_p, seed=cfg.seed + step,
-                                      max_doc_tokens=rcfg.max_doc_tokens, question_first=cfg.question_first)
+                                      max_doc_tokens=cfg.max_doc_tokens, question_first=cfg.question_first)
             model.train()
             rewards = [refrag_reward(t, r, rcfg.max_hops) for t, r in zip(traces, batch)]
             advantages = group_advantages(torch.tensor([r.total for r in rewards]), rcfg.group_size)
@@ -348,7 +346,7 @@ def train_rl(model: HybridLM, tokenizer: RagTokenizer, retriever, records: Seque
 
 def prompt_format(cfg: TrainConfig, rcfg: RefragConfig) -> dict:
     """How a REFRAG model's prompts were rendered (stored in its checkpoint; evaluation reuses it)."""
-    return {"multihop": True, "question_first": cfg.question_first, "max_doc_tokens": rcfg.max_doc_tokens}
+    return {"multihop": True, "question_first": cfg.question_first, "max_doc_tokens": cfg.max_doc_tokens}
 
 
 def initial_model(cfg: TrainConfig, rcfg: RefragConfig, tokenizer: RagTokenizer) -> HybridLM:
@@ -367,7 +365,15 @@ def initial_model(cfg: TrainConfig, rcfg: RefragConfig, tokenizer: RagTokenizer)
 
 
 def run_refrag(cfg: TrainConfig, rcfg: RefragConfig, resume: bool = True) -> dict:
-    """Both phases from configs; returns {"sft": records, "rl": records, "checkpoint": path or None}."""
+    """Both phases from configs; returns {"sft": records, "rl": records, "checkpoint": path or None}.
+    Holds ``<out_dir>/.run.lock``: a second run with the same out_dir fails at once."""
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with file_lock(out_dir / ".run.lock", blocking=False, what=f"refrag out_dir {out_dir}"):
+        return _run_refrag(cfg, rcfg, resume)
+
+
+def _run_refrag(cfg: TrainConfig, rcfg: RefragConfig, resume: bool) -> dict:
     env = init_distributed(cfg.device)
     if env.world_size > 1:
         raise ValueError("refrag training runs in one process (launch without torchrun)")
@@ -379,9 +385,7 @@ def run_refrag(cfg: TrainConfig, rcfg: RefragConfig, resume: bool = True) -> dic
     out_dir = Path(cfg.out_dir)
     result = {"sft": [], "rl": [], "checkpoint": None}
     if rcfg.sft_steps:
-        # the SFT checkpoint records the document length the multi-hop examples were rendered with
-        sft_cfg = dataclasses.replace(cfg, max_steps=rcfg.sft_steps, out_dir=str(out_dir / "sft"),
-                                      max_doc_tokens=rcfg.max_doc_tokens)
+        sft_cfg = dataclasses.replace(cfg, max_steps=rcfg.sft_steps, out_dir=str(out_dir / "sft"))
         loader = multihop_loader(records, sft_cfg, rcfg, tokenizer, manager, env)
         result["sft"] = train_sft(sft_cfg, model, loader, None, env=env, model_config=model.config.to_dict(),
                                   resume=resume)
@@ -392,7 +396,7 @@ def run_refrag(cfg: TrainConfig, rcfg: RefragConfig, resume: bool = True) -> dic
             out_dir / "rl" / "checkpoints", rcfg.rl_steps, model_state=model.state_dict(), optimizer_state={},
             trainer_state={"step": rcfg.rl_steps},
             config={"train": cfg.to_dict(), "model": model.config.to_dict(), "refrag": rcfg.to_dict(),
-                    "prompt": prompt_format(cfg, rcfg)})
+                    "prompt": prompt_format(cfg, rcfg)}, files=checkpoint_assets(cfg))
     return result
 
 

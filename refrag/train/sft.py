@@ -15,7 +15,8 @@ skipped_steps (running count) and, when evaluated, val_loss. A non-finite loss o
 skips the optimizer update (grads are zeroed, the schedule still advances);
 ``MAX_CONSECUTIVE_SKIPS`` skipped steps in a row stop the run with an error (it diverged), and
 weights that are not finite are never saved. Checkpoints go to ``<out_dir>/checkpoints/``
-(see `refrag.train.checkpoint`); a run started with the same out_dir resumes from the newest
+(see `refrag.train.checkpoint`) with the run's tokenizer and prompt-format record inside
+(`checkpoint_assets`), so evaluation needs nothing else; a run started with the same out_dir resumes from the newest
 intact one (a corrupt newer one is skipped with a warning) and reproduces the uninterrupted
 loss curve exactly (bit for bit with ``cfg.deterministic``). Resuming applies the *current*
 config's optimization settings: the learning-rate schedule (lr, warmup_steps, max_steps,
@@ -40,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from refrag.data.prompt import FILE_NAME as PROMPT_FORMAT_FILE
 from refrag.fileio import file_lock, read_jsonl, write_jsonl
 from refrag.train import checkpoint as ckpt
 from refrag.train.config import TrainConfig
@@ -97,9 +99,18 @@ def _restore_gradient_sync(wrapped: nn.Module):
 
 
 def to_device(batch, device: torch.device):
-    """(input_ids (1, B*L), targets (1, B*L), layout) of a loader batch, on `device`."""
-    return (batch.input_ids.reshape(1, -1).to(device, non_blocking=True),
-            batch.targets.reshape(1, -1).to(device, non_blocking=True), batch.layout(device))
+    """(input_ids (1, B*L), targets (1, B*L), layout) of a loader batch, on `device`.
+
+    The layout is built and validated on the CPU; every tensor goes to a GPU through pinned
+    memory with non-blocking copies, so the step that follows never waits on the host.
+    """
+    def move(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(1, -1)
+        if torch.device(device).type == "cuda":
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
+
+    return move(batch.input_ids), move(batch.targets), batch.layout(device)
 
 
 def endless(loader):
@@ -139,9 +150,19 @@ def save_training_state(root: Path, step: int, skipped: int, wrapped: nn.Module,
                          "scheduler": scheduler.state_dict(), "ranks": per_rank}
         ckpt.save_checkpoint(root, step, model_state=model_state, optimizer_state=optimizer_state,
                              trainer_state=trainer_state,
-                             config={"train": cfg.to_dict(), "model": model_config})
+                             config={"train": cfg.to_dict(), "model": model_config}, files=checkpoint_assets(cfg))
         ckpt.prune_checkpoints(root, cfg.keep_checkpoints)
     barrier(env)
+
+
+def checkpoint_assets(cfg: TrainConfig) -> dict:
+    """Files that make a checkpoint self-contained: ``prompt_format.json`` (the run's
+    `PromptFormat` record) and a copy of the tokenizer as ``tokenizer.json`` when cfg.tokenizer
+    exists (synthetic-data runs without one store only the record)."""
+    files = {PROMPT_FORMAT_FILE: cfg.prompt_format().to_dict()}
+    if Path(cfg.tokenizer).is_file():
+        files[ckpt.TOKENIZER_FILE] = Path(cfg.tokenizer).read_text(encoding="utf-8")
+    return files
 
 
 def restore_training_state(path: Path, wrapped: nn.Module, optimizer, train_loader,
@@ -232,7 +253,9 @@ def _train_sft(cfg: TrainConfig, model: nn.Module, train_loader, val_loader, env
     consecutive_skips = 0
     val_batches = list(itertools.islice(endless(val_loader), cfg.val_rows)) if val_loader is not None else []
     train_iter = endless(train_loader)
-    progress = tqdm(total=cfg.max_steps, initial=start, desc="sft", disable=not env.is_main, dynamic_ncols=True)
+    tty = sys.stderr.isatty()  # redirected to a log: a bar line a minute, not one per step
+    progress = tqdm(total=cfg.max_steps, initial=start, desc="sft", disable=not env.is_main, dynamic_ncols=True,
+                    mininterval=0.1 if tty else 60, maxinterval=10 if tty else 600)
     for step in range(start + 1, cfg.max_steps + 1):
         synchronize(env.device)
         reset_peak_memory(env.device)

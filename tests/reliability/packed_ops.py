@@ -124,8 +124,8 @@ def ssd_call(t, s, e, h0, **varlen):
 
 def ssd_packed(doc_mode: bool):
     def run(t, device):
-        return ssd_call(t, 0, LENGTH, t["h0"], cu_seqlens=packed_cu_seqlens(device),
-                        doc_ids=packed_doc_ids(device), doc_mode=doc_mode)
+        docs = dict(doc_ids=packed_doc_ids(device), doc_mode=True) if doc_mode else {}
+        return ssd_call(t, 0, LENGTH, t["h0"], cu_seqlens=packed_cu_seqlens(device), **docs)
     return run
 
 

@@ -131,8 +131,9 @@ def test_add_killed_between_the_two_renames_is_recovered_by_the_next_stats(tmp_p
     assert killed.returncode == 9, killed.stderr
     assert not kb_dir.exists() and kb_leftovers(kb_dir), "the kill did not land between the renames"
     retrieval_main(["stats", "--kb", str(kb_dir)])
-    stats = json.loads(capsys.readouterr().out)
-    assert stats["count"] == 6  # the new copy was complete before the first rename: the swap is finished
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["count"] == 6  # the new copy was complete before the first rename
+    assert "finished the interrupted swap" in captured.err
     assert kb_leftovers(kb_dir) == []
     assert KnowledgeBase.load(kb_dir).ids[-2:] == ["doc-10", "doc-11"]
 
@@ -142,7 +143,8 @@ def test_add_killed_while_writing_leaves_the_kb_and_its_temp_copy_is_cleaned(tmp
     assert killed.returncode == 9, killed.stderr
     assert any(".tmp-" in name for name in kb_leftovers(kb_dir)), "the kill left no temp copy to clean"
     retrieval_main(["stats", "--kb", str(kb_dir)])
-    assert json.loads(capsys.readouterr().out)["count"] == 4
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["count"] == 4 and "deleted stale .kb.tmp-" in captured.err
     assert kb_leftovers(kb_dir) == []
 
 

@@ -99,7 +99,8 @@ def test_causal_conv1d_update_refuses_an_overlapping_state(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8])
-def test_cross_entropy_takes_every_integer_target_dtype(device, dtype):
+def test_cross_entropy_takes_every_integer_target_dtype(device, dtype, reference_ops):
+    """On CPU through the reference path (plain torch, whose gather wanted int64 indices)."""
     gen = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(6, 16, generator=gen).to(device), torch.randn(10, 16, generator=gen).to(device)
     targets = torch.tensor([1, 2, 9, 0, 4, 7], device=device)

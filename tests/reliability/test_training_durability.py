@@ -5,6 +5,7 @@ checkpoint manifests, fallback to an intact older checkpoint, torn metrics and t
 out_dir (item 9), accepted bad config values (item 10) and REFRAG arguments checked before the
 SFT phase (item 11). The tiny HybridLM runs on the PyTorch reference ops: the loop is under test.
 """
+import fcntl
 import json
 import math
 import threading
@@ -76,8 +77,8 @@ class AlwaysNaN(torch.nn.Module):
         super().__init__()
         self.inner = tiny_model()
 
-    def forward(self, input_ids, layout=None, targets=None, num_loss_tokens=None):
-        return self.inner(input_ids, layout=layout, targets=targets, num_loss_tokens=num_loss_tokens) * float("nan")
+    def forward(self, input_ids, layout=None, targets=None, **kwargs):
+        return self.inner(input_ids, layout=layout, targets=targets, **kwargs) * float("nan")
 
 
 def test_a_run_that_skips_every_step_fails_instead_of_exiting_cleanly(tmp_path):
@@ -209,6 +210,31 @@ def test_two_runs_with_one_out_dir_get_a_clear_error(tmp_path):
         thread.join(120)
     assert isinstance(outcome["first"], list) and len(outcome["first"]) == 8, outcome["first"]
     assert metric_steps(tmp_path / "shared") == list(range(1, 9))
+
+
+def test_two_refrag_runs_with_one_out_dir_get_a_clear_error(tmp_path):
+    from refrag.train.refrag import RefragConfig, run_refrag
+
+    held, release = threading.Event(), threading.Event()
+
+    def other_run():  # another run holding the out_dir's lock (flock on its own descriptor, like a process)
+        (tmp_path / "run").mkdir()
+        with open(tmp_path / "run" / ".run.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    try:
+        assert held.wait(30)
+        cfg = TrainConfig(out_dir=str(tmp_path / "run"), tokenizer=str(tmp_path / "tok.json"),
+                          kb_dir=str(tmp_path / "no-kb"))
+        with pytest.raises(ValueError, match="in use by another process"):
+            run_refrag(cfg, RefragConfig())
+    finally:
+        release.set()
+        thread.join(60)
 
 
 # ------------------------------------------------------------------------------- items 10, 11

@@ -1,0 +1,38 @@
+"""Packing report on the embedded KB: BM25-retrieved conversations rendered and packed into rows.
+
+    python -m bench.packing_report --max-len 8192 [--split train] [--top-k 5] [--max-doc-tokens 256]
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from refrag.data import (EMBEDDED_KB_DIR, build_conversations, load_queries, load_tokenizer, pack_examples,
+                         packing_efficiency, render_conversations)
+from refrag.retrieval import HashingEncoder, KnowledgeBase, RetrievalManager, read_documents
+from refrag.validate import number_arg
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.packing_report", description=__doc__.splitlines()[0])
+    parser.add_argument("--max-len", type=number_arg(int, minimum=1), default=8192)
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--top-k", type=number_arg(int, minimum=1), default=5)
+    parser.add_argument("--max-doc-tokens", type=number_arg(int, minimum=1), default=256)
+    args = parser.parse_args(argv)
+    kb = KnowledgeBase.build(read_documents(EMBEDDED_KB_DIR / "documents.jsonl"), HashingEncoder(64),
+                             show_progress=False)
+    manager = RetrievalManager("bm25", knowledge_base=kb)
+    convs = build_conversations(load_queries(args.split), manager, args.top_k)
+    examples, stats = render_conversations(convs, load_tokenizer(), max_len=args.max_len,
+                                           max_doc_tokens=args.max_doc_tokens)
+    rows = pack_examples(examples, args.max_len, load_tokenizer().pad_id)
+    lengths = [len(e) for e in examples]
+    print(f"examples {stats.rendered} (dropped {stats.dropped_too_long}, truncated docs {stats.truncated_docs}), "
+          f"length min/mean/max {min(lengths)}/{np.mean(lengths):.0f}/{max(lengths)}")
+    print(f"rows {len(rows)} x {args.max_len}: packing efficiency {packing_efficiency(rows):.4f}")
+
+
+if __name__ == "__main__":
+    main()
