@@ -1,4 +1,4 @@
-"""Serving API (refrag.infer.serve.RagService) and the document cache on the multi-hop path.
+"""Serving API (refrag.serve.RagService) and the document cache on the multi-hop path.
 
 The per-document cache key holds every token before a document's retrieval block: question
 first, two questions over the same documents share nothing; documents first, the second
@@ -11,7 +11,7 @@ import torch
 
 import kernels.common.dispatch as dispatch
 from refrag.data import load_tokenizer
-from refrag.infer.serve import Answer, RagService
+from refrag.serve import Answer, RagService
 from refrag.model import HybridLM, MambaConfig, ModelConfig
 from test_multihop import FakeRetriever, doc
 

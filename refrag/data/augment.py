@@ -22,7 +22,8 @@ import random
 import re
 from collections import Counter, defaultdict
 
-IDK = "I don't know"
+from refrag.data.answers import IDK
+
 ANSWERABLE = ("single_hop", "two_hop", "contradictory")
 # A kind keeps its own suffix word ("River", "Guild", ...) once this many answers share it.
 SUFFIX_MIN_COUNT = 5

@@ -10,14 +10,14 @@ import random
 from pathlib import Path
 from typing import Sequence
 
+from refrag.data.answers import QUESTION_TYPES
 from refrag.fileio import jsonl_lines, loads_strict
-from refrag.retrieval.documents import read_text_utf8
+from refrag.data.documents import read_text_utf8
 
 EMBEDDED_KB_DIR = Path(__file__).parent / "kb"
 SYSTEM_PROMPT = ("Answer the question using only the provided documents. Reply with a short answer, "
                  "or \"I don't know\" if the documents do not contain it.")
 SPLITS = ("train", "val", "test")
-QUESTION_TYPES = ("single_hop", "two_hop", "contradictory", "unanswerable")
 
 
 def validate_query(record: object, where: str) -> dict:

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from refrag import fileio
+from refrag.data.answers import IDK
 
 DEFAULT_SEED = 20240611
-IDK = "I don't know"
 SPLIT_SIZES = {"test": 200, "val": 200}
 
 ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "gr", "h", "k", "l", "m", "n", "p",

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from refrag.data.schema import MAX_DOCS_PER_BLOCK
 from refrag.fileio import jsonl_lines
-from refrag.retrieval.documents import document_text, read_documents, read_text_utf8
+from refrag.data.documents import document_text, read_documents, read_text_utf8
 from refrag.validate import number_arg
 
 ROLE_TOKENS = ["[SYS]", "[/SYS]", "[USER]", "[/USER]", "[ASST]", "[/ASST]", "[QUERY]", "[/QUERY]"]

@@ -21,7 +21,7 @@ from refrag.data.prompt import PromptFormat
 from refrag.eval.answers import aggregate, score_answer
 from refrag.infer.engine import Engine
 from refrag.model import HybridLM, ModelConfig
-from refrag.retrieval.documents import document_text
+from refrag.data.documents import document_text
 from refrag.train.checkpoint import TOKENIZER_FILE, CheckpointError, latest_checkpoint, load_checkpoint
 from refrag.train.config import TrainConfig
 

@@ -38,10 +38,10 @@ from refrag.eval.answers import aggregate, format_table, score_answer
 from refrag.data.prompt import PromptFormat
 from refrag.eval.evaluate import evaluate_model, load_trained_model
 from refrag.infer import Engine
-from refrag.infer.doc_cache import CachedEngine, DocumentCache
+from refrag.infer.doc_cache import CachedEngine, DocumentCache, precompute_documents
 from refrag.infer.multihop import STATUSES, run_multihop
 from refrag.retrieval import RetrievalManager
-from refrag.retrieval.documents import document_text
+from refrag.data.documents import document_text
 from refrag.fileio import check_writable_file
 from refrag.validate import number_arg
 
@@ -101,8 +101,6 @@ def compare_cache(model, tokenizer: RagTokenizer, retriever, records: Sequence[d
     ``precompute_seconds``, not part of the ratio). kwargs: evaluate_multihop's settings
     (max_hops, top_k, max_doc_tokens, question_first, ...).
     """
-    from refrag.infer.serve import precompute_documents
-
     cache = DocumentCache(max_bytes=cache_bytes)
     extra = {}
     if precompute:

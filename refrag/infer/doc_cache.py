@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import DocLayout, ssd_scan
+from refrag.data import SYSTEM_PROMPT, render_for_generation
 from refrag.infer.engine import decode_loop
 from refrag.model import AttentionCache, HybridCache, HybridLM, MambaCache
 from refrag.model.blocks import AttentionBlock, MambaBlock, conv_continuing
@@ -550,3 +551,32 @@ def _compose(cache: HybridCache, entries: Sequence[DocumentEntry]) -> None:
             tails = torch.cat([e.layers[i].conv_tail for e in entries])
             layer.conv_state = _last_rows(layer.conv_state, tails, layer.conv_state.shape[-1])
     cache.lengths += total
+
+
+def precompute_documents(engine: CachedEngine, tokenizer, documents: Sequence[dict], slots: int,
+                         max_doc_tokens: int, system: str = SYSTEM_PROMPT) -> int:
+    """Encode documents ahead of questions (offline, as a KB is indexed) into engine's cache.
+
+    Documents first, a hop-1 document's encoding depends only on the system prompt, so each
+    document is encoded once per slot ``[DOC_k]`` (k = 1..slots) and every later question that
+    retrieves it in that slot hits. Returns the number of encodings computed (cache misses).
+    With attention blocks the model needs block document positions (every document of a block
+    starts at the same RoPE position), else ValueError.
+    """
+    if engine.model.config.doc_positions != "block" and engine._has_attention:
+        raise ValueError("precompute needs doc_positions='block' (a document's positions must not depend on "
+                         "the documents before it)")
+    misses = engine.cache.stats.misses
+    for doc in documents:
+        ref = {k: doc[k] for k in ("id", "title", "content", "source") if k in doc}
+        for slot in range(1, slots + 1):
+            conv = {"messages": [{"role": "system", "content": system},
+                                 {"role": "retrieval", "documents": [ref] * slot}, {"role": "user", "content": "?"}]}
+            rendered = render_for_generation(conv, tokenizer, max_doc_tokens)
+            ids, doc_ids = rendered.input_ids.tolist(), rendered.doc_ids.tolist()
+            first, start = doc_ids.index(1), doc_ids.index(slot)
+            stop = len(doc_ids) - doc_ids[::-1].index(slot)
+            # prefix, the slot-k document alone, one shared token: the document's cache key (its
+            # tokens, the tokens before the block, the block position) is the one a real block gives
+            engine.prefill([ids[:first], [ids[start:stop]], [ids[stop]]])
+    return engine.cache.stats.misses - misses

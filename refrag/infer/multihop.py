@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from refrag.data import SYSTEM_PROMPT, render_for_generation
-from refrag.eval.answers import is_abstention
+from refrag.data.answers import is_abstention
 
 ANSWERED, ABSTAINED, MAX_HOPS, TRUNCATED, EMPTY = "answered", "abstained", "max_hops", "truncated", "empty"
 STATUSES = (ANSWERED, ABSTAINED, MAX_HOPS, TRUNCATED, EMPTY)

@@ -7,7 +7,7 @@
 
 CLI: python -m refrag.retrieval {prepare-kb,add,search,stats} --help
 """
-from refrag.retrieval.documents import read_documents, validate_document
+from refrag.data.documents import read_documents, validate_document
 from refrag.retrieval.encoders import DEFAULT_ENCODER, HashingEncoder, SentenceTransformerEncoder, load_encoder
 from refrag.retrieval.kb import KnowledgeBase, add_documents, prepare_kb
 from refrag.retrieval.manager import RetrievalManager

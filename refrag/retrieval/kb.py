@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from refrag.fileio import atomic_directory, file_lock, jsonl_lines, lock_path, recover_directory, sha256_file
-from refrag.retrieval.documents import (check_no_overlap, document_text, parse_documents, read_documents,
+from refrag.data.documents import (check_no_overlap, document_text, parse_documents, read_documents,
                                         read_text_utf8, write_documents)
 from refrag.retrieval.encoders import DEFAULT_ENCODER, Encoder, load_encoder
 

@@ -55,7 +55,7 @@ from kernels import DocLayout
 from refrag.data import RagTokenizer, load_queries, pack_examples, refrag_conversation, render_conversations
 from refrag.data.conversations import gold_documents, with_gold
 from refrag.data.loader import PackedLoader
-from refrag.eval.answers import exact_match, token_f1
+from refrag.data.answers import QUESTION_TYPES, exact_match, token_f1
 from refrag.fileio import dumps_line, file_lock
 from refrag.infer import Engine
 from refrag.infer.multihop import ABSTAINED, ANSWERED, TRUNCATED, MultiHopTrace, run_multihop
@@ -69,7 +69,6 @@ from refrag.train.shims import DistEnv, autocast, init_distributed, nvtx_range, 
 
 REWARD_WEIGHTS = {"answer": 0.6, "relevance": 0.3, "efficiency": 0.1}
 ADVANTAGE_EPS = 1e-6
-QUESTION_TYPES = ("single_hop", "two_hop", "contradictory", "unanswerable")
 
 REFRAG_HELP = {
     "sft_steps": "multi-hop SFT optimizer steps (0 skips the phase)",

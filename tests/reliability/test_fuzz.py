@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from kernels import DocLayout
 from refrag.data import load_tokenizer, render_conversation, render_for_generation
 from refrag.data.conversations import load_queries
-from refrag.retrieval.documents import ID_PATTERN, parse_documents, read_documents
+from refrag.data.documents import ID_PATTERN, parse_documents, read_documents
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

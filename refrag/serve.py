@@ -2,7 +2,7 @@
 
 Example::
 
-    from refrag.infer.serve import RagService
+    from refrag.serve import RagService
 
     service = RagService.from_checkpoint("out/refrag/rl/checkpoints")   # or an SFT-RAG run
     reply = service.answer("Where was the inventor of the Folding Sextant born?")
@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 
 from refrag.data import SYSTEM_PROMPT
-from refrag.infer.doc_cache import CachedEngine, DocumentCache
+from refrag.infer.doc_cache import CachedEngine, DocumentCache, precompute_documents
 from refrag.infer.engine import Engine
 from refrag.infer.multihop import run_multihop
 
@@ -82,7 +82,7 @@ class RagService:
         """Service for a run's newest checkpoint (or a step directory): model, tokenizer, prompt
         format, top_k and retriever (its KB and kind) as trained; REFRAG checkpoints answer with
         up to 3 hops, single-shot ones with 1. overrides: any keyword of the constructor."""
-        from refrag.eval.multihop import load_for_eval
+        from refrag.eval.multihop import load_for_eval  # serving sits above evaluation (docs/architecture.md)
         from refrag.retrieval import RetrievalManager
 
         model, tokenizer, cfg, prompt, _ = load_for_eval(checkpoint, device)
@@ -124,34 +124,3 @@ class RagService:
         lookups = stats["hits"] + stats["misses"]
         return {"enabled": True, **stats, "hit_rate": stats["hits"] / lookups if lookups else None,
                 "entries": len(self.cache), "bytes": self.cache.nbytes}
-
-
-def precompute_documents(engine: CachedEngine, tokenizer, documents: Sequence[dict], slots: int,
-                         max_doc_tokens: int, system: str = SYSTEM_PROMPT) -> int:
-    """Encode documents ahead of questions (offline, as a KB is indexed) into engine's cache.
-
-    Documents first, a hop-1 document's encoding depends only on the system prompt, so each
-    document is encoded once per slot ``[DOC_k]`` (k = 1..slots) and every later question that
-    retrieves it in that slot hits. Returns the number of encodings computed (cache misses).
-    With attention blocks the model needs block document positions (every document of a block
-    starts at the same RoPE position), else ValueError.
-    """
-    from refrag.data import render_for_generation
-
-    if engine.model.config.doc_positions != "block" and engine._has_attention:
-        raise ValueError("precompute needs doc_positions='block' (a document's positions must not depend on "
-                         "the documents before it)")
-    misses = engine.cache.stats.misses
-    for doc in documents:
-        ref = {k: doc[k] for k in ("id", "title", "content", "source") if k in doc}
-        for slot in range(1, slots + 1):
-            conv = {"messages": [{"role": "system", "content": system},
-                                 {"role": "retrieval", "documents": [ref] * slot}, {"role": "user", "content": "?"}]}
-            rendered = render_for_generation(conv, tokenizer, max_doc_tokens)
-            ids, doc_ids = rendered.input_ids.tolist(), rendered.doc_ids.tolist()
-            first, start = doc_ids.index(1), doc_ids.index(slot)
-            stop = len(doc_ids) - doc_ids[::-1].index(slot)
-            # prefix, the slot-k document alone, one shared token: the document's cache key (its
-            # tokens, the tokens before the block, the block position) is the one a real block gives
-            engine.prefill([ids[:first], [ids[start:stop]], [ids[stop]]])
-    return engine.cache.stats.misses - misses
