@@ -99,6 +99,22 @@ def test_cached_prefill_with_a_key_conv_equals_full_prefill(width, device, refer
         assert_same_generation(model, engine, segments)
 
 
+def test_shared_text_in_pieces_of_one_and_more_tokens_equals_full_prefill(device, reference_ops):
+    """Shared text continuing the cache one token at a time (the blocks' decode update kernels)
+    or several tokens at once (conv window and chunked scan from the cached state) gives the
+    full prefill: MambaBlock.mix and AttentionBlock.attend_cached on both of their paths."""
+    model = tiny_model("T,M,T", device, key_conv=3)
+    engine = CachedEngine(model, DocumentCache(max_bytes=1 << 30))
+    segments = [PREFIX[:1], PREFIX[1:2], PREFIX[2:], [DOCS["a"], DOCS["b"]], SUFFIX[:1], SUFFIX[1:]]
+    assert_cached_prefill_equals_full_prefill(model, engine, segments)
+
+
+def test_mamba_mix_takes_exactly_one_of_ctx_and_cache(device):
+    block = tiny_model("M", device).blocks[0]
+    with pytest.raises(ValueError, match="exactly one of ctx"):
+        block.mix(torch.zeros(1, 3, block.norm.normalized_shape[0], device=device))
+
+
 def marked(body: list[int], slot: int) -> list[int]:
     """A document as rendered in slot `slot`: ids 1, 2 stand for [DOC_1], [DOC_2], id 0 for its closer."""
     return [slot] + body + [0]

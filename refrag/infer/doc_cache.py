@@ -50,13 +50,12 @@ from dataclasses import dataclass, field
 from typing import Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
-from kernels import DocLayout, ssd_scan
+from kernels import DocLayout
 from refrag.data import SYSTEM_PROMPT, render_for_generation
 from refrag.infer.engine import decode_loop
 from refrag.model import AttentionCache, HybridCache, HybridLM, MambaCache
-from refrag.model.blocks import AttentionBlock, MambaBlock, conv_continuing
+from refrag.model.blocks import AttentionBlock, conv_state_after
 
 Segment = Union[Sequence[int], Sequence[Sequence[int]]]
 
@@ -441,49 +440,11 @@ def stack_caches(caches: Sequence[HybridCache]) -> HybridCache:
 # ---------------------------------------------------------------------- block math
 
 
-def _attend(block: AttentionBlock, x: torch.Tensor, layer: AttentionCache, visible_cached: torch.Tensor,
-            key_history: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor):
-    """New tokens x (1, n, d_model) attend to the cached keys where visible_cached (cached,) bool
-    is set and causally to each other; their key conv window follows key_history.
-
-    Returns the block output (1, n, d_model), the new keys and values (n, n_kv_head, head_dim)
-    and raw keys (n, n_kv_head * head_dim).
-    """
-    q, k, v, raw = block.qkv_after(x, key_history, cos, sin)
-    n, cached = x.shape[1], visible_cached.shape[0]
-    keys = torch.cat([layer.k[0, :cached].to(k.dtype), k[0]])  # (cached + n, n_kv_head, hd)
-    values = torch.cat([layer.v[0, :cached].to(v.dtype), v[0]])
-    causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
-    visible = torch.cat([visible_cached[None].expand(n, cached), causal], dim=1)  # (n, cached + n)
-    groups = block.n_head // block.n_kv_head
-    keys = keys.repeat_interleave(groups, dim=1).transpose(0, 1)[None]  # (1, n_head, cached + n, hd)
-    values = values.repeat_interleave(groups, dim=1).transpose(0, 1)[None]
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible)  # (1, n_head, n, hd)
-    return block._attend_and_mlp(x, o.transpose(1, 2)), k[0], v[0], raw[0]
-
-
-def _scan(block: MambaBlock, x: torch.Tensor, conv_history: torch.Tensor, h0: torch.Tensor):
-    """Mamba mixer over new tokens x (1, n, d_model) from conv history (1, conv_dim, w) and SSD state h0.
-
-    Returns (output (1, n, d_model), raw conv inputs (n, conv_dim), final state (h, p, n) fp32,
-    log total decay (h,) fp32).
-    """
-    n = x.shape[1]
-    z, xBC_raw, dt = block._split(block.in_proj(block.norm(x)))
-    xBC = conv_continuing(conv_history, xBC_raw, block.conv_weight, block.conv_bias, activation="silu")
-    xs, B, C = block._split_xbc(xBC)
-    A = -torch.exp(block.A_log.float())
-    y, final = ssd_scan(xs, dt, A, B, C, chunk_size=block.chunk_size, D=block.D, dt_bias=block.dt_bias,
-                        dt_softplus=True, initial_states=h0, return_final_states=True)
-    out = x + block.out_proj(block.out_norm(y.reshape(1, n, block.d_inner), z))
-    log_decay = (F.softplus(dt[0].float() + block.dt_bias.float()) * A).sum(0)
-    return out, xBC_raw[0], final[0].float(), log_decay
-
-
-def _last_rows(history: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
-    """Conv state (1, conv_dim, width): the last `width` of history (1, conv_dim, w) then rows (t, conv_dim)."""
-    joined = torch.cat([history, rows.t()[None].to(history.dtype)], dim=-1)
-    return joined[:, :, -width:].contiguous()
+def _attention_mask(visible_cached: torch.Tensor, n: int) -> torch.Tensor:
+    """Visibility (1, n, cached + n) of n new tokens: the cached slots where visible_cached
+    (cached,) bool is set, and each other causally."""
+    causal = torch.ones(n, n, dtype=torch.bool, device=visible_cached.device).tril()
+    return torch.cat([visible_cached[None].expand(n, -1), causal], dim=1)[None]
 
 
 def _run_shared(model: HybridLM, cache: HybridCache, ids: torch.Tensor, cos: torch.Tensor,
@@ -491,19 +452,14 @@ def _run_shared(model: HybridLM, cache: HybridCache, ids: torch.Tensor, cos: tor
     """Append shared tokens ids (1, n) to the cache; returns the last block's output (1, n, d_model)."""
     cached, n = int(cache.lengths[0]), ids.shape[1]
     cache.reserve(n)
-    every_key = torch.ones(cached, dtype=torch.bool, device=ids.device)
+    slots = torch.arange(cached, cached + n, device=ids.device)[None]
+    visible = _attention_mask(torch.ones(cached, dtype=torch.bool, device=ids.device), n)
     x = model.embed(ids)
     for block, layer in zip(model.blocks, cache.layers):
         if isinstance(block, AttentionBlock):
-            x, k, v, raw = _attend(block, x, layer, every_key, layer.key_conv_state, cos, sin)
-            layer.k[0, cached:cached + n] = k.to(layer.k.dtype)
-            layer.v[0, cached:cached + n] = v.to(layer.v.dtype)
-            if layer.key_conv_state is not None:
-                layer.key_conv_state = _last_rows(layer.key_conv_state, raw, layer.key_conv_state.shape[-1])
+            x = block.attend_cached(x, cos, sin, layer, slots, visible)
         else:
-            x, raw, final, _ = _scan(block, x, layer.conv_state, layer.ssm_state)
-            layer.conv_state = _last_rows(layer.conv_state, raw, layer.conv_state.shape[-1])
-            layer.ssm_state = final[None]
+            x = block.mix(x, cache=layer).out
     cache.lengths += n
     return x
 
@@ -513,20 +469,33 @@ def _encode_document(model: HybridLM, cache: HybridCache, shared: torch.Tensor, 
     """Encode one document ids (1, n) from the cache's state (the block entry), doc_mode semantics:
     attention sees the cached shared tokens (shared (cached,) bool; documents of earlier blocks
     are hidden) and the document, the conv window starts at the document, the SSD scan starts
-    from the block-entry state. The cache is not modified."""
+    from the block-entry state. The cache is not modified: each block runs on a scratch copy of
+    its layer (prefix keys and values, empty conv windows, the block-entry SSD state)."""
+    cached, n = shared.shape[0], ids.shape[1]
+    slots = torch.arange(cached, cached + n, device=ids.device)[None]
+    visible = _attention_mask(shared, n)
     x = model.embed(ids)
     layers = []
     for block, layer in zip(model.blocks, cache.layers):
         if isinstance(block, AttentionBlock):
-            history = None if layer.key_conv_state is None else torch.zeros_like(layer.key_conv_state)
-            x, k, v, raw = _attend(block, x, layer, shared, history, cos, sin)
-            tail = None if history is None else raw[-history.shape[-1]:].to(history.dtype)
-            layers.append(AttentionDocState(k.to(layer.k.dtype), v.to(layer.v.dtype), tail))
+            empty = layer.k.new_zeros(1, n, *layer.k.shape[2:])
+            keys = None if layer.key_conv_state is None else torch.zeros_like(layer.key_conv_state)
+            scratch = AttentionCache(torch.cat([layer.k[:, :cached], empty], dim=1),
+                                     torch.cat([layer.v[:, :cached], empty], dim=1), keys)
+            x = block.attend_cached(x, cos, sin, scratch, slots, visible)
+            tail = None if keys is None else _tail(scratch.key_conv_state, n)
+            layers.append(AttentionDocState(scratch.k[0, cached:], scratch.v[0, cached:], tail))
         else:
-            x, raw, final, log_decay = _scan(block, x, torch.zeros_like(layer.conv_state), layer.ssm_state)
-            tail = raw[-layer.conv_state.shape[-1]:].to(layer.conv_state.dtype)
-            layers.append(MambaDocState(final, log_decay, tail))
-    return DocumentEntry(layers, ids.shape[1], version)
+            scratch = MambaCache(torch.zeros_like(layer.conv_state), layer.ssm_state.clone())
+            result = block.mix(x, cache=scratch, return_log_decay=True)
+            x = result.out
+            layers.append(MambaDocState(scratch.ssm_state[0], result.log_decay[0], _tail(scratch.conv_state, n)))
+    return DocumentEntry(layers, n, version)
+
+
+def _tail(conv_state: torch.Tensor, n: int) -> torch.Tensor:
+    """The last min(n, w) raw inputs (t, C) of a conv state (1, C, w) that began empty n inputs ago."""
+    return conv_state[0, :, -min(n, conv_state.shape[-1]):].t().contiguous()
 
 
 def _compose(cache: HybridCache, entries: Sequence[DocumentEntry]) -> None:
@@ -540,7 +509,7 @@ def _compose(cache: HybridCache, entries: Sequence[DocumentEntry]) -> None:
             layer.v[0, cached:cached + total] = torch.cat([e.layers[i].v for e in entries])
             if layer.key_conv_state is not None:
                 tails = torch.cat([e.layers[i].key_tail for e in entries])
-                layer.key_conv_state = _last_rows(layer.key_conv_state, tails, layer.key_conv_state.shape[-1])
+                layer.key_conv_state = conv_state_after(layer.key_conv_state, tails[None])
         else:
             h0 = layer.ssm_state[0]
             h = h0
@@ -549,7 +518,7 @@ def _compose(cache: HybridCache, entries: Sequence[DocumentEntry]) -> None:
                 h = decay * h + (e.layers[i].final - decay * h0)
             layer.ssm_state = h[None].contiguous()
             tails = torch.cat([e.layers[i].conv_tail for e in entries])
-            layer.conv_state = _last_rows(layer.conv_state, tails, layer.conv_state.shape[-1])
+            layer.conv_state = conv_state_after(layer.conv_state, tails[None])
     cache.lengths += total
 
 

@@ -2,6 +2,14 @@
 
 Each block has three entry points: `forward` (training, full sequences), `prefill` (same
 math, also returns the block's decode cache) and `step` (one token per row from the cache).
+Every path runs through one public method per block, which the per-document cache
+(refrag/infer/doc_cache.py) calls too:
+
+- `MambaBlock.mix`: the Mamba-2 mixer over full sequences (forward, prefill) or over new
+  tokens continuing a MambaCache, advanced in place (decode step, document cache);
+- `AttentionBlock.attend_cached`: new tokens written to an AttentionCache attend to its
+  visible slots, then the MLP (decode step, document cache); forward and prefill attend
+  with doc_attention over the packed row and share the projections and the MLP with it.
 """
 from __future__ import annotations
 
@@ -111,16 +119,6 @@ class AttentionBlock(nn.Module):
         q, k = self._rotate(q, k, ctx.cos, ctx.sin)
         return q, k, v, raw
 
-    def qkv_after(self, x: torch.Tensor, key_history: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor):
-        """New tokens x (1, n, d_model) that follow raw keys key_history (1, n_kv_head * hd,
-        key_conv - 1) (zeros: a window start; None without a key conv) -> q, k, v and raw keys."""
-        q, raw, v = self._project(x)
-        k = raw
-        if self.key_conv is not None:
-            k = conv_continuing(key_history, raw, self.key_conv, None, activation=None)
-        q, k = self._rotate(q, k, cos, sin)
-        return q, k, v, raw
-
     def _attend_and_mlp(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """Residual updates from the attention output o (b, l, n_head, hd)."""
         x = x + self.out(o.flatten(-2))
@@ -150,6 +148,38 @@ class AttentionBlock(nn.Module):
         key_state = last_inputs(raw, ctx.cu_seqlens, self.key_conv_width - 1) if self.key_conv is not None else None
         return self._attend_and_mlp(x, o), AttentionCache(cache_k, cache_v, key_state)
 
+    def attend_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: AttentionCache,
+                      slots: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Cached attention, then the MLP: new tokens x (b, n, d_model) -> block output (b, n, d_model).
+
+        The new tokens' keys and values (RoPE tables cos, sin (b|1, n, head_dim/2)) are written
+        to `cache` (b rows) at slots (b, n) int64; then every new token attends to the cache's
+        first m = visible.shape[-1] slots where visible (b|1, n, m) bool is set (its own slot
+        and those of earlier new tokens included: the caller sets them). With a key conv the
+        new raw keys continue the window cache.key_conv_state, which advances past them (in
+        place for one token: the decode update kernel).
+        """
+        q, raw, v = self._project(x)
+        k = raw
+        if self.key_conv is not None:
+            history = cache.key_conv_state
+            if x.shape[1] == 1:
+                k = causal_conv1d_update(history, raw[:, 0], self.key_conv, None, activation=None)[:, None]
+            else:
+                k = conv_continuing(history, raw, self.key_conv, None, activation=None)
+                cache.key_conv_state = conv_state_after(history, raw)
+        q, k = self._rotate(q, k, cos, sin)
+        rows = torch.arange(x.shape[0], device=x.device)[:, None]
+        cache.k[rows, slots] = k.to(cache.k.dtype)
+        cache.v[rows, slots] = v.to(cache.v.dtype)
+        m, groups = visible.shape[-1], self.n_head // self.n_kv_head
+        keys = cache.k[:, :m].repeat_interleave(groups, dim=2).transpose(1, 2)  # (b, n_head, m, hd)
+        values = cache.v[:, :m].repeat_interleave(groups, dim=2).transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None]
+        )  # (b, n_head, n, hd)
+        return self._attend_and_mlp(x, o.transpose(1, 2))
+
     def step(self, x: torch.Tensor, cache: AttentionCache, lengths: torch.Tensor) -> torch.Tensor:
         """One token per row: x (b, d_model) after lengths (b,) cached tokens -> (b, d_model).
 
@@ -158,19 +188,8 @@ class AttentionBlock(nn.Module):
         token (= lengths with either doc_positions: documents never shift shared positions).
         """
         cos, sin = rotary_cos_sin(lengths[:, None], self.head_dim, self.rope_theta)
-        q, k, v = self._project(x[:, None])
-        if self.key_conv is not None:
-            k = causal_conv1d_update(cache.key_conv_state, k[:, 0], self.key_conv, None, activation=None)[:, None]
-        q, k = self._rotate(q, k, cos, sin)
-        cache.append(k[:, 0], v[:, 0], lengths)
         visible = torch.arange(cache.capacity, device=x.device)[None, :] <= lengths[:, None]  # (b, capacity)
-        groups = self.n_head // self.n_kv_head
-        keys = cache.k.repeat_interleave(groups, dim=2).transpose(1, 2)  # (b, n_head, capacity, hd)
-        values = cache.v.repeat_interleave(groups, dim=2).transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None, None, :]
-        )  # (b, n_head, 1, hd)
-        return self._attend_and_mlp(x[:, None], o.transpose(1, 2))[:, 0]
+        return self.attend_cached(x[:, None], cos, sin, cache, lengths[:, None], visible[:, None])[:, 0]
 
 
 def conv_continuing(history: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -179,6 +198,13 @@ def conv_continuing(history: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     history (1, C, w) before them (oldest first; zeros for a window start) -> (1, n, C)."""
     window = torch.cat([history.transpose(1, 2).to(x.dtype), x], dim=1)
     return causal_conv1d(window, weight, bias, activation=activation)[:, history.shape[-1]:]
+
+
+def conv_state_after(history: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """Conv state after raw inputs raw (b, n, C) that follow the state history (b, C, w): the
+    last w inputs of history then raw, oldest first, in history's dtype -> (b, C, w)."""
+    joined = torch.cat([history, raw.transpose(1, 2).to(history.dtype)], dim=-1)
+    return joined[:, :, -history.shape[-1]:].contiguous()
 
 
 def last_inputs(raw: torch.Tensor, cu_seqlens: torch.Tensor, width: int) -> torch.Tensor:
@@ -190,6 +216,17 @@ def last_inputs(raw: torch.Tensor, cu_seqlens: torch.Tensor, width: int) -> torc
     valid = (idx >= starts[:, None])[:, :, None]
     tail = raw[0, idx.clamp(min=0)]  # (N, width, C)
     return torch.where(valid, tail, torch.zeros_like(tail)).transpose(1, 2).contiguous()
+
+
+@dataclass
+class MambaMix:
+    """Result of `MambaBlock.mix`: out (b, L, d_model) the block output (residual included);
+    state the MambaCache after the tokens (see mix) or None; log_decay (b, h) fp32, each row's
+    total log decay sum_t dt_t * A (the SSD state is scaled by its exp), or None."""
+
+    out: torch.Tensor
+    state: MambaCache | None = None
+    log_decay: torch.Tensor | None = None
 
 
 class MambaBlock(nn.Module):
@@ -246,10 +283,56 @@ class MambaBlock(nn.Module):
         return (x.reshape(*lead, self.n_heads, self.headdim),
                 B.reshape(*lead, self.ngroups, self.d_state), C.reshape(*lead, self.ngroups, self.d_state))
 
-    def _mix(self, x: torch.Tensor, ctx: SequenceContext, return_final_states: bool):
-        """Mixer over full sequences: returns (residual output, raw xBC, final SSD states or None)."""
+    def mix(self, x: torch.Tensor, ctx: SequenceContext | None = None, cache: MambaCache | None = None, *,
+            return_state: bool = False, return_log_decay: bool = False) -> MambaMix:
+        """The Mamba-2 mixer, x (b, L, d_model) -> MambaMix; exactly one of ctx and cache.
+
+        ctx (forward, prefill): full sequences laid out by ctx; each example (and in doc_mode
+        each document) starts with an empty conv window and a zero SSD state. return_state:
+        also a MambaCache with one row per example of ctx's layout (conv state: the last
+        d_conv - 1 raw xBC inputs, zeros before the example's start; final SSD state fp32).
+
+        cache (decode step, document cache): each row continues from the state in cache (conv
+        window cache.conv_state, SSD state cache.ssm_state), which advances past the new
+        tokens (one token: in place by the decode update kernels; more: chunked scan from the
+        state, then the cache's tensors are replaced); MambaMix.state is the cache.
+
+        return_log_decay: each row's total log decay (b, h), what composing an SSD state
+        started elsewhere needs.
+        """
+        if (ctx is None) == (cache is None):
+            raise ValueError("MambaBlock.mix takes exactly one of ctx (full sequences) and cache (continuing rows)")
         b, L, _ = x.shape
         z, xBC_raw, dt = self._split(self.in_proj(self.norm(x)))
+        A = -torch.exp(self.A_log.float())
+        if ctx is None:
+            y = self._continue(cache, xBC_raw, dt, A)
+            state = cache
+        else:
+            y, state = self._scan_packed(xBC_raw, dt, A, ctx, return_state)
+        out = x + self.out_proj(self.out_norm(y.reshape(b, L, self.d_inner), z))
+        log_decay = (F.softplus(dt.float() + self.dt_bias.float()) * A).sum(1) if return_log_decay else None
+        return MambaMix(out, state, log_decay)
+
+    def _continue(self, cache: MambaCache, xBC_raw: torch.Tensor, dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """Conv + SSD of new rows (b, n, .) from cache's state, advancing it -> y (b, n, h, p)."""
+        if xBC_raw.shape[1] == 1:
+            xBC = causal_conv1d_update(cache.conv_state, xBC_raw[:, 0], self.conv_weight, self.conv_bias,
+                                       activation="silu")
+            xs, B, C = self._split_xbc(xBC)
+            return ssd_state_update(cache.ssm_state, xs, dt[:, 0], A, B, C, D=self.D, dt_bias=self.dt_bias,
+                                    dt_softplus=True)
+        xBC = conv_continuing(cache.conv_state, xBC_raw, self.conv_weight, self.conv_bias, activation="silu")
+        xs, B, C = self._split_xbc(xBC)
+        y, final = ssd_scan(xs, dt, A, B, C, chunk_size=self.chunk_size, D=self.D, dt_bias=self.dt_bias,
+                            dt_softplus=True, initial_states=cache.ssm_state, return_final_states=True)
+        cache.conv_state = conv_state_after(cache.conv_state, xBC_raw)
+        cache.ssm_state = final.float()
+        return y
+
+    def _scan_packed(self, xBC_raw: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, ctx: SequenceContext,
+                     return_state: bool):
+        """Conv + SSD of full sequences laid out by ctx -> (y (b, L, h, p), MambaCache per example or None)."""
         # Without doc_mode the block ignores documents: its conv windows restart at examples only.
         layout = ctx.layout
         doc_mode = self.doc_mode and layout is not None and layout.has_documents
@@ -257,16 +340,16 @@ class MambaBlock(nn.Module):
             layout = layout.examples_only()
         xBC = causal_conv1d(xBC_raw, self.conv_weight, self.conv_bias, activation="silu", layout=layout)
         xs, B, C = self._split_xbc(xBC)
-        result = ssd_scan(xs, dt, -torch.exp(self.A_log.float()), B, C, chunk_size=self.chunk_size, D=self.D,
-                          dt_bias=self.dt_bias, dt_softplus=True, doc_mode=doc_mode,
-                          return_final_states=return_final_states, layout=layout)
-        y, final = result if return_final_states else (result, None)
-        out = x + self.out_proj(self.out_norm(y.reshape(b, L, self.d_inner), z))
-        return out, xBC_raw, final
+        result = ssd_scan(xs, dt, A, B, C, chunk_size=self.chunk_size, D=self.D, dt_bias=self.dt_bias,
+                          dt_softplus=True, doc_mode=doc_mode, return_final_states=return_state, layout=layout)
+        if not return_state:
+            return result, None
+        y, final = result
+        return y, MambaCache(last_inputs(xBC_raw, ctx.cu_seqlens, self.conv_weight.shape[1] - 1), final.float())
 
     def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
         """x (b, L, d_model) -> (b, L, d_model)."""
-        return self._mix(x, ctx, return_final_states=False)[0]
+        return self.mix(x, ctx).out
 
     def prefill(self, x: torch.Tensor, ctx: SequenceContext, capacity: int):
         """Packed row x (1, L, d_model) -> (output, MambaCache with one row per example).
@@ -275,18 +358,12 @@ class MambaBlock(nn.Module):
         its start): the next token is shared text, whose conv window spans documents too.
         capacity is unused (the state has a fixed size); every block's prefill takes it.
         """
-        out, xBC_raw, final = self._mix(x, ctx, return_final_states=True)
-        conv_state = last_inputs(xBC_raw, ctx.cu_seqlens, self.conv_weight.shape[1] - 1)
-        return out, MambaCache(conv_state, final.float())
+        result = self.mix(x, ctx, return_state=True)
+        return result.out, result.state
 
     def step(self, x: torch.Tensor, cache: MambaCache, lengths: torch.Tensor) -> torch.Tensor:
         """One token per row: x (b, d_model) -> (b, d_model); updates cache in place.
 
         lengths is unused (the state carries the position); every block's step takes it.
         """
-        z, xBC, dt = self._split(self.in_proj(self.norm(x)))
-        xBC = causal_conv1d_update(cache.conv_state, xBC, self.conv_weight, self.conv_bias, activation="silu")
-        xs, B, C = self._split_xbc(xBC)
-        y = ssd_state_update(cache.ssm_state, xs, dt, -torch.exp(self.A_log.float()), B, C, D=self.D,
-                             dt_bias=self.dt_bias, dt_softplus=True)
-        return x + self.out_proj(self.out_norm(y.reshape(x.shape[0], self.d_inner), z))
+        return self.mix(x[:, None], cache=cache).out[:, 0]

@@ -31,12 +31,6 @@ class AttentionCache:
             self.k = torch.cat([self.k, pad], dim=1)
             self.v = torch.cat([self.v, pad], dim=1)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
-        """Write one token per row, k, v (b, n_kv_head, head_dim), at index lengths (b,)."""
-        rows = torch.arange(k.shape[0], device=k.device)
-        self.k[rows, lengths] = k.to(self.k.dtype)
-        self.v[rows, lengths] = v.to(self.v.dtype)
-
 
 @dataclass
 class MambaCache:
