@@ -1,6 +1,6 @@
 """refrag kernels: standalone torch + Triton ops for packed, document-aware Mamba and attention.
 
-Importable by any trainer; nothing here depends on `refrag`. See DESIGN.md for semantics.
+Importable by any trainer; nothing here depends on `refrag`. See docs/architecture.md for semantics.
 """
 from kernels.common.dispatch import current_backend, set_backend, use_backend
 from kernels.layout import DocLayout

@@ -1,6 +1,6 @@
 """Fused doc-boundary flash attention (forward and backward) in Triton.
 
-Mask rule (DESIGN.md "Packed layout"): query i sees key j iff both are in the same example,
+Mask rule (docs/architecture.md "Packed documents"): query i sees key j iff both are in the same example,
 ``j <= i`` (when causal), and ``doc_i == 0 or doc_j == 0 or doc_i == doc_j``. Tokens past
 ``cu_seqlens[-1]`` are padding: output 0, lse -inf, zero gradients.
 

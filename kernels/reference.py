@@ -1,11 +1,11 @@
 """Pure-PyTorch oracles for every op in `kernels` (slow, obviously correct, autograd).
 
-Signatures follow DESIGN.md exactly. Everything is computed in fp32 (fp64 when the
+Signatures follow the public kernel API (docs/architecture.md). Everything is computed in fp32 (fp64 when the
 inputs are fp64) and cast back to the input dtype. Packed rows use the varlen
 convention: batch 1 plus `cu_seqlens` (N+1,); tokens past `cu_seqlens[-1]` are
 padding and produce zeros.
 
-Doc-mode semantics (DESIGN.md "Packed layout"): inside a retrieval block (a maximal
+Doc-mode semantics (docs/architecture.md "Packed documents"): inside a retrieval block (a maximal
 run of tokens with doc_id > 0 inside one sequence) each document token is computed
 from the state entering the block plus its own document only; the state carried
 past the block is the ordinary recurrence over every document, which equals the
@@ -188,7 +188,7 @@ def _ssd_chunked_segment(x, dt, A, B, C, h0, chunk_size: int):
 def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_softplus=False,
              initial_states=None, cu_seqlens=None, doc_ids=None, doc_mode=False,
              return_final_states=False):
-    """Chunked SSD oracle with the public `kernels.ssd_scan` signature (see DESIGN.md).
+    """Chunked SSD oracle with the public `kernels.ssd_scan` signature (see docs/architecture.md).
 
     x (b,l,h,p) dt (b,l,h) A (h,) B,C (b,l,g,n); D (h,)|(h,p); z (b,l,h,p).
     cu_seqlens (N+1,) with b == 1; initial_states / final (N|b, h, p, n).

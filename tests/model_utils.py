@@ -50,7 +50,7 @@ def triton_ops():
 
 @pytest.fixture(autouse=True)
 def reference_ops_on_cpu(request, device):
-    """On CPU, model tests run the kernels' reference path (interpreter off, DESIGN.md dispatch
+    """On CPU, model tests run the kernels' reference path (interpreter off, the dispatch
     rule): the interpreter is too slow for whole models; kernels have their own tests. Tests that
     request `triton_ops` keep the interpreter as integration checks. CUDA always runs Triton."""
     if device.type == "cpu" and "triton_ops" not in request.fixturenames:

@@ -1,4 +1,4 @@
-"""Dispatch rule shared by every op (see DESIGN.md), and the backend switch.
+"""Dispatch rule shared by every op (see docs/architecture.md), and the backend switch.
 
 Default ("auto"): CUDA tensors run the Triton kernel. CPU tensors run the Triton kernel when
 the interpreter is on (``TRITON_INTERPRET=1`` set before ``kernels`` is imported), otherwise the

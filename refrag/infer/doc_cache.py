@@ -1,7 +1,7 @@
 """Per-document prefill cache: encode each retrieved document once, compose cached documents.
 
 In doc_mode every layer's outputs on a document's tokens depend only on the shared text
-before its retrieval block and on the document itself (DESIGN.md), so a document can be
+before its retrieval block and on the document itself (docs/architecture.md), so a document can be
 encoded once from the prefix state and reused. Per document and layer the cache keeps:
 
 - attention blocks: the document's keys and values (after QK-norm and RoPE) and, with a key

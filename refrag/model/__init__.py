@@ -30,7 +30,7 @@ Targets use IGNORE_INDEX = -100 (loss only on assistant tokens). Under autocast 
 in the autocast dtype. A_log, dt_bias and D carry `_no_weight_decay = True` (Mamba-2 convention). With a layout, RoPE positions
 restart per example (documents of a retrieval block all start at the block's first position
 unless `config.doc_positions == "sequential"`), attention follows the document rule of
-DESIGN.md, and Mamba blocks use doc_mode when `config.mamba.doc_mode`. KV cache slots are
+docs/architecture.md, and Mamba blocks use doc_mode when `config.mamba.doc_mode`. KV cache slots are
 token indices, never RoPE positions.
 """
 from refrag.model.cache import AttentionCache, HybridCache, MambaCache

@@ -18,7 +18,7 @@ class HybridLM(nn.Module):
     """Decoder LM whose blocks follow `config.block_pattern` (T attention + MLP, M Mamba-2).
 
     Input is either one packed row (1, L) with a `kernels.DocLayout` (examples restart RoPE
-    positions, attention and SSM state; documents follow DESIGN.md's doc semantics and take
+    positions, attention and SSM state; documents follow docs/architecture.md's doc semantics and take
     RoPE positions by `config.doc_positions`), or (b, L) without a layout, each row one
     example of shared text. Weights are fp32.
     """
