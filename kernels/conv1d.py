@@ -22,7 +22,7 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.common.autotune import launch
-from kernels.common.checks import check_cu_seqlens, check_doc_ids, check_float, check_same_device, check_shape
+from kernels.common.checks import check_cu_seqlens, check_doc_ids, check_float, check_layout, check_same_device, check_shape
 from kernels.common.dispatch import use_triton
 from kernels.layout import DocLayout
 
@@ -235,16 +235,7 @@ def _check_inputs(x, weight, bias, cu_seqlens, doc_ids, activation, layout) -> N
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
     if layout is not None:
-        if not isinstance(layout, DocLayout):
-            raise ValueError(f"layout must be a kernels.DocLayout, got {type(layout).__name__}")
-        if cu_seqlens is not None or doc_ids is not None:
-            raise ValueError("pass either layout or cu_seqlens/doc_ids, not both")
-        if b != 1:
-            raise ValueError(f"a layout describes one packed row: x must have batch 1, got {b}")
-        if layout.total_tokens > l:
-            raise ValueError(f"layout covers {layout.total_tokens} tokens but x has length {l}")
-        if layout.device != x.device:
-            raise ValueError(f"layout is on {layout.device} but x is on {x.device}")
+        check_layout(layout, b, l, x.device, "x", given=cu_seqlens is not None or doc_ids is not None)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, b, l)
     if doc_ids is not None:

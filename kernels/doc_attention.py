@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.common.checks import check_cu_seqlens, check_doc_ids, check_same_device
+from kernels.common.checks import check_cu_seqlens, check_doc_ids, check_layout, check_same_device
 from kernels.common.dispatch import INTERPRET, use_triton
 from kernels.layout import DocLayout
 
@@ -496,19 +496,6 @@ def _check_qkv(q, k, v) -> None:
         raise ValueError(f"head dim must be a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {d}")
 
 
-def _check_layout(layout, cu_seqlens, doc_ids, b: int, l: int, device: torch.device) -> None:
-    if not isinstance(layout, DocLayout):
-        raise ValueError(f"layout must be a kernels.DocLayout, got {type(layout).__name__}")
-    if cu_seqlens is not None or doc_ids is not None:
-        raise ValueError("pass either layout or cu_seqlens/doc_ids, not both")
-    if b != 1:
-        raise ValueError(f"a layout describes one packed row: q must have batch 1, got {b}")
-    if layout.total_tokens > l:
-        raise ValueError(f"layout covers {layout.total_tokens} tokens but q has length {l}")
-    if layout.device != device:
-        raise ValueError(f"layout is on {layout.device} but q is on {device}")
-
-
 def _softmax_scale(softmax_scale, head_dim: int) -> float:
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
@@ -559,7 +546,7 @@ def doc_attention(q, k, v, *, cu_seqlens=None, doc_ids=None, causal=True, softma
     b, l, hq, d = q.shape
     scale = _softmax_scale(softmax_scale, d)
     if layout is not None:
-        _check_layout(layout, cu_seqlens, doc_ids, b, l, q.device)
+        check_layout(layout, b, l, q.device, "q", given=cu_seqlens is not None or doc_ids is not None)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, b, l)
     if doc_ids is not None:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.checks import check_cu_seqlens, check_decay_rates, check_float, check_same_device, check_shape
+from kernels.common.checks import check_cu_seqlens, check_decay_rates, check_float, check_layout, check_same_device, check_shape
 from kernels.common.autotune import launch
 from kernels.common.dispatch import INTERPRET, use_triton
 from kernels.layout import DocLayout
@@ -474,16 +474,7 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, initial_state, la
         if t is not None:
             check_shape(name, t, (d,))
     if layout is not None:
-        if not isinstance(layout, DocLayout):
-            raise ValueError(f"layout must be a kernels.DocLayout, got {type(layout).__name__}")
-        if cu_seqlens is not None:
-            raise ValueError("pass either layout or cu_seqlens, not both")
-        if b != 1:
-            raise ValueError(f"a layout describes one packed row: u must have batch 1, got {b}")
-        if layout.total_tokens > l:
-            raise ValueError(f"layout covers {layout.total_tokens} tokens but u has length {l}")
-        if layout.device != u.device:
-            raise ValueError(f"layout is on {layout.device} but u is on {u.device}")
+        check_layout(layout, b, l, u.device, "u", given=cu_seqlens is not None)
         num_seqs = layout.num_seqs
     else:
         if cu_seqlens is not None:

@@ -103,3 +103,20 @@ def check_decay_rates(A: torch.Tensor) -> None:
     without bound. Checked without a host read (see `assert_on_device`)."""
     assert_on_device((A <= 0).all(), "A must be <= 0 (exp(dt * A) is a decay; pass A = -exp(A_log)), "
                                      "got a positive or NaN entry")
+
+
+def check_layout(layout, b: int, l: int, device: torch.device, name: str, *, given: bool = False) -> None:
+    """A `layout=` argument: a DocLayout for one packed row of length >= its tokens, on `device`;
+    `given` is True when cu_seqlens/doc_ids were passed too (an error: one or the other)."""
+    from kernels.layout import DocLayout  # layout.py imports this module's siblings
+
+    if not isinstance(layout, DocLayout):
+        raise ValueError(f"layout must be a kernels.DocLayout, got {type(layout).__name__}")
+    if given:
+        raise ValueError("pass either layout or cu_seqlens/doc_ids, not both")
+    if b != 1:
+        raise ValueError(f"a layout describes one packed row: {name} must have batch 1, got {b}")
+    if layout.total_tokens > l:
+        raise ValueError(f"layout covers {layout.total_tokens} tokens but {name} has length {l}")
+    if layout.device != device:
+        raise ValueError(f"layout is on {layout.device} but {name} is on {device}")

@@ -32,6 +32,7 @@ from kernels.common.checks import (
     check_decay_rates,
     check_doc_ids,
     check_float,
+    check_layout,
     check_same_device,
     check_shape,
 )
@@ -109,19 +110,6 @@ def ssd_scan_triton(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=No
     return (y, final) if return_final_states else y
 
 
-def _check_layout(layout, cu_seqlens, doc_ids, b: int, l: int, device: torch.device) -> None:
-    if not isinstance(layout, DocLayout):
-        raise ValueError(f"layout must be a kernels.DocLayout, got {type(layout).__name__}")
-    if cu_seqlens is not None or doc_ids is not None:
-        raise ValueError("pass either layout or cu_seqlens/doc_ids, not both")
-    if b != 1:
-        raise ValueError(f"a layout describes one packed row: x must have batch 1, got {b}")
-    if layout.total_tokens > l:
-        raise ValueError(f"layout covers {layout.total_tokens} tokens but x has length {l}")
-    if layout.device != device:
-        raise ValueError(f"layout is on {layout.device} but x is on {device}")
-
-
 def _check_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, doc_ids, doc_mode,
                   layout):
     named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states)
@@ -150,7 +138,7 @@ def _check_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_
             or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size!r}")
     if layout is not None:
-        _check_layout(layout, cu_seqlens, doc_ids, b, l, x.device)
+        check_layout(layout, b, l, x.device, "x", given=cu_seqlens is not None or doc_ids is not None)
         num_states = layout.num_seqs
     else:
         if cu_seqlens is not None:
