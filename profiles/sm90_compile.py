@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):  # run as `python profiles/sm90_compile.py`: the repo root holds `profiles`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from profiles.aot import cuda_launchers, occupancy, record_launches, save_launches, unique_launches
 from kernels.conv1d import CONV1D_CONFIGS, causal_conv1d
 from kernels.cross_entropy import CROSS_ENTROPY_CONFIGS, fused_linear_cross_entropy
