@@ -111,7 +111,10 @@ def run_process(cmd: List[str], env: Dict[str, str], seconds: float, log_path: P
     """Run cmd (its own process group) with output to log_path; past `seconds`, SIGINT, then SIGKILL
     after GRACE_S. Returns 'ok', 'exit N' or 'timed out'."""
     with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # SIGINT back to its default in the child: a command started in the background (`cmd &` in a
+        # script, CI runners) inherits SIGINT ignored, and then the step could only be SIGKILLed
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             rc = proc.wait(timeout=max(seconds, 0.1))
             return "ok" if rc == 0 else f"exit {rc}"
