@@ -66,8 +66,9 @@ def _run(cwd: Path, pythonpath) -> dict:
 
 @pytest.mark.parametrize("source_tree", [False, True], ids=["installed", "pythonpath"])
 def test_both_kernels_packages_import_side_by_side(site, tmp_path, source_tree):
-    """installed: `refrag_kernels` from the install (setup.py's mapping); pythonpath: from this checkout
-    through .pythonpath/, as on a GPU machine without an install. Either way `kernels` is the hub's."""
+    """installed: `refrag_kernels` from this environment's (editable) install, through setup.py's
+    mapping; pythonpath: from this checkout through .pythonpath/, as on a GPU machine without an
+    install. Either way `kernels` is the hub's."""
     paths = [site] + ([ROOT / ".pythonpath"] if source_tree else [])
     seen = _run(tmp_path, paths)
     assert Path(seen["kernels"]).is_relative_to(site) and seen["marker"] is True
@@ -77,3 +78,22 @@ def test_both_kernels_packages_import_side_by_side(site, tmp_path, source_tree):
     if source_tree:
         assert Path(seen["ours"]) == ROOT / "kernels" / "__init__.py"
 
+
+
+def test_our_wheel_and_the_hub_package_in_one_folder(tmp_path):
+    """Our built wheel and the stand-in, pip-installed into the same folder: neither overwrites the
+    other (the old import name `kernels` made the second install replace the first)."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "-w", str(wheels), str(ROOT)], check=True, timeout=300,
+                   capture_output=True)
+    ours = next(wheels.glob("refrag-*.whl"))
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                    "--disable-pip-version-check", "--target", str(target), str(ours), str(_stand_in_wheel(wheels))],
+                   check=True, timeout=300)
+    seen = _run(tmp_path, [target])
+    assert Path(seen["kernels"]).is_relative_to(target) and seen["marker"] is True
+    assert Path(seen["ours"]) == target / "refrag_kernels" / "__init__.py" and seen["finite"]
+    assert (target / "refrag" / "train" / "configs" / "demo.json").is_file()  # package data comes along
