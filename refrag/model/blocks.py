@@ -234,7 +234,7 @@ class MambaBlock(nn.Module):
 
     Shapes: d_inner = expand * d_model, h = d_inner / p heads, g groups of B and C with
     state size n, conv over xBC (conv_dim = d_inner + 2 g n channels). The gated norm spans
-    all of d_inner (mamba-ssm normalizes per group when g > 1).
+    all of d_inner unless `MambaConfig.norm_per_group` (then each of the g slices, as mamba-ssm).
     """
 
     def __init__(self, config: ModelConfig):
@@ -246,13 +246,14 @@ class MambaBlock(nn.Module):
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.in_proj = nn.Linear(config.d_model, self.d_inner + self.conv_dim + self.n_heads, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, m.d_conv))
-        self.conv_bias = nn.Parameter(torch.empty(self.conv_dim))
+        self.conv_bias = nn.Parameter(torch.empty(self.conv_dim)) if m.conv_bias else None
         self.A_log = nn.Parameter(torch.empty(self.n_heads))
         self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
         self.D = nn.Parameter(torch.empty(self.n_heads))
         for p in (self.A_log, self.dt_bias, self.D):
             p._no_weight_decay = True
-        self.out_norm = GatedRMSNorm(self.d_inner, eps=config.norm_eps)
+        self.out_norm = GatedRMSNorm(self.d_inner, eps=config.norm_eps,
+                                     group_size=self.d_inner // self.ngroups if m.norm_per_group else None)
         self.out_proj = nn.Linear(self.d_inner, config.d_model, bias=False)
 
     def reset_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
@@ -263,7 +264,8 @@ class MambaBlock(nn.Module):
         init_output_linear(self.out_proj)
         bound = 1.0 / math.sqrt(self.conv_weight.shape[1])
         nn.init.uniform_(self.conv_weight, -bound, bound)
-        nn.init.uniform_(self.conv_bias, -bound, bound)
+        if self.conv_bias is not None:
+            nn.init.uniform_(self.conv_bias, -bound, bound)
         with torch.no_grad():
             self.A_log.copy_(torch.empty(self.n_heads).uniform_(1.0, 16.0).log())
             log_dt = torch.empty(self.n_heads).uniform_(math.log(dt_min), math.log(dt_max))

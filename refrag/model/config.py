@@ -17,7 +17,13 @@ MAX_LAYERS = 1024  # a block pattern expanding past this is a typo, not a model 
 
 @dataclass
 class MambaConfig:
-    """Mamba-2 block settings: state size n, head dim p, expansion, conv width, B/C groups."""
+    """Mamba-2 block settings: state size n, head dim p, expansion, conv width, B/C groups.
+
+    conv_bias: the depthwise conv over xBC has a bias (mamba-ssm's use_conv_bias).
+    norm_per_group: the gated output norm normalizes each of the ngroups slices of d_inner on its
+    own (mamba-ssm / transformers Mamba-2: group_size = d_inner / ngroups); False (default): one
+    norm over all of d_inner. The two agree when ngroups == 1.
+    """
 
     d_state: int = 64
     headdim: int = 64
@@ -26,10 +32,15 @@ class MambaConfig:
     ngroups: int = 1
     chunk_size: int = 64
     doc_mode: bool = True
+    conv_bias: bool = True
+    norm_per_group: bool = False
 
     def __post_init__(self):
         for name in ("d_state", "headdim", "expand", "d_conv", "ngroups", "chunk_size"):
             _require_positive_int(f"mamba.{name}", getattr(self, name))
+        for name in ("doc_mode", "conv_bias", "norm_per_group"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"mamba.{name} must be true or false, got {getattr(self, name)!r}")
         if self.chunk_size < 16 or self.chunk_size & (self.chunk_size - 1):
             raise ValueError(f"mamba.chunk_size must be a power of two >= 16 (SSD kernel tiles), got {self.chunk_size}")
         if self.d_conv < 2:

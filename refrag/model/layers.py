@@ -12,16 +12,17 @@ from kernels import gated_rms_norm
 
 class GatedRMSNorm(nn.Module):
     """Mamba-2's output norm: rmsnorm(y * silu(z)) * weight over the last dim (norm after gate),
-    computed in fp32 and returned in y's dtype (`kernels.gated_rms_norm`, fused fwd + bwd)."""
+    or over each slice of group_size channels of it (None: one group); computed in fp32 and
+    returned in y's dtype (`kernels.gated_rms_norm`, fused fwd + bwd)."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, group_size: int | None = None):
         super().__init__()
-        self.eps = eps
+        self.eps, self.group_size = eps, group_size
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y, z (..., dim) -> (..., dim)."""
-        return gated_rms_norm(y, z, self.weight, self.eps)
+        return gated_rms_norm(y, z, self.weight, self.eps, self.group_size)
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
