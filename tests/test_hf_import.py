@@ -12,8 +12,9 @@ transformers = pytest.importorskip("transformers")
 from transformers import BambaConfig, BambaForCausalLM, Mamba2Config, Mamba2ForCausalLM  # noqa: E402
 
 import kernels  # noqa: E402
+from test_demo import small_kb  # noqa: E402,F401  (fixture)
 from refrag.model import HybridLM, ModelConfig  # noqa: E402
-from refrag.model.hf_import import (convert_mamba2_state, import_transformers, resize_vocab,  # noqa: E402
+from refrag.model.hf_import import (convert_state, import_transformers, resize_vocab,  # noqa: E402
                                     transformers_config)
 
 VOCAB = 61
@@ -53,12 +54,13 @@ def _close(ours, ref, ref64, scale):
     assert err <= 2 * ref_err + 1e-5 * scale, (err, ref_err, scale)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
-@pytest.mark.parametrize("n_groups, tie", [(1, False), (2, True)])
+# Triton (interpreter) once: the kernels have their own tests; the import is under test here.
+@pytest.mark.parametrize("n_groups, tie, backend", [(1, False, "reference"), (2, True, "reference"),
+                                                    (2, True, "triton")])
 def test_logits_loss_and_grads_equal_transformers(tmp_path, n_groups, tie, backend):
     hf = save_mamba2(tmp_path, n_groups=n_groups, tie_word_embeddings=tie)
-    ids = torch.randint(0, VOCAB, (2, 37))
-    targets = torch.randint(0, VOCAB, (2, 37))
+    ids = torch.randint(0, VOCAB, (2, 24))
+    targets = torch.randint(0, VOCAB, (2, 24))
     targets[:, :5] = -100
     ref_logits, ref_loss, ref_grads = _loss_and_grads(hf, ids, targets, hf=True)
     ref64_logits, ref64_loss, ref64_grads = _loss_and_grads(hf.double(), ids, targets, hf=True)
@@ -70,7 +72,7 @@ def test_logits_loss_and_grads_equal_transformers(tmp_path, n_groups, tie, backe
     _close(loss, ref_loss, ref64_loss, ref64_loss.abs().item())
     # transformers' gradients under HybridLM's names: the importer's own renaming
     config = model.config
-    ref_grads, ref64_grads = convert_mamba2_state(ref_grads, config), convert_mamba2_state(ref64_grads, config)
+    ref_grads, ref64_grads = convert_state(ref_grads, config, "mamba2"), convert_state(ref64_grads, config, "mamba2")
     assert set(grads) == set(ref_grads) - ({"lm_head.weight"} if tie else set())
     scale = max(g.abs().max().item() for g in ref64_grads.values())
     for name in grads:
@@ -121,6 +123,60 @@ def test_resize_vocab_keeps_old_rows_and_adds_mean_rows(tmp_path):
         resize_vocab(model, VOCAB - 1)
 
 
+def save_bamba(path, seed=0, **overrides):
+    """A random tiny BambaForCausalLM (layers M, T, M; GQA; 2 B/C groups) saved to path."""
+    values = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2,
+                  num_key_value_heads=1, mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=2,
+                  mamba_chunk_size=16, attn_layer_indices=[1])
+    torch.manual_seed(seed)
+    model = BambaForCausalLM(BambaConfig(**{**values, **overrides})).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["reference"])
+def test_bamba_logits_loss_and_grads_equal_transformers(tmp_path, backend):
+    hf = save_bamba(tmp_path)
+    ids = torch.randint(0, VOCAB, (2, 21))
+    targets = torch.randint(0, VOCAB, (2, 21))
+    ref_logits, ref_loss, ref_grads = _loss_and_grads(hf, ids, targets, hf=True)
+    ref64_logits, ref64_loss, ref64_grads = _loss_and_grads(hf.double(), ids, targets, hf=True)
+    model = import_transformers(tmp_path)
+    c = model.config
+    assert (c.block_pattern, c.n_head, c.n_kv_head, c.head_dim, c.rope_dim, c.mlp, c.mlp_dim, c.qk_norm) == \
+        ("M,T,M", 2, 1, 32, 16, "swiglu", 48, False)
+    assert c.mamba.mlp and c.mamba.norm_per_group and c.mamba.ngroups == 2
+    with kernels.use_backend(backend):
+        logits, loss, grads = _loss_and_grads(model, ids, targets, hf=False)
+    _close(logits, ref_logits, ref64_logits, ref64_logits.abs().max().item())
+    _close(loss, ref_loss, ref64_loss, ref64_loss.abs().item())
+    ref_grads, ref64_grads = convert_state(ref_grads, c, "bamba"), convert_state(ref64_grads, c, "bamba")
+    assert set(grads) == set(ref_grads)
+    scale = max(g.abs().max().item() for g in ref64_grads.values())
+    for name in grads:
+        _close(grads[name], ref_grads[name], ref64_grads[name].double(), scale)
+
+
+def test_bamba_decode_and_packed_rows_match_the_forward(tmp_path, reference_ops):
+    """Partial RoPE and the MLP after Mamba blocks run on every path: prefill + decode steps and a
+    packed row of two examples give the logits of the plain forward."""
+    from kernels import DocLayout
+
+    save_bamba(tmp_path)
+    model = import_transformers(tmp_path).eval()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        full = model(ids)
+        last, cache = model.prefill(ids[:, :9])
+        steps = [last] + [model.step(ids[:, t], cache) for t in range(9, 11)]
+        assert torch.allclose(torch.stack(steps, 1), full[:, 8:11], atol=1e-4)
+        packed = model(ids.reshape(1, 24), layout=DocLayout.from_cu_seqlens(torch.tensor([0, 12, 24], dtype=torch.int32)))
+        assert torch.allclose(packed.view(2, 12, -1), full, atol=1e-4)
+
+
 def _edit_config(path, **changes):
     config = json.loads((path / "config.json").read_text())
     config.update(changes)
@@ -135,20 +191,28 @@ def _edit_config(path, **changes):
     (dict(expand=1.5), "expand=1.5 is not supported"),
     (dict(model_type="llama"), "model_type 'llama' is not supported; supported: mamba2"),
     (dict(conv_kernel=1), "mamba.d_conv must be at least 2"),
+    (dict(model_type="bamba", attention_bias=True), "attention_bias=True is not supported"),
+    (dict(model_type="bamba", mlp_bias=True), "mlp_bias=True is not supported"),
+    (dict(model_type="bamba", mamba_proj_bias=True), "mamba_proj_bias=True is not supported"),
+    (dict(model_type="bamba", rope_parameters={"rope_type": "linear", "factor": 2.0}), "rope_type='linear'"),
+    (dict(model_type="bamba", rope_parameters={"rope_theta": 1e4, "partial_rotary_factor": 0.1}),
+     "partial_rotary_factor=0.1 is not supported: it rotates 3 of 32"),
+    (dict(model_type="bamba", attn_layer_indices=[7]), "attn_layer_indices=\\[7\\]"),
 ])
 def test_unmappable_configs_are_refused_naming_the_field(tmp_path, changes, message):
-    save_mamba2(tmp_path)
+    (save_bamba if changes.get("model_type") == "bamba" else save_mamba2)(tmp_path)
     _edit_config(tmp_path, **changes)
     with pytest.raises(ValueError, match=message):
         import_transformers(tmp_path)
 
 
-def test_bamba_is_refused_with_the_reason(tmp_path):
-    BambaForCausalLM(BambaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=1, mamba_n_heads=4, mamba_d_head=16,
-                                 mamba_d_state=8, attn_layer_indices=[1])).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="'bamba' does not map onto HybridLM: .*MLP after its Mamba mixer.*"
-                                         "partial_rotary_factor 0.5"):
+def test_other_model_types_are_refused(tmp_path):
+    save_mamba2(tmp_path)
+    _edit_config(tmp_path, model_type="mamba")
+    with pytest.raises(ValueError, match="'mamba' does not map onto HybridLM: Mamba-1"):
+        import_transformers(tmp_path)
+    _edit_config(tmp_path, model_type="falcon_h1")
+    with pytest.raises(ValueError, match="'falcon_h1' is not supported; supported: mamba2, bamba"):
         import_transformers(tmp_path)
 
 
@@ -185,3 +249,72 @@ def test_sharded_checkpoint_loads(tmp_path):
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     one, sharded = import_transformers(tmp_path / "one"), import_transformers(tmp_path / "sharded")
     assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), sharded.state_dict().values()))
+
+
+def _plain_tokenizer(path, texts):
+    """A byte-level BPE tokenizer.json with none of refrag's special tokens (like a transformers
+    checkpoint's), truncation on (the import must switch it off); returns its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.enable_truncation(8)
+    tok.save(str(path))
+    return tok.get_vocab_size()
+
+
+def test_sft_init_from_fine_tunes_the_imported_weights(tmp_path, small_kb, reference_ops):  # noqa: F811
+    """`python -m refrag.train sft --init-from DIR`: the checkpoint's tokenizer gains the special
+    tokens (new embedding rows), training starts from the imported weights, and the run's
+    checkpoint is self-contained (config, extended tokenizer)."""
+    from refrag.data import RagTokenizer, SPECIAL_TOKENS
+    from refrag.data.tokenizer import corpus_texts
+    from refrag.train import checkpoint as ckpt
+    from refrag.train.__main__ import main
+
+    source, kb_dir = small_kb
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    vocab = _plain_tokenizer(hf_dir / "tokenizer.json", list(corpus_texts(source))[:200])
+    hf = save_mamba2(hf_dir, vocab_size=vocab, n_groups=2)
+    out = tmp_path / "run"
+    main(["sft", "--init-from", str(hf_dir), "--kb_source", str(source), "--kb_dir", str(kb_dir), "--device", "cpu",
+          "--seq_len", "256", "--max_doc_tokens", "24", "--val_rows", "1", "--max_steps", "2", "--warmup_steps", "0",
+          "--lr", "1e-5", "--out_dir", str(out), "--model.grad_checkpoint", "true"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
+    path = ckpt.latest_checkpoint(out / "checkpoints")
+    state = ckpt.load_checkpoint(path)
+    model_config = state["config"]["model"]
+    assert model_config["vocab_size"] == vocab + len(SPECIAL_TOKENS) and model_config["block_pattern"] == "M*2"
+    assert model_config["mamba"]["norm_per_group"] and model_config["grad_checkpoint"]
+    tokenizer = RagTokenizer.load(path / "tokenizer.json")
+    assert tokenizer.vocab_size == vocab + len(SPECIAL_TOKENS) and tokenizer.token_id("[DOC_1]") >= vocab
+    assert len(tokenizer.encode("a sentence much longer than eight tokens, truncation is off")) > 8
+    # two steps at lr 1e-5 barely move the weights: training started from the import, not a fresh init
+    trained, imported = state["model"], hf.state_dict()
+    moved = (trained["blocks.1.in_proj.weight"] - imported["backbone.layers.1.mixer.in_proj.weight"]).abs().max()
+    assert moved < 1e-3
+    assert (trained["embed.weight"][vocab:] - imported["backbone.embeddings.weight"].mean(0)).abs().max() < 1e-3
+
+
+def test_sft_init_from_without_tokenizer_needs_one_that_fits(tmp_path, small_kb, capsys):  # noqa: F811
+    from refrag.data import EMBEDDED_KB_DIR
+    from refrag.train.__main__ import main
+
+    source, kb_dir = small_kb
+    save_mamba2(tmp_path / "hf")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sft", "--init-from", str(tmp_path / "hf"), "--kb_source", str(source), "--kb_dir", str(kb_dir),
+              "--device", "cpu", "--tokenizer", str(EMBEDDED_KB_DIR / "tokenizer.json"),
+              "--out_dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert "has no tokenizer.json and config key tokenizer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sft", "--init-from", str(tmp_path / "hf"), "--model.block_pattern", "M*3", "--out_dir",
+              str(tmp_path / "run")])
+    assert "model key block_pattern is fixed by the imported checkpoint" in capsys.readouterr().err
