@@ -11,7 +11,7 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 from transformers import BambaConfig, BambaForCausalLM, Mamba2Config, Mamba2ForCausalLM  # noqa: E402
 
-import kernels  # noqa: E402
+import refrag_kernels  # noqa: E402
 from test_demo import small_kb  # noqa: E402,F401  (fixture)
 from refrag.model import HybridLM, ModelConfig  # noqa: E402
 from refrag.model.hf_import import (convert_state, import_transformers, resize_vocab,  # noqa: E402
@@ -66,7 +66,7 @@ def test_logits_loss_and_grads_equal_transformers(tmp_path, n_groups, tie, backe
     ref64_logits, ref64_loss, ref64_grads = _loss_and_grads(hf.double(), ids, targets, hf=True)
     model = import_transformers(tmp_path)
     assert model.config.mamba.ngroups == n_groups and model.config.tie_embeddings == tie
-    with kernels.use_backend(backend):
+    with refrag_kernels.use_backend(backend):
         logits, loss, grads = _loss_and_grads(model, ids, targets, hf=False)
     _close(logits, ref_logits, ref64_logits, ref64_logits.abs().max().item())
     _close(loss, ref_loss, ref64_loss, ref64_loss.abs().item())
@@ -88,7 +88,7 @@ def test_per_group_norm_is_what_makes_groups_match(tmp_path):
     whole = HybridLM(ModelConfig.from_dict({**model.config.to_dict(),
                                             "mamba": {**model.config.to_dict()["mamba"], "norm_per_group": False}}))
     whole.load_state_dict(model.state_dict())
-    with torch.no_grad(), kernels.use_backend("reference"):
+    with torch.no_grad(), refrag_kernels.use_backend("reference"):
         ref = hf(ids, use_cache=False).logits
         assert (model(ids) - ref).abs().max() < 1e-4
         assert (whole(ids) - ref).abs().max() > 1e-2
@@ -104,7 +104,7 @@ def test_config_mapping_and_no_conv_bias(tmp_path):
     model = import_transformers(tmp_path, overrides={"grad_checkpoint": True, "mamba": {"doc_mode": False}})
     assert model.blocks[0].conv_bias is None and model.config.grad_checkpoint and not model.config.mamba.doc_mode
     ids = torch.randint(0, VOCAB, (2, 19))
-    with torch.no_grad(), kernels.use_backend("reference"):
+    with torch.no_grad(), refrag_kernels.use_backend("reference"):
         assert (model(ids) - hf(ids, use_cache=False).logits).abs().max() < 1e-4
 
 
@@ -117,7 +117,7 @@ def test_resize_vocab_keeps_old_rows_and_adds_mean_rows(tmp_path):
         old, new = model.state_dict()[name], grown.state_dict()[name]
         assert torch.equal(new[:VOCAB], old) and torch.allclose(new[VOCAB:], old.mean(0).expand(3, -1))
     ids = torch.randint(0, VOCAB, (1, 12))
-    with torch.no_grad(), kernels.use_backend("reference"):
+    with torch.no_grad(), refrag_kernels.use_backend("reference"):
         assert torch.allclose(grown(ids)[..., :VOCAB], model(ids), atol=1e-6)
     with pytest.raises(ValueError, match="vocab_size must be an int >= the model's 61"):
         resize_vocab(model, VOCAB - 1)
@@ -149,7 +149,7 @@ def test_bamba_logits_loss_and_grads_equal_transformers(tmp_path, backend):
     assert (c.block_pattern, c.n_head, c.n_kv_head, c.head_dim, c.rope_dim, c.mlp, c.mlp_dim, c.qk_norm) == \
         ("M,T,M", 2, 1, 32, 16, "swiglu", 48, False)
     assert c.mamba.mlp and c.mamba.norm_per_group and c.mamba.ngroups == 2
-    with kernels.use_backend(backend):
+    with refrag_kernels.use_backend(backend):
         logits, loss, grads = _loss_and_grads(model, ids, targets, hf=False)
     _close(logits, ref_logits, ref64_logits, ref64_logits.abs().max().item())
     _close(loss, ref_loss, ref64_loss, ref64_loss.abs().item())
@@ -163,7 +163,7 @@ def test_bamba_logits_loss_and_grads_equal_transformers(tmp_path, backend):
 def test_bamba_decode_and_packed_rows_match_the_forward(tmp_path, reference_ops):
     """Partial RoPE and the MLP after Mamba blocks run on every path: prefill + decode steps and a
     packed row of two examples give the logits of the plain forward."""
-    from kernels import DocLayout
+    from refrag_kernels import DocLayout
 
     save_bamba(tmp_path)
     model = import_transformers(tmp_path).eval()

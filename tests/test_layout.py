@@ -1,4 +1,4 @@
-"""DocLayout and kernels.common.index against plain Python loops over tokens."""
+"""DocLayout and refrag_kernels.common.index against plain Python loops over tokens."""
 import random
 import time
 
@@ -7,8 +7,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels.common.index import prepare_lens, prepare_position_ids, prepare_seq_idx
-from kernels.layout import BLOCK_START, IS_DOC, SEG_START, DocLayout, TileSummary
+from refrag_kernels.common.index import prepare_lens, prepare_position_ids, prepare_seq_idx
+from refrag_kernels.layout import BLOCK_START, IS_DOC, SEG_START, DocLayout, TileSummary
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -18,7 +18,7 @@ sequence's chunks in order (forward) or in reverse (backward). States are stored
 doc_mode keeps two states: `carried` runs over every chunk; `doc` restarts from `entry`
 (the carried state at the start of the retrieval block) at each document start. A
 document chunk reads `doc`, a shared chunk reads `carried`; the final state is `carried`.
-Chunk flag bits (see `kernels.ssd.chunks`): 1 = IS_DOC, 2 = SEG_START, 4 = BLOCK_START.
+Chunk flag bits (see `refrag_kernels.ssd.chunks`): 1 = IS_DOC, 2 = SEG_START, 4 = BLOCK_START.
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.autotune import launch
-from kernels.ssd.chunks import ChunkTable
-from kernels.ssd.tuning import autotuned, max_blocks
+from refrag_kernels.common.autotune import launch
+from refrag_kernels.ssd.chunks import ChunkTable
+from refrag_kernels.ssd.tuning import autotuned, max_blocks
 
 
 @triton.jit

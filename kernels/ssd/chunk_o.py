@@ -21,10 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.autotune import launch
-from kernels.ssd.chunk_h import _gated_do
-from kernels.ssd.chunks import ChunkTable
-from kernels.ssd.tuning import autotuned, max_blocks
+from refrag_kernels.common.autotune import launch
+from refrag_kernels.ssd.chunk_h import _gated_do
+from refrag_kernels.ssd.chunks import ChunkTable
+from refrag_kernels.ssd.tuning import autotuned, max_blocks
 
 
 @triton.jit

@@ -7,13 +7,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import gated_rms_norm
+from refrag_kernels import gated_rms_norm
 
 
 class GatedRMSNorm(nn.Module):
     """Mamba-2's output norm: rmsnorm(y * silu(z)) * weight over the last dim (norm after gate),
     or over each slice of group_size channels of it (None: one group); computed in fp32 and
-    returned in y's dtype (`kernels.gated_rms_norm`, fused fwd + bwd)."""
+    returned in y's dtype (`refrag_kernels.gated_rms_norm`, fused fwd + bwd)."""
 
     def __init__(self, dim: int, eps: float, group_size: int | None = None):
         super().__init__()
