@@ -1,5 +1,5 @@
 """CLI: python -m refrag.train sft --config FILE.json [--key value ...]
-     python -m refrag.train sft --init-from HF_DIR [--key value ...]      (fine-tune a transformers Mamba2)
+     python -m refrag.train sft --init-from HF_DIR [--key value ...]      (fine-tune a transformers Mamba2 or Bamba)
      python -m refrag.train refrag --config FILE.json [--key value ...]   (multi-hop SFT + RL, refrag.train.refrag)
 
 Every config key (refrag.train.config.TrainConfig) is a flag, grouped below; flags override

@@ -32,7 +32,7 @@ GROUPS = {
 HELP = {
     "preset": "model preset: tiny (CPU demo), d12, d16, d20",
     "model": "dict of ModelConfig overrides applied to the preset (e.g. block_pattern)",
-    "init_from": "transformers checkpoint directory (config.json + model.safetensors; Mamba2) to fine-tune "
+    "init_from": "transformers checkpoint directory (config.json + model.safetensors; Mamba2 or Bamba) to fine-tune "
                  "instead of a fresh preset model (refrag.model.hf_import; its tokenizer.json when present)",
     "kb_source": "KB source directory with documents.jsonl and queries/ (empty: the embedded KB)",
     "kb_dir": "prepared knowledge base directory (python -m refrag.retrieval prepare-kb)",
