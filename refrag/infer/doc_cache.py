@@ -35,6 +35,12 @@ prefix, different siblings before it), and for documents given without per-slot 
 Each entry stores the model version it was computed with; an entry from another version is
 never used (dropped, counted in ``stats.stale``).
 
+The same LRU also keeps prompt-head states (`StateEntry`, keyed by the exact tokens and
+document ids of the head): the decode state at each retrieval block's entry and each generated
+row's state after its turn. A prefill resumes from the longest stored head of its prompt (so
+the system prompt runs once, and turn k+1 of the multi-hop loop runs only what turn k's row
+lacks); the missing documents of a block are encoded together, rows of one forward per length.
+
 Example::
 
     cache = DocumentCache(max_bytes=2 << 30)
@@ -398,7 +404,7 @@ class CachedEngine:
         """A cache holding the longest stored head of the prompt ids, doc_ids of at most `limit`
         tokens (empty when none is stored) and that head's length."""
         cache = _empty_cache(self.model, capacity, self.device)
-        lengths = [n for n in self.cache.state_lengths if n <= limit]
+        lengths = [n for n in self.cache.state_lengths if n <= limit] if self.keep_states else []
         if lengths:
             digests = prefix_digests(ids, doc_ids, lengths)
             for n in sorted(lengths, reverse=True):
