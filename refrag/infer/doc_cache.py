@@ -353,16 +353,15 @@ class CachedEngine:
         documents numbered 1, 2, ... in order. capacity: KV slots to preallocate (default the
         prompt length).
         """
-        return self._prefill(_normalize_segments(segments), capacity)
+        return self._prefill(_normalize_segments(segments), capacity, self.model_version)
 
-    def _prefill(self, parts: list, capacity: int | None) -> tuple[torch.Tensor, HybridCache]:
+    def _prefill(self, parts: list, capacity: int | None, version: str) -> tuple[torch.Tensor, HybridCache]:
         ids, doc_ids = _flatten(parts)
         if doc_ids[-1] != 0:
             raise ValueError("the prompt must end with shared text (e.g. [ASST]), not inside a retrieval block")
         ids_t = torch.tensor(ids, dtype=torch.int64, device=self.device)[None]
         self.model._check_input(ids_t, None)
         rope = self._rope(parts)
-        version = self.model_version
         capacity = max(len(ids), capacity or 0)
         cache, resumed = self._restore(ids, doc_ids, len(ids) - 1, capacity, version)
         start, hidden = 0, None
@@ -553,12 +552,12 @@ class CachedEngine:
         outputs = [[] for _ in prompt_ids]
         if max_new_tokens == 0:
             return outputs
+        version = self.model_version
         prompts = [(list(p), list(d)) for p, d in zip(prompt_ids, doc_ids)]
-        prefilled = [self._prefill(_normalize_segments(segments_from_doc_ids(p, d)), len(p) + max_new_tokens)
+        prefilled = [self._prefill(_normalize_segments(segments_from_doc_ids(p, d)), len(p) + max_new_tokens, version)
                      for p, d in prompts]
         logits = torch.cat([logit for logit, _ in prefilled])
         cache = prefilled[0][1] if len(prefilled) == 1 else stack_caches([c for _, c in prefilled])
-        version = self.model_version
 
         def keep_state(row: int, output: list, cache: HybridCache) -> None:
             ids, docs = prompts[row]
