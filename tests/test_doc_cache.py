@@ -335,3 +335,27 @@ def test_added_documents_serve_every_slot_of_a_later_block(pattern, device, refe
         sequential = CachedEngine(tiny_model(pattern, device, doc_positions="sequential"), DocumentCache(1 << 20))
         with pytest.raises(ValueError, match="doc_positions"):
             sequential.add_documents(PREFIX, docs)
+
+
+def test_states_evict_only_states_and_documents_any_entry():
+    """Per-question states share the memory budget but never push documents (a precomputed KB)
+    out: a state evicts the oldest states, or is not stored; a document evicts in LRU order."""
+    from refrag.infer.doc_cache import AttentionDocState, DocumentEntry, MambaCache, StateEntry
+
+    def document(n):  # 2 n fp32 values: 8 n bytes
+        return DocumentEntry([AttentionDocState(torch.zeros(n), torch.zeros(n))], 1, "v")
+
+    def state(n):
+        return StateEntry([MambaCache(torch.zeros(n), torch.zeros(n))], n, "v")
+
+    cache = DocumentCache(max_bytes=1000)
+    cache.put("d1", document(50))
+    cache.put("s1", state(50))
+    cache.put("s2", state(50))  # full: evicts s1, not the older d1
+    assert list(cache._entries) == ["d1", "s2"] and cache.num_states == 1 and cache.stats.evictions == 1
+    cache.put("s3", state(90))  # 720 B: more than the 600 B the documents leave
+    assert list(cache._entries) == ["d1", "s2"] and cache.stats.too_large == 1
+    assert cache.get("d1", "v") is not None  # d1 is now the most recently used
+    cache.put("d2", document(50))  # a document evicts the least recently used entry: s2
+    assert list(cache._entries) == ["d1", "d2"] and cache.num_states == 0 and cache.nbytes == 800
+    assert cache.state_lengths == []

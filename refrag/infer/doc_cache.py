@@ -153,13 +153,20 @@ class CacheStats:
 @dataclass
 class DocumentCache:
     """LRU map key -> DocumentEntry (a document's encoding) or StateEntry (a prompt head's
-    decode state), bounded by `max_bytes` of tensor memory shared by both kinds."""
+    decode state), bounded by `max_bytes` of tensor memory shared by both kinds.
+
+    A document may evict any least recently used entry; a state evicts only other states
+    (oldest first) and is not stored when that does not make room (counted in too_large), so
+    per-question states never push documents (e.g. a precomputed KB) out.
+    """
 
     max_bytes: int
     stats: CacheStats = field(default_factory=CacheStats)
     _entries: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _nbytes: int = field(default=0, repr=False)
     _state_lengths: Counter = field(default_factory=Counter, repr=False)
+    _states: OrderedDict = field(default_factory=OrderedDict, repr=False)  # state keys, LRU order
+    _state_nbytes: int = field(default=0, repr=False)
 
     def __post_init__(self):
         if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int) or self.max_bytes < 0:
@@ -201,7 +208,7 @@ class DocumentCache:
     @property
     def num_states(self) -> int:
         """How many of the entries are prompt-head states (the rest are documents)."""
-        return sum(self._state_lengths.values())
+        return len(self._states)
 
     @property
     def state_lengths(self) -> list[int]:
@@ -216,28 +223,36 @@ class DocumentCache:
             entry = None
         if entry is not None:
             self._entries.move_to_end(key)
+            if key in self._states:
+                self._states.move_to_end(key)
         return entry
 
-    def put(self, key: tuple, entry: DocumentEntry) -> None:
-        """Store `entry`, evicting least recently used entries to stay within max_bytes."""
+    def put(self, key: tuple, entry: DocumentEntry | StateEntry) -> None:
+        """Store `entry`, evicting least recently used entries to stay within max_bytes (a
+        state evicts only states, see the class doc)."""
         if key in self._entries:
             self._remove(key)
         size = entry.nbytes
-        if size > self.max_bytes:
+        is_state = isinstance(entry, StateEntry)
+        room = self.max_bytes - (self._nbytes - self._state_nbytes if is_state else 0)  # after every eviction
+        if size > room:
             self.stats.too_large += 1
             return
         while self._nbytes + size > self.max_bytes:
-            oldest = next(iter(self._entries))
-            self._remove(oldest)
+            self._remove(next(iter(self._states if is_state else self._entries)))
             self.stats.evictions += 1
         self._entries[key] = entry
         self._nbytes += size
-        if isinstance(entry, StateEntry):
+        if is_state:
+            self._states[key] = None
+            self._state_nbytes += size
             self._state_lengths[entry.num_tokens] += 1
 
     def clear(self) -> None:
         """Drop every entry (counters are kept)."""
         self._entries.clear()
+        self._states.clear()
+        self._state_nbytes = 0
         self._state_lengths.clear()
         self._nbytes = 0
 
@@ -245,6 +260,8 @@ class DocumentCache:
         entry = self._entries.pop(key)
         self._nbytes -= entry.nbytes
         if isinstance(entry, StateEntry):
+            del self._states[key]
+            self._state_nbytes -= entry.nbytes
             self._state_lengths[entry.num_tokens] -= 1
             if not self._state_lengths[entry.num_tokens]:
                 del self._state_lengths[entry.num_tokens]
