@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kernels.common.index import prepare_lens, prepare_position_ids, prepare_seq_idx
-from kernels.layout import BLOCK_START, IS_DOC, SEG_START, DocLayout, TileSummary
+from kernels.layout import DocLayout, TileSummary
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -59,22 +59,33 @@ def loop_positions(lengths, doc_ids, per_document):
 
 
 def loop_chunks(lengths, chunk_size, doc_ids=None):
-    """Chunk rows [bos, eos, flags] and per-example chunk offsets; segments are examples, or
-    with doc_ids (doc_mode) runs of equal doc id inside an example."""
+    """Chunk rows [bos, eos, enter_doc] and per-example chunk offsets. A chunk holds chunk_size
+    tokens of one example; with doc_ids (doc_mode) it ends early before a document start
+    whose block differs from that of an earlier document start in the chunk, and enter_doc is
+    the doc id of the token before it (0 at an example start)."""
     rows, offsets, start = [], [0], 0
     for length in lengths:
-        t, end = start, start + length
-        while t < end:
-            seg_end = t + 1
-            while seg_end < end and (doc_ids is None or doc_ids[seg_end] == doc_ids[t]):
-                seg_end += 1
-            is_doc = doc_ids is not None and doc_ids[t] > 0
-            opens_block = is_doc and (t == start or doc_ids[t - 1] == 0)
-            for c, bos in enumerate(range(t, seg_end, chunk_size)):
-                flags = (SEG_START if c == 0 else 0) | (IS_DOC if is_doc else 0)
-                flags |= BLOCK_START if c == 0 and opens_block else 0
-                rows.append([bos, min(bos + chunk_size, seg_end), flags])
-            t = seg_end
+        end = start + length
+        bos = start
+        while bos < end:
+            eos, first_block, block = bos, None, 0
+            for t in range(start, bos):  # count the blocks opened before the chunk
+                if doc_ids is not None and doc_ids[t] and (t == start or doc_ids[t - 1] == 0):
+                    block += 1
+            while eos < min(bos + chunk_size, end):
+                t = eos
+                if doc_ids is not None and doc_ids[t]:
+                    if t == start or doc_ids[t - 1] == 0:
+                        block += 1
+                    if t == start or doc_ids[t - 1] != doc_ids[t]:  # a document starts at t
+                        if first_block is None:
+                            first_block = block
+                        elif block != first_block:
+                            break
+                eos += 1
+            enter = doc_ids[bos - 1] if doc_ids is not None and bos > start else 0
+            rows.append([bos, eos, enter])
+            bos = eos
         offsets.append(len(rows))
         start = end
     return rows, offsets
@@ -235,12 +246,19 @@ def test_index_docstring_example():
 
 def test_chunk_table_docstring_example():
     layout = DocLayout.from_cu_seqlens(torch.tensor([0, 5, 9]), torch.tensor([0, 1, 1, 1, 2, 0, 0, 0, 0]))
-    S, D, B = SEG_START, IS_DOC, BLOCK_START
     table = layout.chunk_table(2, doc_mode=True)
-    assert table.chunks.tolist() == [[0, 1, S], [1, 3, D | S | B], [3, 4, D], [4, 5, D | S], [5, 7, S], [7, 9, 0]]
-    assert table.seq_chunk_offsets.tolist() == [0, 4, 6] and table.num_chunks == 6 and table.chunk_size == 2
+    assert table.chunks.tolist() == [[0, 2, 0], [2, 4, 1], [4, 5, 1], [5, 7, 0], [7, 9, 0]]
+    assert table.seq_chunk_offsets.tolist() == [0, 3, 5] and table.num_chunks == 5 and table.chunk_size == 2
     plain = layout.chunk_table(2)
-    assert plain.chunks.tolist() == [[0, 2, S], [2, 4, 0], [4, 5, 0], [5, 7, S], [7, 9, 0]]
+    assert plain.chunks.tolist() == [[0, 2, 0], [2, 4, 0], [4, 5, 0], [5, 7, 0], [7, 9, 0]]
+
+
+def test_chunk_table_ends_a_chunk_before_a_second_block():
+    """doc_mode: the documents that start in one chunk belong to one retrieval block."""
+    docs = torch.tensor([1, 1, 2, 0, 3, 4, 0, 0, 5, 0])
+    layout = DocLayout.from_cu_seqlens(torch.tensor([0, 10]), docs)
+    assert layout.chunk_table(8, doc_mode=True).chunks.tolist() == [[0, 4, 0], [4, 8, 0], [8, 10, 0]]
+    assert layout.chunk_table(8).chunks.tolist() == [[0, 8, 0], [8, 10, 0]]
 
 
 def test_empty_row():
