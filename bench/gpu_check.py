@@ -196,7 +196,7 @@ def suite_json(path: Path, status: str) -> Dict:
 
 def child_env(dry_run: bool, site: Optional[Path]) -> Dict[str, str]:
     env = dict(os.environ)
-    paths = [str(ROOT)] + ([str(site)] if site else []) + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths = [str(ROOT), str(ROOT / ".pythonpath")] + ([str(site)] if site else []) + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONUNBUFFERED"] = "1"
     env["TRITON_CACHE_AUTOTUNING"] = "1"

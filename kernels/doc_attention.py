@@ -26,10 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
-from kernels.common.checks import check_cu_seqlens, check_doc_ids, check_layout, check_same_device
-from kernels.common.dispatch import INTERPRET, use_triton
-from kernels.layout import DocLayout
+from refrag_kernels import reference
+from refrag_kernels.common.checks import check_cu_seqlens, check_doc_ids, check_layout, check_same_device
+from refrag_kernels.common.dispatch import INTERPRET, use_triton
+from refrag_kernels.layout import DocLayout
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256

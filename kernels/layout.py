@@ -31,7 +31,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from kernels.common.index import prepare_lens, prepare_seq_idx
+from refrag_kernels.common.index import prepare_lens, prepare_seq_idx
 
 INT32_MAX = 2**31 - 1
 

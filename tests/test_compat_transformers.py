@@ -1,4 +1,4 @@
-"""transformers' Mamba-2 family on our kernels (kernels.compat): tiny random Mamba2 and Bamba
+"""transformers' Mamba-2 family on our kernels (refrag_kernels.compat): tiny random Mamba2 and Bamba
 (a hybrid with attention) built from configs, no downloads. Reference: the same model on
 transformers' own torch path (mamba-ssm and causal-conv1d are not installed here)."""
 import pytest
@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import (BambaConfig, BambaForCausalLM, DataCollatorWithFlattening,  # noqa: E402
                           Mamba2Config, Mamba2ForCausalLM)
 
-from kernels.compat import disable_for_transformers, enable_for_transformers, enabled_models  # noqa: E402
+from refrag_kernels.compat import disable_for_transformers, enable_for_transformers, enabled_models  # noqa: E402
 
 VOCAB = 64
 
@@ -134,7 +134,7 @@ def test_hf_trainer_example_trains_bamba_on_packed_rag_rows():
     import sys
     from pathlib import Path
 
-    import kernels
+    import refrag_kernels
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     try:
@@ -143,7 +143,7 @@ def test_hf_trainer_example_trains_bamba_on_packed_rag_rows():
         assert len(features) == 4
         for f in features:
             assert len(f["input_ids"]) == len(f["labels"]) and any(t != -100 for t in f["labels"])
-        with kernels.use_backend("reference"):
+        with refrag_kernels.use_backend("reference"):
             loss = example.main(["--steps", "2", "--examples", "8", "--batch-size", "4", "--hidden", "32"])
     finally:
         sys.path.pop(0)

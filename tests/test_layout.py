@@ -7,8 +7,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels.common.index import prepare_lens, prepare_position_ids, prepare_seq_idx
-from kernels.layout import DocLayout, TileSummary
+from refrag_kernels.common.index import prepare_lens, prepare_position_ids, prepare_seq_idx
+from refrag_kernels.layout import DocLayout, TileSummary
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

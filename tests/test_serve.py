@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.common.dispatch as dispatch
+import refrag_kernels.common.dispatch as dispatch
 from refrag.data import load_tokenizer
 from refrag.serve import Answer, RagService
 from refrag.model import HybridLM, MambaConfig, ModelConfig

@@ -1,4 +1,4 @@
-"""Triton SSD (kernels.ssd) against the reference oracles: forward, every gradient, varlen,
+"""Triton SSD (refrag_kernels.ssd) against the reference oracles: forward, every gradient, varlen,
 doc_mode, grouped B/C, padding, every autotune config, and input validation.
 
 Tolerance rule: the kernel's error against the fp64 reference is at most twice the error
@@ -7,11 +7,11 @@ of the same reference code run in the kernel's dtype, plus a small dtype-tied at
 import pytest
 import torch
 
-from kernels import reference as R
-from kernels import ssd_scan
-from kernels.layout import DocLayout
-from kernels.ssd import CONFIGS, ssd_scan_triton
-from kernels.ssd.tuning import SMEM_LIMIT_BYTES, TILES, prune_by_shared_memory, smem_estimate
+from refrag_kernels import reference as R
+from refrag_kernels import ssd_scan
+from refrag_kernels.layout import DocLayout
+from refrag_kernels.ssd import CONFIGS, ssd_scan_triton
+from refrag_kernels.ssd.tuning import SMEM_LIMIT_BYTES, TILES, prune_by_shared_memory, smem_estimate
 
 F64 = torch.float64
 ATOL = {torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}

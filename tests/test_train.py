@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import kernels
-from kernels import DocLayout
+import refrag_kernels
+from refrag_kernels import DocLayout
 from refrag.model import HybridLM, MambaConfig, preset
 from refrag.train import checkpoint as ckpt
 from refrag.train.config import GROUPS, TrainConfig, load_config
@@ -318,7 +318,7 @@ def _free_port() -> int:
 def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, results, fsdp: bool = False) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    kernels.set_backend("reference")
+    refrag_kernels.set_backend("reference")
     torch.set_num_threads(1)
     env = init_distributed("cpu")
     model = tiny_model()

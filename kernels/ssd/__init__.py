@@ -4,7 +4,7 @@ Mapping onto a chunked linear-attention scan (as flash-linear-attention's simple
 q = C, k = B, v = x * dt, per-token log-decay dt * A (scalar per head). Stages:
 
 1. `DocLayout.chunk_table`: chunks that never straddle a sequence boundary (documents do
-   not split them: doc_mode masks inside a chunk, see `kernels.ssd.chunks`);
+   not split them: doc_mode masks inside a chunk, see `refrag_kernels.ssd.chunks`);
    `cumsum.chunk_dt_cumsum`: dt_bias + softplus and the chunk-local cumsum g of dt * A.
 2. `chunk_h.chunk_fwd_h`: state entering every chunk (in doc_mode also the document and
    block-entry states its document tokens read).
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernels import reference
-from kernels.common.checks import (
+from refrag_kernels import reference
+from refrag_kernels.common.checks import (
     check_cu_seqlens,
     check_decay_rates,
     check_doc_ids,
@@ -37,12 +37,12 @@ from kernels.common.checks import (
     check_same_device,
     check_shape,
 )
-from kernels.common.dispatch import use_triton
-from kernels.layout import ChunkTable, DocLayout
-from kernels.ssd.chunk_h import chunk_bwd_dh, chunk_fwd_h
-from kernels.ssd.chunk_o import chunk_bwd_dqk, chunk_bwd_dv, chunk_fwd_o
-from kernels.ssd.cumsum import chunk_dt_cumsum, chunk_dt_grad
-from kernels.ssd.tuning import CONFIGS, dot_precision
+from refrag_kernels.common.dispatch import use_triton
+from refrag_kernels.layout import ChunkTable, DocLayout
+from refrag_kernels.ssd.chunk_h import chunk_bwd_dh, chunk_fwd_h
+from refrag_kernels.ssd.chunk_o import chunk_bwd_dqk, chunk_bwd_dv, chunk_fwd_o
+from refrag_kernels.ssd.cumsum import chunk_dt_cumsum, chunk_dt_grad
+from refrag_kernels.ssd.tuning import CONFIGS, dot_precision
 
 __all__ = ["ssd_scan", "ssd_scan_triton", "CONFIGS"]
 
@@ -203,7 +203,7 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_
         return reference.ssd_scan(x, dt, A, B, C, cu_seqlens=cu_seqlens, doc_ids=doc_ids, **kwargs)
     if x.dtype == torch.float64:
         raise ValueError("the Triton ssd_scan computes in fp32: pass fp16, bf16 or fp32 inputs (fp64 runs only "
-                         "through kernels.reference.ssd_scan)")
+                         "through refrag_kernels.reference.ssd_scan)")
     if layout is None:  # validates the doc ids (one span per document) once
         layout = DocLayout.from_batch(x.shape[0], x.shape[1], cu_seqlens, doc_ids, x.device)
     return ssd_scan_triton(x, dt, A, B, C, layout=layout, **kwargs)

@@ -15,7 +15,7 @@ One program owns a (K-block, V-block) tile of one (sequence, head) state and wal
 sequence's chunks in order (forward) or in reverse (backward). States are stored
 [K, V] = (n, p) per chunk and head; initial/final states use the public (p, n) layout.
 
-doc_mode (see `kernels.ssd.chunks`) keeps three states per (sequence, head) tile: `carried`
+doc_mode (see `refrag_kernels.ssd.chunks`) keeps three states per (sequence, head) tile: `carried`
 runs over every token; `doc` is the state of the document holding the last token seen, which
 restarts from `entry` (the carried state where its retrieval block opened) at each document
 start. Per chunk the forward stores the states its tokens read: hc (carried, always), hd (the
@@ -35,9 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.autotune import launch
-from kernels.ssd.chunks import ChunkTable, at, chunk_docs
-from kernels.ssd.tuning import autotuned, max_blocks
+from refrag_kernels.common.autotune import launch
+from refrag_kernels.ssd.chunks import ChunkTable, at, chunk_docs
+from refrag_kernels.ssd.tuning import autotuned, max_blocks
 
 
 @triton.jit

@@ -13,7 +13,7 @@ group inside the kernel. Dot operands are in the input dtype (decays, dt and the
 applied in fp32 before the cast), accumulation in fp32. Inputs are read through their
 token and head strides (views of one projection need no copy); outputs are contiguous.
 
-doc_mode (see `kernels.ssd.chunks`): token t reads hc, hd or he by its class, decayed by
+doc_mode (see `refrag_kernels.ssd.chunks`): token t reads hc, hd or he by its class, decayed by
 exp(g_t - g_{sd_t - 1}) for a document that starts in the chunk (else exp(g_t)), and the
 intra-chunk scores are masked so that a document token sees only its own document.
 """
@@ -25,10 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.autotune import launch
-from kernels.ssd.chunk_h import _gated_do
-from kernels.ssd.chunks import ChunkTable, at, chunk_docs
-from kernels.ssd.tuning import autotuned, max_blocks
+from refrag_kernels.common.autotune import launch
+from refrag_kernels.ssd.chunk_h import _gated_do
+from refrag_kernels.ssd.chunks import ChunkTable, at, chunk_docs
+from refrag_kernels.ssd.tuning import autotuned, max_blocks
 
 
 @triton.jit

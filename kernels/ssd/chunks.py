@@ -1,6 +1,6 @@
 """The SSD's chunk table and the document geometry of a chunk in doc_mode.
 
-`kernels.layout.DocLayout.chunk_table(chunk_size, doc_mode)` builds the table (per-row metadata,
+`refrag_kernels.layout.DocLayout.chunk_table(chunk_size, doc_mode)` builds the table (per-row metadata,
 cached per batch): chunks restart at each example, but documents do not split them. Inside a
 chunk, doc_mode is handled by masking (like mamba-ssm's `seq_idx` masking of the intra-chunk
 scores), with per-token routing of the state each token reads:
@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.layout import ChunkTable
+from refrag_kernels.layout import ChunkTable
 
 __all__ = ["ChunkTable", "chunk_docs", "at"]
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ssd.chunks import ChunkTable, chunk_docs
+from refrag_kernels.ssd.chunks import ChunkTable, chunk_docs
 
 
 @triton.jit

@@ -51,7 +51,7 @@ from typing import Sequence, Union
 
 import torch
 
-from kernels import DocLayout
+from refrag_kernels import DocLayout
 from refrag.data import SYSTEM_PROMPT, render_for_generation
 from refrag.infer.engine import decode_loop
 from refrag.model import AttentionCache, HybridCache, HybridLM, MambaCache

@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-from kernels import DocLayout
+from refrag_kernels import DocLayout
 from refrag.model import HybridLM
 
 

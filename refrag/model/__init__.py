@@ -10,7 +10,7 @@ Public API::
     parse_block_pattern("T*8+[T,M]*2+M*8")               # -> ["T", ..., "M"] (20 letters)
 
     model = HybridLM(config)                             # fp32 weights; autocast is the trainer's job
-    loss = model(input_ids, layout=layout, targets=targets)   # (1, L) packed row + kernels.DocLayout
+    loss = model(input_ids, layout=layout, targets=targets)   # (1, L) packed row + refrag_kernels.DocLayout
     loss = model(input_ids, layout=layout, targets=targets, num_loss_tokens=batch.num_loss_tokens)  # no host sync
     loss = model(input_ids, targets=targets)                  # (b, L): each row one example, no docs
     logits = model(input_ids, layout=layout)                  # no targets -> (b, L, V) fp32 logits

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import DocLayout, causal_conv1d, causal_conv1d_update, doc_attention, ssd_scan, ssd_state_update
+from refrag_kernels import DocLayout, causal_conv1d, causal_conv1d_update, doc_attention, ssd_scan, ssd_state_update
 from refrag.model.cache import AttentionCache, MambaCache
 from refrag.model.config import ModelConfig
 from refrag.model.layers import (

@@ -7,12 +7,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import gated_rms_norm
+from refrag_kernels import gated_rms_norm
 
 
 class GatedRMSNorm(nn.Module):
     """Mamba-2's output norm: rmsnorm(y * silu(z)) * weight over the last dim (norm after gate),
-    computed in fp32 and returned in y's dtype (`kernels.gated_rms_norm`, fused fwd + bwd)."""
+    computed in fp32 and returned in y's dtype (`refrag_kernels.gated_rms_norm`, fused fwd + bwd)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()

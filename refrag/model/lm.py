@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import IGNORE_INDEX, DocLayout, fused_linear_cross_entropy
-from kernels.common.checks import assert_on_device
+from refrag_kernels import IGNORE_INDEX, DocLayout, fused_linear_cross_entropy
+from refrag_kernels.common.checks import assert_on_device
 from refrag.model.blocks import AttentionBlock, MambaBlock, SequenceContext
 from refrag.model.cache import HybridCache
 from refrag.model.config import ModelConfig
@@ -17,7 +17,7 @@ from refrag.model.layers import rotary_cos_sin
 class HybridLM(nn.Module):
     """Decoder LM whose blocks follow `config.block_pattern` (T attention + MLP, M Mamba-2).
 
-    Input is either one packed row (1, L) with a `kernels.DocLayout` (examples restart RoPE
+    Input is either one packed row (1, L) with a `refrag_kernels.DocLayout` (examples restart RoPE
     positions, attention and SSM state; documents follow docs/architecture.md's doc semantics and take
     RoPE positions by `config.doc_positions`), or (b, L) without a layout, each row one
     example of shared text. Weights are fp32.
@@ -110,7 +110,7 @@ class HybridLM(nn.Module):
         if layout is None:
             return
         if not isinstance(layout, DocLayout):
-            raise ValueError(f"layout must be a kernels.DocLayout, got {type(layout).__name__}")
+            raise ValueError(f"layout must be a refrag_kernels.DocLayout, got {type(layout).__name__}")
         if input_ids.shape[0] != 1 or input_ids.shape[1] != layout.total_tokens:
             raise ValueError(f"with a layout input_ids must be one packed row (1, {layout.total_tokens}), "
                              f"got {tuple(input_ids.shape)}")
