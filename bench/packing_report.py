@@ -2,8 +2,9 @@
 
     python -m bench.packing_report --max-len 8192 [--split train] [--top-k 5] [--max-doc-tokens 256]
 
-Also reports the SSD chunk fill of the packed rows (tokens / (chunks * chunk size) of
-`DocLayout.chunk_table`, doc_mode and plain varlen): the SSD kernels pay per chunk.
+Also reports the SSD chunk fill (tokens / (chunks * chunk size) of `DocLayout.chunk_table`,
+doc_mode and plain varlen; the SSD kernels pay per chunk) of the packed rows and of synthetic
+RAG rows of the same length with 100-300-token documents (`bench.layouts.rag_examples`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from refrag.data import (EMBEDDED_KB_DIR, build_conversations, load_queries, loa
                          packing_efficiency, render_conversations)
 from refrag.retrieval import HashingEncoder, KnowledgeBase, RetrievalManager, read_documents
 from refrag.validate import number_arg
+from refrag_kernels import DocLayout
+
+from bench.layouts import rag_examples
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,6 +42,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"rows {len(rows)} x {args.max_len}: packing efficiency {packing_efficiency(rows):.4f}")
     print(f"SSD chunk fill (chunk {args.chunk_size}): doc_mode {chunk_fill(rows, args.chunk_size, True):.3f}, "
           f"varlen {chunk_fill(rows, args.chunk_size, False):.3f}")
+    synthetic = [_Row(DocLayout.from_examples(rag_examples(args.max_len, docs_per_example=(3, 8), doc_len=(100, 300),
+                                                           seed=seed))) for seed in range(8)]
+    print(f"synthetic rows (8 x {args.max_len}, 3-8 documents of 100-300 tokens per example): SSD chunk fill "
+          f"doc_mode {chunk_fill(synthetic, args.chunk_size, True):.3f}, "
+          f"varlen {chunk_fill(synthetic, args.chunk_size, False):.3f}")
+
+
+class _Row:
+    def __init__(self, layout):
+        self._layout = layout
+
+    def layout(self):
+        return self._layout
 
 
 def chunk_fill(rows, chunk_size: int, doc_mode: bool) -> float:

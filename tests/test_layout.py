@@ -59,33 +59,30 @@ def loop_positions(lengths, doc_ids, per_document):
 
 
 def loop_chunks(lengths, chunk_size, doc_ids=None):
-    """Chunk rows [bos, eos, enter_doc] and per-example chunk offsets. A chunk holds chunk_size
-    tokens of one example; with doc_ids (doc_mode) it ends early before a document start
-    whose block differs from that of an earlier document start in the chunk, and enter_doc is
-    the doc id of the token before it (0 at an example start)."""
-    rows, offsets, start = [], [0], 0
+    """Chunk rows [bos, eos, enter_doc, entry_chunk] and per-example chunk offsets. Chunks of chunk_size
+    tokens restart at each example and, with doc_ids (doc_mode), at a block opening fewer than
+    chunk_size tokens after a document start of an earlier block of the example; enter_doc is
+    the doc id of the token before the chunk (0 at an example start) and entry_chunk the last
+    chunk so far that holds a block-opening token (0 before any, and without doc_ids)."""
+    rows, offsets, start, entry = [], [0], 0, 0
     for length in lengths:
         end = start + length
-        bos = start
-        while bos < end:
-            eos, first_block, block = bos, None, 0
-            for t in range(start, bos):  # count the blocks opened before the chunk
-                if doc_ids is not None and doc_ids[t] and (t == start or doc_ids[t - 1] == 0):
-                    block += 1
-            while eos < min(bos + chunk_size, end):
-                t = eos
-                if doc_ids is not None and doc_ids[t]:
-                    if t == start or doc_ids[t - 1] == 0:
-                        block += 1
-                    if t == start or doc_ids[t - 1] != doc_ids[t]:  # a document starts at t
-                        if first_block is None:
-                            first_block = block
-                        elif block != first_block:
-                            break
-                eos += 1
-            enter = doc_ids[bos - 1] if doc_ids is not None and bos > start else 0
-            rows.append([bos, eos, enter])
-            bos = eos
+        cuts, last_doc_start = [start], None
+        for t in range(start, end):
+            doc = 0 if doc_ids is None else doc_ids[t]
+            if doc and (t == start or doc_ids[t - 1] != doc):
+                opens = t == start or doc_ids[t - 1] == 0
+                if opens and last_doc_start is not None and t - last_doc_start < chunk_size:
+                    cuts.append(t)
+                last_doc_start = t
+        for seg_start, seg_end in zip(cuts, cuts[1:] + [end]):
+            for bos in range(seg_start, seg_end, chunk_size):
+                eos = min(bos + chunk_size, seg_end)
+                enter = doc_ids[bos - 1] if doc_ids is not None and bos > start else 0
+                if doc_ids is not None and any(doc_ids[t] and (t == start or doc_ids[t - 1] == 0)
+                                               for t in range(bos, eos)):
+                    entry = len(rows)  # the chunk holds a block-opening token
+                rows.append([bos, eos, enter, entry])
         offsets.append(len(rows))
         start = end
     return rows, offsets
@@ -247,18 +244,21 @@ def test_index_docstring_example():
 def test_chunk_table_docstring_example():
     layout = DocLayout.from_cu_seqlens(torch.tensor([0, 5, 9]), torch.tensor([0, 1, 1, 1, 2, 0, 0, 0, 0]))
     table = layout.chunk_table(2, doc_mode=True)
-    assert table.chunks.tolist() == [[0, 2, 0], [2, 4, 1], [4, 5, 1], [5, 7, 0], [7, 9, 0]]
+    assert table.chunks.tolist() == [[0, 2, 0, 0], [2, 4, 1, 0], [4, 5, 1, 0], [5, 7, 0, 0], [7, 9, 0, 0]]
     assert table.seq_chunk_offsets.tolist() == [0, 3, 5] and table.num_chunks == 5 and table.chunk_size == 2
     plain = layout.chunk_table(2)
-    assert plain.chunks.tolist() == [[0, 2, 0], [2, 4, 0], [4, 5, 0], [5, 7, 0], [7, 9, 0]]
+    assert plain.chunks.tolist() == [[0, 2, 0, 0], [2, 4, 0, 0], [4, 5, 0, 0], [5, 7, 0, 0], [7, 9, 0, 0]]
 
 
 def test_chunk_table_ends_a_chunk_before_a_second_block():
     """doc_mode: the documents that start in one chunk belong to one retrieval block."""
     docs = torch.tensor([1, 1, 2, 0, 3, 4, 0, 0, 5, 0])
     layout = DocLayout.from_cu_seqlens(torch.tensor([0, 10]), docs)
-    assert layout.chunk_table(8, doc_mode=True).chunks.tolist() == [[0, 4, 0], [4, 8, 0], [8, 10, 0]]
-    assert layout.chunk_table(8).chunks.tolist() == [[0, 8, 0], [8, 10, 0]]
+    assert layout.chunk_table(8, doc_mode=True).chunks.tolist() == [[0, 4, 0, 0], [4, 8, 0, 1], [8, 10, 0, 2]]
+    assert layout.chunk_table(4, doc_mode=True).chunks.tolist() == [[0, 4, 0, 0], [4, 8, 0, 1], [8, 10, 0, 2]]
+    assert layout.chunk_table(3, doc_mode=True).chunks.tolist() == [[0, 3, 0, 0], [3, 4, 2, 0], [4, 7, 0, 2],
+                                                                    [7, 10, 0, 3]]
+    assert layout.chunk_table(8).chunks.tolist() == [[0, 8, 0, 0], [8, 10, 0, 0]]
 
 
 def test_empty_row():
@@ -266,7 +266,7 @@ def test_empty_row():
     assert layout.cu_seqlens.tolist() == [0] and layout.total_tokens == 0 and layout.num_seqs == 0
     assert layout.max_seqlen == 0 and not layout.has_documents
     assert layout.doc_spans() == [] and layout.retrieval_blocks() == []
-    assert layout.chunk_table(4).chunks.shape == (0, 3)
+    assert layout.chunk_table(4).chunks.shape == (0, 4)
     assert layout.chunk_table(4, doc_mode=True).seq_chunk_offsets.tolist() == [0]
     summary = layout.tile_summary(16, 16)
     assert summary.kv_indptr.tolist() == [0] and summary.q_indices.numel() == 0
@@ -365,7 +365,7 @@ def test_chunk_table_matches_loop(seed, chunk_size):
         table = layout.chunk_table(chunk_size, doc_mode=doc_mode)
         rows, offsets = loop_chunks(lengths, chunk_size, doc_ids if doc_mode else None)
         assert table.chunks.tolist() == rows
-        assert table.chunks.shape == (len(rows), 3)
+        assert table.chunks.shape == (len(rows), 4)
         assert table.seq_chunk_offsets.tolist() == offsets
         assert table.chunks.dtype == table.seq_chunk_offsets.dtype == torch.int32
         assert layout.chunk_table(chunk_size, doc_mode=doc_mode) is table

@@ -78,7 +78,7 @@ class ChunkScanFunction(torch.autograd.Function):
         precision = dot_precision(x.dtype)
         dy = torch.zeros_like(x) if dy is None else _rows(dy, *dy.shape[1:])
         dfinal = None if dfinal is None else dfinal.contiguous()
-        states, _ = chunk_fwd_h(x, dtp, g, B, initial_states, table, docs, precision, config, False)
+        states, _ = chunk_fwd_h(x, dtp, g, B, initial_states, table, docs, precision, config, False, True)
         dstates, dh0, dg_last = chunk_bwd_dh(C, g, dy, z, states, dfinal, table, docs, precision, config,
                                              initial_states is not None)
         dC, dB, dg = chunk_bwd_dqk(x, dy, z, dtp, g, C, B, states, dstates, table, docs, total, precision, config)

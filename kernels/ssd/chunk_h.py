@@ -62,10 +62,12 @@ def _state_add(b_k, b_x, b_w, PRECISION: tl.constexpr):
 @triton.jit
 def chunk_fwd_h_kernel(x, s_xt, s_xh, dt, g, k, s_kt, s_kg, h, hd, he, h0, ht, docs, chunks, seq_chunk_offsets,
                        H, K, V, HPG, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr,
-                       DOC_MODE: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr):
-    """Store the carried state entering each chunk in h (and in doc_mode the document and
-    block-entry states its tokens read in hd, he), and (STORE_FINAL) the final carried state
-    of each sequence in ht."""
+                       DOC_MODE: tl.constexpr, ALL_H: tl.constexpr, STORE_FINAL: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """Store the carried state entering each chunk in h (in doc_mode only where shared tokens
+    read it, unless ALL_H; and the document and block-entry states its tokens read in hd, he:
+    he at the chunk where the block opens), and (STORE_FINAL) the final carried state of each
+    sequence in ht."""
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_n, i_h = i_nh // H, i_nh % H
     i_g = i_h // HPG
@@ -83,10 +85,16 @@ def chunk_fwd_h_kernel(x, s_xt, s_xh, dt, g, k, s_kt, s_kg, h, hd, he, h0, ht, d
     c_start = tl.load(seq_chunk_offsets + i_n).to(tl.int64)
     c_end = tl.load(seq_chunk_offsets + i_n + 1).to(tl.int64)
     for i_c in range(c_start, c_end):
-        bos = tl.load(chunks + i_c * 3).to(tl.int64)
-        eos = tl.load(chunks + i_c * 3 + 1).to(tl.int64)
+        bos = tl.load(chunks + i_c * 4).to(tl.int64)
+        eos = tl.load(chunks + i_c * 4 + 1).to(tl.int64)
         o_state = (i_c * H + i_h) * K * V + p_state
-        tl.store(h + o_state, b_carried.to(h.dtype.element_ty), mask=m_kv)
+        if DOC_MODE:
+            enter_doc = tl.load(chunks + i_c * 4 + 2)
+            d, cls, sd, has_h, has_d, has_e, opens, b, d_L, cls_L, sd_L = chunk_docs(docs, bos, eos, enter_doc, BT)
+            if has_h | ALL_H:
+                tl.store(h + o_state, b_carried.to(h.dtype.element_ty), mask=m_kv)
+        else:
+            tl.store(h + o_state, b_carried.to(h.dtype.element_ty), mask=m_kv)
         o_t = bos + o_i
         m_t = o_t < eos
         b_k, b_x, b_g, b_dt = _chunk_source(x, s_xt, s_xh, dt, g, k, s_kt, s_kg, o_t, m_t, i_h, i_g, o_k, o_v,
@@ -96,15 +104,12 @@ def chunk_fwd_h_kernel(x, s_xt, s_xh, dt, g, k, s_kt, s_kg, h, hd, he, h0, ht, d
         b_S = _state_add(b_k, b_x, b_dt * b_decay, PRECISION)
         b_E = tl.exp(b_g_last)
         if DOC_MODE:
-            enter_doc = tl.load(chunks + i_c * 3 + 2)
-            d, cls, sd, has_h, has_d, has_e, opens, b, d_L, cls_L, sd_L = chunk_docs(docs, bos, eos, enter_doc, BT)
             if has_d:
                 tl.store(hd + o_state, b_doc.to(hd.dtype.element_ty), mask=m_kv)
             if opens:  # the block opens at b: its entry state is the carried state after token b - 1
                 b_gb = at(b_g, o_i, b - 1)
                 b_we = tl.where(o_i < b, b_dt * tl.exp(b_gb - b_g), 0.0)
                 b_entry = tl.exp(b_gb) * b_carried + _state_add(b_k, b_x, b_we, PRECISION)
-            if has_e:
                 tl.store(he + o_state, b_entry.to(he.dtype.element_ty), mask=m_kv)
             if cls_L == 1:  # the continued document spans the chunk
                 b_doc = b_E * b_doc + b_S
@@ -122,14 +127,16 @@ chunk_fwd_h_tuned = autotuned(chunk_fwd_h_kernel)
 
 def chunk_fwd_h(x, dt, g, k, initial_states: Optional[torch.Tensor], table: ChunkTable,
                 docs: Optional[torch.Tensor], precision: str, config: Optional[triton.Config],
-                store_final: bool = True):
+                store_final: bool = True, for_backward: bool = False):
     """States entering every chunk and the final state of every sequence.
 
     x (T, H, V) and k (T, G, K) with unit last stride; dt, g (T, H) fp32; initial_states
     (N, H, V, K) fp32 or None; docs (T,) int32 doc ids in doc_mode, else None. Returns
     (h, hd, he), each (NT, H, K, V) in x's dtype: the carried state entering each chunk and,
-    in doc_mode (else None), the document / block-entry states its tokens read (written only for
-    the chunks that read them), and final (N, H, V, K) fp32 (None unless store_final).
+    in doc_mode (else None), the document / block-entry states its tokens read, and final
+    (N, H, V, K) fp32 (None unless store_final). In doc_mode a state is written only where it
+    is read: h where the chunk has shared tokens (every chunk for_backward), hd where it
+    continues a document, he at the chunk of the table's entry_chunk column.
     """
     T, H, V = x.shape
     K = k.shape[2]
@@ -148,8 +155,8 @@ def chunk_fwd_h(x, dt, g, k, initial_states: Optional[torch.Tensor], table: Chun
            h0=h if initial_states is None else initial_states, ht=h if final is None else final,
            docs=table.chunks if docs is None else docs, chunks=table.chunks,
            seq_chunk_offsets=table.seq_chunk_offsets, H=H, K=K, V=V, HPG=H // k.shape[1],
-           BT=table.chunk_size, USE_H0=initial_states is not None, DOC_MODE=doc_mode, STORE_FINAL=store_final,
-           PRECISION=precision)
+           BT=table.chunk_size, USE_H0=initial_states is not None, DOC_MODE=doc_mode, ALL_H=for_backward,
+           STORE_FINAL=store_final, PRECISION=precision)
     return (h, hd, he), final
 
 
@@ -200,8 +207,8 @@ def chunk_bwd_dh_kernel(q, s_qt, s_qg, g, dy, s_dyt, s_dyh, z, s_zt, s_zh, h, hd
     c_end = tl.load(seq_chunk_offsets + i_n + 1).to(tl.int64)
     for i_r in range(c_start, c_end):
         i_c = c_start + c_end - 1 - i_r
-        bos = tl.load(chunks + i_c * 3).to(tl.int64)
-        eos = tl.load(chunks + i_c * 3 + 1).to(tl.int64)
+        bos = tl.load(chunks + i_c * 4).to(tl.int64)
+        eos = tl.load(chunks + i_c * 4 + 1).to(tl.int64)
         b_g_last = tl.load(g + (eos - 1) * H + i_h)
         b_E = tl.exp(b_g_last)
         o_state = (i_c * H + i_h) * K * V + p_state
@@ -213,7 +220,7 @@ def chunk_bwd_dh_kernel(q, s_qt, s_qg, g, dy, s_dyt, s_dyh, z, s_zt, s_zh, h, hd
         b_do = _gated_do(dy, s_dyt, s_dyh, z, s_zt, s_zh, o_t, i_h, o_v, m_t[:, None] & (o_v < V)[None, :],
                          HAS_Z).to(b_q.dtype)
         if DOC_MODE:
-            enter_doc = tl.load(chunks + i_c * 3 + 2)
+            enter_doc = tl.load(chunks + i_c * 4 + 2)
             d, cls, sd, has_h, has_d, has_e, opens, b, d_L, cls_L, sd_L = chunk_docs(docs, bos, eos, enter_doc, BT)
             b_gs = tl.load(g + (bos + sd - 1) * H + i_h, mask=(cls == 2) & (sd > 0), other=0.0)
             b_w = tl.where(m_t, tl.exp(b_g - b_gs), 0.0)
@@ -240,7 +247,8 @@ def chunk_bwd_dh_kernel(q, s_qt, s_qg, g, dy, s_dyt, s_dyh, z, s_zt, s_zh, h, hd
             if cls_L == 2:
                 tl.store(dhd + o_state, b_dD.to(dhd.dtype.element_ty), mask=m_kv)
                 b_wX = tl.exp(b_g_last - at(b_g, o_i, sd_L - 1))
-                b_he = tl.load(he + o_state, mask=m_kv, other=0.0).to(tl.float32)
+                e_c = tl.load(chunks + i_c * 4 + 3).to(tl.int64)
+                b_he = tl.load(he + (e_c * H + i_h) * K * V + p_state, mask=m_kv, other=0.0).to(tl.float32)
                 b_sX = b_wX * tl.sum(b_he * b_dD)
                 b_sL += b_sX
                 b_ssd -= b_sX

@@ -44,8 +44,8 @@ def _doc_visible(d, o_i, m_t):
 
 
 @triton.jit
-def _read_states(b_o, b_q, h, hd, he, o_hs, m_kv, cls, has_h, has_d, has_e, PRECISION: tl.constexpr):
-    """b_o + (q_t . X_cls(t)) for the K-block whose state tiles start at o_hs ([BT, BK] @ [BK, BV])."""
+def _read_states(b_o, b_q, h, hd, he, o_hs, o_he, m_kv, cls, has_h, has_d, has_e, PRECISION: tl.constexpr):
+    """b_o + (q_t . X_cls(t)) for the K-block whose state tiles are at o_hs (he: o_he) ([BT, BK] @ [BK, BV])."""
     if has_h:
         b_h = tl.load(h + o_hs, mask=m_kv, other=0.0).to(b_q.dtype)
         b_o += tl.dot(tl.where((cls == 0)[:, None], b_q, 0.0).to(b_q.dtype), b_h, input_precision=PRECISION)
@@ -53,7 +53,7 @@ def _read_states(b_o, b_q, h, hd, he, o_hs, m_kv, cls, has_h, has_d, has_e, PREC
         b_h = tl.load(hd + o_hs, mask=m_kv, other=0.0).to(b_q.dtype)
         b_o += tl.dot(tl.where((cls == 1)[:, None], b_q, 0.0).to(b_q.dtype), b_h, input_precision=PRECISION)
     if has_e:
-        b_h = tl.load(he + o_hs, mask=m_kv, other=0.0).to(b_q.dtype)
+        b_h = tl.load(he + o_he, mask=m_kv, other=0.0).to(b_q.dtype)
         b_o += tl.dot(tl.where((cls == 2)[:, None], b_q, 0.0).to(b_q.dtype), b_h, input_precision=PRECISION)
     return b_o
 
@@ -65,8 +65,8 @@ def chunk_fwd_o_kernel(x, s_xt, s_xh, z, s_zt, s_zh, dt, g, q, s_qt, s_qg, k, s_
                        DOC_MODE: tl.constexpr, PRECISION: tl.constexpr):
     """out[chunk tokens, heads of the group, V-block], D term and z gate included."""
     i_v, i_c, i_g = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    bos = tl.load(chunks + i_c * 3).to(tl.int64)
-    eos = tl.load(chunks + i_c * 3 + 1).to(tl.int64)
+    bos = tl.load(chunks + i_c * 4).to(tl.int64)
+    eos = tl.load(chunks + i_c * 4 + 1).to(tl.int64)
     o_i = tl.arange(0, BT)
     o_t = bos + o_i
     m_t = o_t < eos
@@ -74,8 +74,9 @@ def chunk_fwd_o_kernel(x, s_xt, s_xh, z, s_zt, s_zh, dt, g, q, s_qt, s_qg, k, s_
     m_v = o_v < V
     m_tv = m_t[:, None] & m_v[None, :]
     if DOC_MODE:
-        enter_doc = tl.load(chunks + i_c * 3 + 2)
+        enter_doc = tl.load(chunks + i_c * 4 + 2)
         d, cls, sd, has_h, has_d, has_e, opens, b, d_L, cls_L, sd_L = chunk_docs(docs, bos, eos, enter_doc, BT)
+        e_c = tl.load(chunks + i_c * 4 + 3).to(tl.int64)  # the chunk holding the block-entry state
         m_A = _doc_visible(d, o_i, m_t)
     else:
         m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
@@ -96,7 +97,8 @@ def chunk_fwd_o_kernel(x, s_xt, s_xh, z, s_zt, s_zh, dt, g, q, s_qt, s_qg, k, s_
             o_hs = (i_c * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
             m_kv = (o_k < K)[:, None] & m_v[None, :]
             if DOC_MODE:
-                b_o = _read_states(b_o, b_q, h, hd, he, o_hs, m_kv, cls, has_h, has_d, has_e, PRECISION)
+                o_he = (e_c * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+                b_o = _read_states(b_o, b_q, h, hd, he, o_hs, o_he, m_kv, cls, has_h, has_d, has_e, PRECISION)
             else:
                 b_h = tl.load(h + o_hs, mask=m_kv, other=0.0).to(b_q.dtype)
                 b_o += tl.dot(b_q, b_h, input_precision=PRECISION)  # [BT, BK] @ [BK, BV] -> [BT, BV]
@@ -151,8 +153,8 @@ def chunk_fwd_o(x, z, dt, g, q, k, states, D, table: ChunkTable, docs: Optional[
 
 
 @triton.jit
-def _dq_states(b_dq, b_do, h, hd, he, o_hs, m_kv, cls, has_h, has_d, has_e, PRECISION: tl.constexpr):
-    """b_dq + do_t X_cls(t)^T for the state tiles at o_hs ([BT, BV] @ [BV, BK])."""
+def _dq_states(b_dq, b_do, h, hd, he, o_hs, o_he, m_kv, cls, has_h, has_d, has_e, PRECISION: tl.constexpr):
+    """b_dq + do_t X_cls(t)^T for the state tiles at o_hs (he: o_he) ([BT, BV] @ [BV, BK])."""
     if has_h:
         b_h = tl.load(h + o_hs, mask=m_kv, other=0.0).to(b_do.dtype)
         b_dq += tl.where((cls == 0)[:, None], tl.dot(b_do, tl.trans(b_h), input_precision=PRECISION), 0.0)
@@ -160,7 +162,7 @@ def _dq_states(b_dq, b_do, h, hd, he, o_hs, m_kv, cls, has_h, has_d, has_e, PREC
         b_h = tl.load(hd + o_hs, mask=m_kv, other=0.0).to(b_do.dtype)
         b_dq += tl.where((cls == 1)[:, None], tl.dot(b_do, tl.trans(b_h), input_precision=PRECISION), 0.0)
     if has_e:
-        b_h = tl.load(he + o_hs, mask=m_kv, other=0.0).to(b_do.dtype)
+        b_h = tl.load(he + o_he, mask=m_kv, other=0.0).to(b_do.dtype)
         b_dq += tl.where((cls == 2)[:, None], tl.dot(b_do, tl.trans(b_h), input_precision=PRECISION), 0.0)
     return b_dq
 
@@ -189,8 +191,8 @@ def chunk_bwd_dqk_kernel(x, s_xt, s_xh, dy, s_dyt, s_dyh, z, s_zt, s_zh, dt, g, 
     the source terms of a block opening at b add at b - 1 instead, and a class-2 token's state
     read subtracts at sd_t - 1."""
     i_k, i_c, i_g = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    bos = tl.load(chunks + i_c * 3).to(tl.int64)
-    eos = tl.load(chunks + i_c * 3 + 1).to(tl.int64)
+    bos = tl.load(chunks + i_c * 4).to(tl.int64)
+    eos = tl.load(chunks + i_c * 4 + 1).to(tl.int64)
     o_i = tl.arange(0, BT)
     o_t = bos + o_i
     m_t = o_t < eos
@@ -199,8 +201,9 @@ def chunk_bwd_dqk_kernel(x, s_xt, s_xh, dy, s_dyt, s_dyh, z, s_zt, s_zh, dt, g, 
     b_q = _load_tk(q, s_qt, s_qg, o_t, i_g, o_k, m_tk)
     b_k = _load_tk(k, s_kt, s_kg, o_t, i_g, o_k, m_tk)
     if DOC_MODE:
-        enter_doc = tl.load(chunks + i_c * 3 + 2)
+        enter_doc = tl.load(chunks + i_c * 4 + 2)
         d, cls, sd, has_h, has_d, has_e, opens, b, d_L, cls_L, sd_L = chunk_docs(docs, bos, eos, enter_doc, BT)
+        e_c = tl.load(chunks + i_c * 4 + 3).to(tl.int64)  # the chunk holding the block-entry state
         m_A = _doc_visible(d, o_i, m_t)
     else:
         m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
@@ -228,7 +231,8 @@ def chunk_bwd_dqk_kernel(x, s_xt, s_xh, dy, s_dyt, s_dyh, z, s_zt, s_zh, dt, g, 
             b_dA += tl.dot(b_do, tl.trans(b_x), input_precision=PRECISION)  # [BT, BV] @ [BV, BT] -> [BT, BT]
             b_dk += tl.dot(b_x, tl.trans(b_dh), input_precision=PRECISION)  # [BT, BV] @ [BV, BK] -> [BT, BK]
             if DOC_MODE:
-                b_dq = _dq_states(b_dq, b_do, h, hd, he, p_state, m_kv, cls, has_h, has_d, has_e, PRECISION)
+                o_he = (e_c * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+                b_dq = _dq_states(b_dq, b_do, h, hd, he, p_state, o_he, m_kv, cls, has_h, has_d, has_e, PRECISION)
                 if cls_L == 2:
                     b_dhd = tl.load(dhd + p_state, mask=m_kv, other=0.0).to(b_x.dtype)
                     b_dkD += tl.dot(b_x, tl.trans(b_dhd), input_precision=PRECISION)
@@ -315,8 +319,8 @@ def chunk_bwd_dv_kernel(x, s_xt, s_xh, dy, s_dyt, s_dyh, z, s_zt, s_zh, dt, g, q
     (+ D * do), this V-block's share of the gradient w.r.t. dt through v = x * dt, the
     chunk's share of dD and, with a gate, dz (the pre-gate output is recomputed here)."""
     i_v, i_c, i_g = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    bos = tl.load(chunks + i_c * 3).to(tl.int64)
-    eos = tl.load(chunks + i_c * 3 + 1).to(tl.int64)
+    bos = tl.load(chunks + i_c * 4).to(tl.int64)
+    eos = tl.load(chunks + i_c * 4 + 1).to(tl.int64)
     o_i = tl.arange(0, BT)
     o_t = bos + o_i
     m_t = o_t < eos
@@ -325,8 +329,9 @@ def chunk_bwd_dv_kernel(x, s_xt, s_xh, dy, s_dyt, s_dyh, z, s_zt, s_zh, dt, g, q
     m_tv = m_t[:, None] & m_v[None, :]
     # b_At[s, t] = k_s . q_t, used where the query t sees the key s
     if DOC_MODE:
-        enter_doc = tl.load(chunks + i_c * 3 + 2)
+        enter_doc = tl.load(chunks + i_c * 4 + 2)
         d, cls, sd, has_h, has_d, has_e, opens, b, d_L, cls_L, sd_L = chunk_docs(docs, bos, eos, enter_doc, BT)
+        e_c = tl.load(chunks + i_c * 4 + 3).to(tl.int64)  # the chunk holding the block-entry state
         m_At = tl.trans(_doc_visible(d, o_i, m_t))
     else:
         m_At = (o_i[:, None] <= o_i[None, :]) & m_t[:, None] & m_t[None, :]
@@ -364,7 +369,9 @@ def chunk_bwd_dv_kernel(x, s_xt, s_xh, dy, s_dyt, s_dyh, z, s_zt, s_zh, dt, g, q
             if HAS_Z:
                 b_q = _load_tk(q, s_qt, s_qg, o_t, i_g, o_k, m_tk)
                 if DOC_MODE:
-                    b_y = _read_states(b_y, b_q, h, hd, he, p_state, m_kv, cls, has_h, has_d, has_e, PRECISION)
+                    o_he = (e_c * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+                    b_y = _read_states(b_y, b_q, h, hd, he, p_state, o_he, m_kv, cls, has_h, has_d, has_e,
+                                       PRECISION)
                 else:
                     b_h = tl.load(h + p_state, mask=m_kv, other=0.0).to(b_q.dtype)
                     b_y += tl.dot(b_q, b_h, input_precision=PRECISION)  # [BT, BK] @ [BK, BV] -> [BT, BV]

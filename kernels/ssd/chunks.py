@@ -12,8 +12,9 @@ scores), with per-token routing of the state each token reads:
 * class 2, a token of a document that starts inside the chunk (at local index sd): the entry
   state of its retrieval block (`he`), decayed by exp(g_t - g_{sd-1}) (g_{-1} = 0). The table
   guarantees that all class-2 documents of a chunk belong to one block. That block either
-  continues into the chunk (he = the block-entry state carried in) or opens inside it at local
-  index b (then he is the carried state after token b - 1, computed in `chunk_h`).
+  continues into the chunk or opens inside it at local index b; its entry state (the carried
+  state after token b - 1, computed in `chunk_h`) is stored once, at the chunk where the block
+  opens (the table's entry_chunk column), and read from there by every chunk of the block.
 
 A document token sees, inside the chunk, only earlier tokens of its own document. g is the
 chunk-local cumsum of dt * A. `chunk_docs` derives all of this from the chunk's doc ids.
