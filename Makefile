@@ -26,9 +26,10 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
+# One pytest worker per core (pytest-xdist), whole files per worker so module fixtures run once.
 # pytest exits 5 when it collects nothing: that is a failure here, never a pass.
 test: $(STAMP)
-	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/python -m pytest -q -n auto --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 demo: $(STAMP)

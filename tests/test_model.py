@@ -86,6 +86,12 @@ def test_config_round_trips_through_dict():
         pytest.param("key_conv", 1, "key_conv must be 0", id="key-conv-width-1"),
         pytest.param("key_conv", 5, "key_conv must be 0", id="key-conv-width-5"),
         pytest.param("key_conv", True, "key_conv must be 0", id="key-conv-bool"),
+        pytest.param("rope_dim", 5, "rope_dim must be even and at most head_dim", id="rope-dim-odd"),
+        pytest.param("rope_dim", 34, "rope_dim must be even and at most head_dim 32", id="rope-dim-wide"),
+        pytest.param("rope_dim", 0, "rope_dim must be a positive int", id="rope-dim-zero"),
+        pytest.param("mlp_dim", -4, "mlp_dim must be a positive int", id="mlp-dim"),
+        pytest.param("mamba", {"mlp": 1}, "mamba.mlp must be true or false", id="mamba-mlp-bool"),
+        pytest.param("mamba", {"conv_bias": "no"}, "mamba.conv_bias must be true or false", id="conv-bias-bool"),
     ],
 )
 def test_config_rejects(key, value, message):

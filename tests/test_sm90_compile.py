@@ -27,10 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "profiles" / "sm90_compile.py"
 # Per-thread spill stores above this fail the check; smaller spills are listed in the report.
 SPILL_LIMIT_BYTES = 1024
-# Known regressions, each held at its measured ceiling so it cannot grow unnoticed: the attention
-# forward spills since the non-finite isolation of issue 23 (V sanitised and rows poisoned on
-# mixed tiles); 1576 B (d64) / 2300 B (d128) measured with config #0. Remove when fixed.
-KNOWN_SPILLS = {"refrag_kernels.doc_attention:_fwd_kernel": 2300}
+# Known regressions, each held at its measured ceiling so it cannot grow unnoticed (none today).
+KNOWN_SPILLS: dict = {}
 
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="recording launches needs TRITON_INTERPRET=1")
 MISSING_TOOL = aot.tool_missing()

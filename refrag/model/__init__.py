@@ -22,6 +22,11 @@ Public API::
     last_logits, cache = model.prefill_packed(input_ids, layout)  # (1, L) row, one cache row per example
     logits = model.step(tokens, cache)                            # tokens (b,) -> (b, V); cache advances
 
+    # A transformers Mamba2 / Bamba checkpoint directory (refrag.model.hf_import; README "Fine-tune a
+    # transformers Mamba2 checkpoint"): same logits as transformers; unmappable fields raise ValueError.
+    from refrag.model.hf_import import import_transformers
+    model = import_transformers("mamba2-dir", overrides={"grad_checkpoint": True})
+
 HybridCache.layers holds one AttentionCache (k, v: (b, capacity, n_kv_head, head_dim)) or
 MambaCache (conv_state (b, conv_dim, d_conv - 1), ssm_state (b, h, p, n) fp32) per block;
 HybridCache.lengths (b,) counts the tokens of each row.

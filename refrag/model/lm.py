@@ -121,14 +121,14 @@ class HybridLM(nn.Module):
         c = self.config
         if layout is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-            cos, sin = rotary_cos_sin(positions, c.head_dim, c.rope_theta)
+            cos, sin = rotary_cos_sin(positions, c.rope_dim, c.rope_theta)
             return SequenceContext(layout, positions, cos, sin)
 
         def rope(layout: DocLayout):  # once per layout (batch), shared by every layer and call
             positions = layout.position_ids(per_document=c.doc_positions == "block")[None]
-            return (positions, *rotary_cos_sin(positions, c.head_dim, c.rope_theta))
+            return (positions, *rotary_cos_sin(positions, c.rope_dim, c.rope_theta))
 
-        return SequenceContext(layout, *layout.memo(("rope", c.doc_positions, c.head_dim, c.rope_theta), rope))
+        return SequenceContext(layout, *layout.memo(("rope", c.doc_positions, c.rope_dim, c.rope_theta), rope))
 
     # ------------------------------------------------------------------ generation
 
