@@ -35,6 +35,12 @@ prefix, different siblings before it), and for documents given without per-slot 
 Each entry stores the model version it was computed with; an entry from another version is
 never used (dropped, counted in ``stats.stale``).
 
+The same LRU also keeps prompt-head states (`StateEntry`, keyed by the exact tokens and
+document ids of the head): the decode state at each retrieval block's entry and each generated
+row's state after its turn. A prefill resumes from the longest stored head of its prompt (so
+the system prompt runs once, and turn k+1 of the multi-hop loop runs only what turn k's row
+lacks); the missing documents of a block are encoded together, rows of one forward per length.
+
 Example::
 
     cache = DocumentCache(max_bytes=2 << 30)
@@ -147,13 +153,20 @@ class CacheStats:
 @dataclass
 class DocumentCache:
     """LRU map key -> DocumentEntry (a document's encoding) or StateEntry (a prompt head's
-    decode state), bounded by `max_bytes` of tensor memory shared by both kinds."""
+    decode state), bounded by `max_bytes` of tensor memory shared by both kinds.
+
+    A document may evict any least recently used entry; a state evicts only other states
+    (oldest first) and is not stored when that does not make room (counted in too_large), so
+    per-question states never push documents (e.g. a precomputed KB) out.
+    """
 
     max_bytes: int
     stats: CacheStats = field(default_factory=CacheStats)
     _entries: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _nbytes: int = field(default=0, repr=False)
     _state_lengths: Counter = field(default_factory=Counter, repr=False)
+    _states: OrderedDict = field(default_factory=OrderedDict, repr=False)  # state keys, LRU order
+    _state_nbytes: int = field(default=0, repr=False)
 
     def __post_init__(self):
         if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int) or self.max_bytes < 0:
@@ -195,7 +208,7 @@ class DocumentCache:
     @property
     def num_states(self) -> int:
         """How many of the entries are prompt-head states (the rest are documents)."""
-        return sum(self._state_lengths.values())
+        return len(self._states)
 
     @property
     def state_lengths(self) -> list[int]:
@@ -210,28 +223,36 @@ class DocumentCache:
             entry = None
         if entry is not None:
             self._entries.move_to_end(key)
+            if key in self._states:
+                self._states.move_to_end(key)
         return entry
 
-    def put(self, key: tuple, entry: DocumentEntry) -> None:
-        """Store `entry`, evicting least recently used entries to stay within max_bytes."""
+    def put(self, key: tuple, entry: DocumentEntry | StateEntry) -> None:
+        """Store `entry`, evicting least recently used entries to stay within max_bytes (a
+        state evicts only states, see the class doc)."""
         if key in self._entries:
             self._remove(key)
         size = entry.nbytes
-        if size > self.max_bytes:
+        is_state = isinstance(entry, StateEntry)
+        room = self.max_bytes - (self._nbytes - self._state_nbytes if is_state else 0)  # after every eviction
+        if size > room:
             self.stats.too_large += 1
             return
         while self._nbytes + size > self.max_bytes:
-            oldest = next(iter(self._entries))
-            self._remove(oldest)
+            self._remove(next(iter(self._states if is_state else self._entries)))
             self.stats.evictions += 1
         self._entries[key] = entry
         self._nbytes += size
-        if isinstance(entry, StateEntry):
+        if is_state:
+            self._states[key] = None
+            self._state_nbytes += size
             self._state_lengths[entry.num_tokens] += 1
 
     def clear(self) -> None:
         """Drop every entry (counters are kept)."""
         self._entries.clear()
+        self._states.clear()
+        self._state_nbytes = 0
         self._state_lengths.clear()
         self._nbytes = 0
 
@@ -239,6 +260,8 @@ class DocumentCache:
         entry = self._entries.pop(key)
         self._nbytes -= entry.nbytes
         if isinstance(entry, StateEntry):
+            del self._states[key]
+            self._state_nbytes -= entry.nbytes
             self._state_lengths[entry.num_tokens] -= 1
             if not self._state_lengths[entry.num_tokens]:
                 del self._state_lengths[entry.num_tokens]
@@ -347,16 +370,15 @@ class CachedEngine:
         documents numbered 1, 2, ... in order. capacity: KV slots to preallocate (default the
         prompt length).
         """
-        return self._prefill(_normalize_segments(segments), capacity)
+        return self._prefill(_normalize_segments(segments), capacity, self.model_version)
 
-    def _prefill(self, parts: list, capacity: int | None) -> tuple[torch.Tensor, HybridCache]:
+    def _prefill(self, parts: list, capacity: int | None, version: str) -> tuple[torch.Tensor, HybridCache]:
         ids, doc_ids = _flatten(parts)
         if doc_ids[-1] != 0:
             raise ValueError("the prompt must end with shared text (e.g. [ASST]), not inside a retrieval block")
         ids_t = torch.tensor(ids, dtype=torch.int64, device=self.device)[None]
         self.model._check_input(ids_t, None)
         rope = self._rope(parts)
-        version = self.model_version
         capacity = max(len(ids), capacity or 0)
         cache, resumed = self._restore(ids, doc_ids, len(ids) - 1, capacity, version)
         start, hidden = 0, None
@@ -398,7 +420,7 @@ class CachedEngine:
         """A cache holding the longest stored head of the prompt ids, doc_ids of at most `limit`
         tokens (empty when none is stored) and that head's length."""
         cache = _empty_cache(self.model, capacity, self.device)
-        lengths = [n for n in self.cache.state_lengths if n <= limit]
+        lengths = [n for n in self.cache.state_lengths if n <= limit] if self.keep_states else []
         if lengths:
             digests = prefix_digests(ids, doc_ids, lengths)
             for n in sorted(lengths, reverse=True):
@@ -547,12 +569,12 @@ class CachedEngine:
         outputs = [[] for _ in prompt_ids]
         if max_new_tokens == 0:
             return outputs
+        version = self.model_version
         prompts = [(list(p), list(d)) for p, d in zip(prompt_ids, doc_ids)]
-        prefilled = [self._prefill(_normalize_segments(segments_from_doc_ids(p, d)), len(p) + max_new_tokens)
+        prefilled = [self._prefill(_normalize_segments(segments_from_doc_ids(p, d)), len(p) + max_new_tokens, version)
                      for p, d in prompts]
         logits = torch.cat([logit for logit, _ in prefilled])
         cache = prefilled[0][1] if len(prefilled) == 1 else stack_caches([c for _, c in prefilled])
-        version = self.model_version
 
         def keep_state(row: int, output: list, cache: HybridCache) -> None:
             ids, docs = prompts[row]
