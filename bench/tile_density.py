@@ -16,8 +16,9 @@ examples with `docs` equal documents each (shared prefix and suffix of 5% of the
 - tile efficiency: visible pairs / (visited tiles * block_m * block_n), the share of the
   computed scores that are used;
 - SSD chunk fill: L / (chunks * chunk_size) for the doc_mode chunk table of `refrag_kernels.ssd`
-  (chunks never straddle a document), vs the same for plain varlen chunks: the SSD kernels pay
-  per chunk, so a fill below 1 is padded work that documents add.
+  (chunks restart at examples; documents are masked inside a chunk, and only a retrieval block
+  opening within a chunk of an earlier block's document start restarts one), vs the same for
+  plain varlen chunks: the SSD kernels pay per chunk, so a fill below 1 is padded work.
 
 A second table sweeps the number of documents per example at the largest length.
 """
