@@ -3,7 +3,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
 .PHONY: venv test demo bench gpu-check wheels clean
@@ -20,15 +20,16 @@ $(BIN)/python:
 		$(PY) -m venv $(VENV); \
 	fi
 
-$(STAMP): $(BIN)/python pyproject.toml
+$(STAMP): $(BIN)/python pyproject.toml setup.py
 	@$(BIN)/python -c "import torch" >/dev/null 2>&1 || $(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev]"
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
+# One pytest worker per core (pytest-xdist), whole files per worker so module fixtures run once.
 # pytest exits 5 when it collects nothing: that is a failure here, never a pass.
 test: $(STAMP)
-	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/python -m pytest -q -n auto --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 demo: $(STAMP)
@@ -46,7 +47,7 @@ bench: $(STAMP)
 GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 BUDGET ?= 480
 gpu-check:
-	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m bench.gpu_check --budget-s $(BUDGET) \
+	PYTHONPATH=$(CURDIR):$(CURDIR)/.pythonpath$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m bench.gpu_check --budget-s $(BUDGET) \
 		$(if $(OUT),--out $(OUT)) $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(if $(STEPS),--steps $(STEPS))
 
 wheels:

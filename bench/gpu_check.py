@@ -82,7 +82,8 @@ STEPS = (
     Step("ssd", ("bench/test_bench_ssd.py", "-k", "fwd_bwd"), 2.0, "16384,8192"),
     Step("doc_attention", ("bench/test_bench_doc_attention.py", "-k", "fwd_bwd"), 2.0, "16384,8192"),
     Step("cross_entropy", ("bench/test_bench_cross_entropy.py", "-k", "fwd_bwd and not dens5"), 1.0),
-    Step("train_step", ("bench/test_bench_train_step.py",), 2.0, "16384"),
+    # transformers' Bamba on a packed 8K batch (its own length) runs with the train steps: one JSON
+    Step("train_step", ("bench/test_bench_train_step.py", "bench/test_bench_hf_bamba.py"), 2.0, "16384"),
     Step("doc_cache", ("bench/test_bench_doc_cache.py",), 1.0),
 )
 OUTPUT_FILES = [s.json_name for s in STEPS if s.suite] + ["results.csv", "report.md", "plots.png"]
@@ -196,7 +197,7 @@ def suite_json(path: Path, status: str) -> Dict:
 
 def child_env(dry_run: bool, site: Optional[Path]) -> Dict[str, str]:
     env = dict(os.environ)
-    paths = [str(ROOT)] + ([str(site)] if site else []) + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths = [str(ROOT), str(ROOT / ".pythonpath")] + ([str(site)] if site else []) + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONUNBUFFERED"] = "1"
     env["TRITON_CACHE_AUTOTUNING"] = "1"

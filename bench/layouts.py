@@ -6,7 +6,7 @@ from typing import List, Tuple
 
 import torch
 
-from kernels import reference
+from refrag_kernels import reference
 
 Example = Tuple[int, List[Tuple[int, int]]]
 

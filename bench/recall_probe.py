@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from kernels import DocLayout
-import kernels
+from refrag_kernels import DocLayout
+import refrag_kernels
 from refrag.model import HybridLM, preset
 
 VOCAB, KEYS, VALUES, FILLERS = 4096, (100, 1100), (1100, 2100), 3
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # CPU: the PyTorch reference ops (the interpreter is far too slow to train); GPU: Triton.
-    with kernels.use_backend("reference" if device == "cpu" else "auto"):
+    with refrag_kernels.use_backend("reference" if device == "cpu" else "auto"):
         train_and_probe(args, device)
 
 

@@ -262,8 +262,17 @@ def ttft_goals(rows):
                          number(r.get("speedup_vs_full_prefill")), 10.0, True, "x")
 
 
+def hf_bamba_goals(rows):
+    """Issue 21: transformers' Bamba on a packed batch at >= 1.0x its speed on mamba-ssm's kernels
+    (where mamba-ssm installs; without it ours is the only packed option and nothing is compared)."""
+    for r in pick(rows, "hf_bamba"):
+        yield GoalResult("HF Bamba packed fwd+bwd vs mamba-ssm kernels", case_label(r),
+                         number(r.get("speedup_vs_mamba_ssm")), 1.0, True, "x",
+                         "" if r.get("mamba_ssm") == "installed" else "mamba-ssm not installed: ours only")
+
+
 GOALS: List[Callable[[List[Dict]], Iterator[GoalResult]]] = [ssd_goals, doc_attention_goals, flce_goals,
-                                                             train_step_goals, ttft_goals]
+                                                             train_step_goals, ttft_goals, hf_bamba_goals]
 
 
 def evaluate_goals(rows: List[Dict]) -> List[GoalResult]:

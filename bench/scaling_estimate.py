@@ -21,7 +21,7 @@ import torch
 
 from bench.layouts import rag_examples
 from bench.train_setup import REAL_LAYOUT, block_patterns, effective_seq_len, model_config
-from kernels import DocLayout
+from refrag_kernels import DocLayout
 from refrag.model import HybridLM
 
 LENGTHS = (2048, 4096, 8192, 16384, 32768)

@@ -6,7 +6,7 @@ import torch
 from bench import costs
 from bench.common import DEVICE, SMOKE, Case, bench_lengths, fwd_bwd, optional_import, run_case
 from bench.layouts import examples_to_tensors, rag_examples
-from kernels import DocLayout, causal_conv1d, reference
+from refrag_kernels import DocLayout, causal_conv1d, reference
 
 LENGTHS = bench_lengths()
 CHANNELS, WIDTH = (16, 4) if SMOKE else (4352, 4)

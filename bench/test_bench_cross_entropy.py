@@ -1,6 +1,6 @@
 """Fused linear + cross-entropy at loss densities 100%, 20% and 5% (the share of tokens whose
 target is not ignored: RAG fine-tuning learns only the answer tokens) against plain torch
-(linear then cross-entropy, materializing [T, V] logits), the kernels.reference oracle and
+(linear then cross-entropy, materializing [T, V] logits), the refrag_kernels.reference oracle and
 Liger's fused kernel when installed: time and peak memory, and their ratios.
 
 Ours gets `num_valid` (the loader counts targets on the CPU), so it makes no host sync.
@@ -12,7 +12,7 @@ import torch
 
 from bench import costs
 from bench.common import DEVICE, SMOKE, Case, fwd_bwd, optional_import, run_case, torch_linear_cross_entropy
-from kernels import fused_linear_cross_entropy, reference
+from refrag_kernels import fused_linear_cross_entropy, reference
 
 TOKENS = 64 if SMOKE else 16384
 HIDDEN = 32 if SMOKE else 2048

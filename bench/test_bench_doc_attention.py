@@ -11,7 +11,7 @@ import torch
 from bench import costs
 from bench.common import DEVICE, SMOKE, Case, bench_lengths, fwd_bwd, optional_import, run_case
 from bench.layouts import examples_to_tensors, rag_examples, visible_pairs
-from kernels import DocLayout, doc_attention, reference
+from refrag_kernels import DocLayout, doc_attention, reference
 
 LENGTHS = bench_lengths()
 HQ, HK, D = (4, 1, 32) if SMOKE else (16, 4, 128)

@@ -8,6 +8,9 @@ Three cases, each against `HybridLM.prefill` of the whole prompt in doc_mode (sa
   full prefill at 10 x 512 tokens.
 - ``miss`` (documents first, cold cache): every document is encoded on the way and stored,
   what the first question over new documents pays; the cache's overhead over full prefill.
+  The missing documents (equal lengths here) are encoded together, as rows of one forward.
+- ``miss_serial``: the same with ``max_batch=1``, one forward per document (the cache's
+  path before batching): what batching the misses saves.
 - ``question_first`` (shared prefix, question, then the documents; cache warmed by another
   question over the same documents): the key of a document holds every token before its
   block, so a new question misses every document; this is why serving uses documents first.
@@ -35,7 +38,7 @@ def build_model(pattern: str) -> HybridLM:
     return HybridLM(config).to(DEVICE).eval()
 
 
-@pytest.mark.parametrize("case", ["hit", "miss", "question_first"])
+@pytest.mark.parametrize("case", ["hit", "miss", "miss_serial", "question_first"])
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_time_to_first_token(benchmark, name, case):
     model = build_model(PATTERNS[name])
@@ -55,14 +58,15 @@ def test_time_to_first_token(benchmark, name, case):
         segments = warm = [prefix, docs, question]
         ids = torch.tensor([prefix + sum(docs, []) + question], device=DEVICE)
         doc_ids = torch.tensor([[0] * PREFIX_LEN + block + [0] * QUESTION_LEN], device=DEVICE)
-    engine = CachedEngine(model, DocumentCache(max_bytes=8 << 30), model_version="bench")
+    engine = CachedEngine(model, DocumentCache(max_bytes=8 << 30), model_version="bench",
+                          max_batch=1 if case == "miss_serial" else 64)
     engine.prefill(warm)  # encodes and caches every document (for "question_first": of another question)
 
     def cold():
         engine.cache.clear()
         return engine.prefill(segments)
 
-    ours = {"hit": lambda: engine.prefill(segments), "miss": cold}.get(case)
+    ours = {"hit": lambda: engine.prefill(segments), "miss": cold, "miss_serial": cold}.get(case)
     if case == "question_first":
         stats = engine.cache.stats
         misses = stats.misses

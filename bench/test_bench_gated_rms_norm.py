@@ -6,7 +6,7 @@ import torch
 
 from bench import costs
 from bench.common import DEVICE, SMOKE, Case, bench_lengths, fwd_bwd, optional_import, run_case
-from kernels import gated_rms_norm, reference
+from refrag_kernels import gated_rms_norm, reference
 
 LENGTHS = bench_lengths()
 WIDTH = 32 if SMOKE else 2048

@@ -8,7 +8,7 @@ import torch
 
 from bench import costs
 from bench.common import DEVICE, SMOKE, Case, bench_lengths, fwd_bwd, optional_import, run_case
-from kernels import reference, selective_scan
+from refrag_kernels import reference, selective_scan
 
 LENGTHS = bench_lengths()
 DIM, NSTATE = (8, 4) if SMOKE else (1536, 16)

@@ -9,7 +9,7 @@ import torch
 
 from bench import costs
 from bench.common import DEVICE, SMOKE, Case, bench_lengths, fwd_bwd, optional_import, run_case
-from kernels import DocLayout, reference, ssd_scan
+from refrag_kernels import DocLayout, reference, ssd_scan
 
 LENGTHS = bench_lengths()
 HEADS, P, N, G = (2, 8, 8, 1) if SMOKE else (32, 64, 128, 1)

@@ -11,7 +11,7 @@ extra_info is therefore model TFLOP/s (the causal and document masks are not dis
 import pytest
 
 from bench.common import DEVICE, SMOKE, Case, bench_lengths, run_case
-import kernels
+import refrag_kernels
 from bench.train_setup import MODEL_SIZES, block_patterns, build_train_step, effective_seq_len
 
 LENGTHS = bench_lengths()
@@ -21,9 +21,9 @@ REFERENCE_MAX_L = {"hybrid": 8192, "pure-M": 32768, "pure-T": 8192, "hybrid-d16"
 
 
 def with_reference_ops(step):
-    """The same train step on the kernels.reference ops."""
+    """The same train step on the refrag_kernels.reference ops."""
     def run():
-        with kernels.use_backend("reference"):
+        with refrag_kernels.use_backend("reference"):
             step.run()
     return run
 

@@ -3,7 +3,7 @@
     python -m bench.tile_density [--lengths 2048 4096 ...] [--examples 16] [--docs 10]
                                  [--block 128 64] [--out bench/tile_density.md]
 
-The work of `kernels.doc_attention` is set by the layout, not by the device: the kernel visits
+The work of `refrag_kernels.doc_attention` is set by the layout, not by the device: the kernel visits
 exactly the (block_m x block_n) tiles that `DocLayout.tile_summary` lists and skips mask math on
 the tiles marked full. This script computes, exactly and on the CPU, for rows of `examples`
 examples with `docs` equal documents each (shared prefix and suffix of 5% of the example each):
@@ -15,9 +15,10 @@ examples with `docs` equal documents each (shared prefix and suffix of 5% of the
   are full (no mask needed);
 - tile efficiency: visible pairs / (visited tiles * block_m * block_n), the share of the
   computed scores that are used;
-- SSD chunk fill: L / (chunks * chunk_size) for the doc_mode chunk table of `kernels.ssd`
-  (chunks never straddle a document), vs the same for plain varlen chunks: the SSD kernels pay
-  per chunk, so a fill below 1 is padded work that documents add.
+- SSD chunk fill: L / (chunks * chunk_size) for the doc_mode chunk table of `refrag_kernels.ssd`
+  (chunks restart at examples; documents are masked inside a chunk, and only a retrieval block
+  opening within a chunk of an earlier block's document start restarts one), vs the same for
+  plain varlen chunks: the SSD kernels pay per chunk, so a fill below 1 is padded work.
 
 A second table sweeps the number of documents per example at the largest length.
 """
@@ -30,7 +31,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from bench.layouts import visible_pairs
-from kernels import DocLayout
+from refrag_kernels import DocLayout
 
 DEFAULT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
 SSD_CHUNK = 64

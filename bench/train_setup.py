@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from bench.layouts import rag_examples
-from kernels import DocLayout
+from refrag_kernels import DocLayout
 from refrag.model.lm import IGNORE_INDEX
 from refrag.model import HybridLM, MambaConfig, ModelConfig, preset
 from refrag.train.config import TrainConfig

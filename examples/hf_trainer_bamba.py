@@ -8,7 +8,7 @@ What it shows:
   loss on the answer only) from the embedded knowledge base;
 - `DataCollatorWithFlattening(return_seq_idx=True)`: no padding, several conversations per row,
   sequence boundaries as `seq_idx` (Mamba layers) and `position_ids` (attention layers);
-- `kernels.compat.enable_for_transformers()`: without mamba-ssm / causal-conv1d, transformers' own
+- `refrag_kernels.compat.enable_for_transformers()`: without mamba-ssm / causal-conv1d, transformers' own
   Mamba path refuses packed rows ("can't keep packed sequences apart"); with it they train.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ if not torch.cuda.is_available():  # the Triton kernels run on CPU tensors only 
 
 from transformers import BambaConfig, BambaForCausalLM, DataCollatorWithFlattening, Trainer, TrainingArguments  # noqa: E402
 
-from kernels.compat import enable_for_transformers  # noqa: E402
+from refrag_kernels.compat import enable_for_transformers  # noqa: E402
 from refrag.data import EMBEDDED_KB_DIR, load_queries, load_tokenizer, rag_conversation, render_conversation  # noqa: E402
 from refrag.retrieval import read_documents  # noqa: E402
 

@@ -20,11 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
-from kernels.common.autotune import launch
-from kernels.common.checks import check_cu_seqlens, check_doc_ids, check_float, check_layout, check_same_device, check_shape
-from kernels.common.dispatch import use_triton
-from kernels.layout import DocLayout
+from refrag_kernels import reference
+from refrag_kernels.common.autotune import launch
+from refrag_kernels.common.checks import check_cu_seqlens, check_doc_ids, check_float, check_layout, check_same_device, check_shape
+from refrag_kernels.common.dispatch import use_triton
+from refrag_kernels.layout import DocLayout
 
 ACTIVATIONS = (None, "silu", "swish")
 MIN_WIDTH, MAX_WIDTH = 2, 4

@@ -38,10 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
-from kernels.common.autotune import launch
-from kernels.common.checks import assert_on_device, check_float
-from kernels.common.dispatch import use_triton
+from refrag_kernels import reference
+from refrag_kernels.common.autotune import launch
+from refrag_kernels.common.checks import assert_on_device, check_float
+from refrag_kernels.common.dispatch import use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 # Elements of one [chunk, V] logits block (128 MiB in bf16). Its size also sets the dW GEMM's

@@ -17,10 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
-from kernels.common.autotune import launch
-from kernels.common.checks import check_float, check_same_device, check_shape
-from kernels.common.dispatch import use_triton
+from refrag_kernels import reference
+from refrag_kernels.common.autotune import launch
+from refrag_kernels.common.checks import check_float, check_same_device, check_shape
+from refrag_kernels.common.dispatch import use_triton
 
 # Memory-bound op: rows per program against occupancy; every config passes the precision
 # tests (tests/test_gated_rms_norm.py runs each one).
@@ -189,7 +189,7 @@ def gated_rms_norm(y: torch.Tensor, z: Optional[torch.Tensor], weight: torch.Ten
         return reference.gated_rms_norm(y, z, weight, eps, group_size)
     if y.dtype == torch.float64:
         raise ValueError("the Triton gated_rms_norm computes in fp32: pass fp16, bf16 or fp32 inputs (fp64 runs "
-                         "only through kernels.reference.gated_rms_norm)")
+                         "only through refrag_kernels.reference.gated_rms_norm)")
     n = y.shape[-1]
     out = GatedRMSNormFunction.apply(_rows2d(y, n), None if z is None else _rows2d(z, n), weight.contiguous(),
                                      float(eps), group_size, config)

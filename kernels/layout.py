@@ -31,29 +31,31 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from kernels.common.index import prepare_lens, prepare_seq_idx
+from refrag_kernels.common.index import prepare_lens, prepare_seq_idx
 
 INT32_MAX = 2**31 - 1
 
-# Chunk flags (column 2 of ChunkTable.chunks), read by the doc-mode state routing of the SSD.
-IS_DOC, SEG_START, BLOCK_START = 1, 2, 4
-
-
 class ChunkTable(NamedTuple):
-    """Chunks of a varlen chunked scan (``DocLayout.chunk_table``); no chunk straddles a segment.
+    """Chunks of a varlen chunked scan (``DocLayout.chunk_table``); no chunk straddles an example.
 
-    A segment is a whole example, or in doc_mode a maximal run of equal doc id inside one
-    example. chunks: int32 (NT, 3) rows (bos, eos, flags), tokens [bos, eos), with flags
-    IS_DOC (the chunk belongs to a document), SEG_START (first chunk of its segment) and
-    BLOCK_START (doc_mode: first chunk of a retrieval block, a document segment that follows
-    shared text or starts its example). seq_chunk_offsets: int32 (N+1,), example n owns chunks
-    [offsets[n], offsets[n+1]). chunk_size: tokens per full chunk.
+    chunks: int32 (NT, 4) rows (bos, eos, enter_doc, entry_chunk), tokens [bos, eos). Chunks hold
+    ``chunk_size`` tokens and restart at each example; documents do not split them (the doc-mode
+    SSD masks document boundaries inside a chunk), except that in doc_mode chunks also restart
+    at a retrieval block that opens fewer than ``chunk_size`` tokens after a document start of
+    an earlier block of its example (rare), so that the documents that start in one chunk all
+    belong to one block. enter_doc (doc_mode, else 0): the doc id of the token before bos when it
+    is a document token of the same example (the document, and block, the chunk continues), else
+    0. entry_chunk (doc_mode, else 0): the last chunk at or before this one that holds a
+    block-opening token (where the SSD stores the entry state of the block whose documents
+    start in this chunk). seq_chunk_offsets: int32 (N+1,), example n owns chunks
+    [offsets[n], offsets[n+1]).
+    chunk_size: tokens per full chunk.
 
     Worked example, cu_seqlens = [0, 5, 9], doc_ids = [0, 1, 1, 1, 2 | 0, 0, 0, 0],
     chunk_size = 2, doc_mode::
 
-        chunks (bos, eos, flags) = (0,1,S) (1,3,D|S|B) (3,4,D) (4,5,D|S) (5,7,S) (7,9,0)
-        seq_chunk_offsets        = [0, 4, 6]
+        chunks (bos, eos, enter_doc, entry_chunk) = (0,2,0,0) (2,4,1,0) (4,5,1,0) (5,7,0,0) (7,9,0,0)
+        seq_chunk_offsets                         = [0, 3, 5]
     """
 
     chunks: torch.Tensor
@@ -493,8 +495,8 @@ class DocLayout:
         return torch.where(is_doc, positions[block_first] + offset_in_document, positions)
 
     def chunk_table(self, chunk_size: int, doc_mode: bool = False) -> ChunkTable:
-        """Chunks of ``chunk_size`` tokens that restart at each example and, in doc_mode, at each
-        change of doc id (see ``ChunkTable``); cached per (chunk_size, doc_mode)."""
+        """Chunks of ``chunk_size`` tokens that restart at each example, with the doc-mode
+        columns (see ``ChunkTable``); cached per (chunk_size, doc_mode)."""
         chunk_size = _check_positive(chunk_size, "chunk_size")
         doc_mode = bool(doc_mode)
         return self._derived(("chunks", chunk_size, doc_mode),
@@ -503,31 +505,55 @@ class DocLayout:
     def _chunk_table(self, chunk_size: int, doc_mode: bool) -> ChunkTable:
         total = self.total_tokens
         seq_idx = self.seq_idx.long()
-        if doc_mode:
-            _, seg_bos, seg_eos = self._runs()
-        else:
-            seg_bos = run_starts_mask(self.seq_idx).nonzero().flatten()
-            seg_eos = _ends_of(seg_bos, total)
+        starts = run_starts_mask(self.seq_idx)
+        if doc_mode and self.has_documents:
+            starts = starts | self._second_block_starts(chunk_size)
+        seg_bos = starts.nonzero().flatten()
+        seg_eos = _ends_of(seg_bos, total)
         seg_chunks = (seg_eos - seg_bos + chunk_size - 1) // chunk_size
         seg = torch.repeat_interleave(torch.arange(seg_bos.numel()), seg_chunks)
-        num_chunks = seg.numel()
         first_chunk = torch.cumsum(seg_chunks, 0) - seg_chunks
-        within = torch.arange(num_chunks) - first_chunk[seg]
+        within = torch.arange(seg.numel()) - first_chunk[seg]
         bos = seg_bos[seg] + within * chunk_size
         eos = torch.minimum(bos + chunk_size, seg_eos[seg])
-        flags = torch.where(within == 0, SEG_START, 0)
+        enter_doc = torch.zeros_like(bos)
+        entry_chunk = torch.zeros_like(bos)
+        if doc_mode and bos.numel() and self.has_documents:
+            prev = (bos - 1).clamp_min(0)
+            continues = (bos > 0) & (seq_idx[prev] == seq_idx[bos])
+            enter_doc = torch.where(continues, self.doc_ids.long()[prev], 0)
+            # the chunk where the block of a chunk's starting documents opened: the last chunk
+            # at or before it that holds a block-opening token
+            opens = self._block_opens().nonzero().flatten()
+            holds_open = torch.zeros_like(bos, dtype=torch.bool)
+            holds_open[torch.searchsorted(bos, opens, right=True) - 1] = True
+            chunk_index = torch.arange(bos.numel())
+            entry_chunk = torch.where(holds_open, chunk_index, 0).cummax(0).values
         seq_of_chunk = seq_idx[bos]
-        if doc_mode:
-            docs = self.doc_ids
-            is_doc = docs[bos] > 0
-            starts_example = self.cu_seqlens.long()[seq_of_chunk] == bos
-            after_shared = starts_example | (docs[(bos - 1).clamp_min(0)] == 0)
-            block_start = is_doc & (within == 0) & after_shared
-            flags = flags + torch.where(is_doc, IS_DOC, 0) + torch.where(block_start, BLOCK_START, 0)
         per_seq = torch.bincount(seq_of_chunk, minlength=self.num_seqs)
         offsets = torch.cat([per_seq.new_zeros(1), torch.cumsum(per_seq, 0)])
-        chunks = torch.stack([bos, eos, flags.to(bos.dtype)], dim=1).to(torch.int32)
+        chunks = torch.stack([bos, eos, enter_doc, entry_chunk], dim=1).to(torch.int32)
         return ChunkTable(chunks.contiguous(), offsets.to(torch.int32), chunk_size)
+
+    def _block_opens(self) -> torch.Tensor:
+        """bool (L,): the token opens a retrieval block (a document token after shared text or
+        at its example's start)."""
+        docs = self.doc_ids
+        opens_block = run_starts_mask(self.seq_idx, docs) & (docs != 0)
+        opens_block[1:] &= (docs[:-1] == 0) | (self.seq_idx[1:] != self.seq_idx[:-1])
+        return opens_block
+
+    def _second_block_starts(self, chunk_size: int) -> torch.Tensor:
+        """bool (L,): retrieval blocks that open fewer than chunk_size tokens after the last
+        document start of an earlier block of their example; chunks restart there, so that
+        the documents starting in one chunk belong to one block."""
+        tokens = torch.arange(self.total_tokens)
+        doc_start = run_starts_mask(self.seq_idx, self.doc_ids) & (self.doc_ids != 0)
+        opens_block = self._block_opens()
+        last_start = torch.where(doc_start, tokens, -1).cummax(0).values  # last document start <= t
+        before = torch.cat([last_start.new_full((1,), -1), last_start[:-1]])
+        example_start = self.cu_seqlens.long()[self.seq_idx.long()]
+        return opens_block & (before >= example_start) & (tokens - before < chunk_size)
 
     def conv_window_starts(self, length: int | None = None) -> torch.Tensor:
         """int32 (length,): the first token each token's causal conv window may read, cached.

@@ -188,7 +188,7 @@ def _ssd_chunked_segment(x, dt, A, B, C, h0, chunk_size: int):
 def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_softplus=False,
              initial_states=None, cu_seqlens=None, doc_ids=None, doc_mode=False,
              return_final_states=False):
-    """Chunked SSD oracle with the public `kernels.ssd_scan` signature (see docs/architecture.md).
+    """Chunked SSD oracle with the public `refrag_kernels.ssd_scan` signature (see docs/architecture.md).
 
     x (b,l,h,p) dt (b,l,h) A (h,) B,C (b,l,g,n); D (h,)|(h,p); z (b,l,h,p).
     cu_seqlens (N+1,) with b == 1; initial_states / final (N|b, h, p, n).

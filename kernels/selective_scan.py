@@ -25,11 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.checks import check_cu_seqlens, check_decay_rates, check_float, check_layout, check_same_device, check_shape
-from kernels.common.autotune import launch
-from kernels.common.dispatch import INTERPRET, use_triton
-from kernels.layout import DocLayout
-from kernels.reference import selective_scan as reference_selective_scan
+from refrag_kernels.common.checks import check_cu_seqlens, check_decay_rates, check_float, check_layout, check_same_device, check_shape
+from refrag_kernels.common.autotune import launch
+from refrag_kernels.common.dispatch import INTERPRET, use_triton
+from refrag_kernels.layout import DocLayout
+from refrag_kernels.reference import selective_scan as reference_selective_scan
 
 # Forward tiles are [BT, BD, N]: BD is tuned, BT is fixed per call (the stored chunk states
 # depend on it, so forward and backward must agree).

@@ -1,8 +1,8 @@
 """Single-token decode steps for generation: the SSD state update and the conv1d window update.
 
 Both kernels update their state in place and return the token's output; decode needs no
-backward. Semantics are those of ``kernels.reference.ssd_state_update`` and
-``kernels.reference.causal_conv1d_update``: stepping token by token reproduces
+backward. Semantics are those of ``refrag_kernels.reference.ssd_state_update`` and
+``refrag_kernels.reference.causal_conv1d_update``: stepping token by token reproduces
 ``ssd_scan`` and ``causal_conv1d`` over the sequence.
 
 Every program reads its whole state tile before a barrier and writes it after, so the
@@ -17,11 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
-from kernels.common.autotune import launch
-from kernels.common.checks import check_float, check_no_overlap, check_shape
-from kernels.common.dispatch import use_triton
-from kernels.conv1d import ACTIVATIONS, MAX_WIDTH, MIN_WIDTH
+from refrag_kernels import reference
+from refrag_kernels.common.autotune import launch
+from refrag_kernels.common.checks import check_float, check_no_overlap, check_shape
+from refrag_kernels.common.dispatch import use_triton
+from refrag_kernels.conv1d import ACTIVATIONS, MAX_WIDTH, MIN_WIDTH
 
 # One program per (BP head dims, head, row) with the whole state dimension n in registers.
 SSD_UPDATE_CONFIGS = [

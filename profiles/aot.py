@@ -159,10 +159,10 @@ def cuda_launchers() -> Iterator[None]:
     """Inside the block, the launchers of ``kernels`` see ``INTERPRET = False``, so they choose
     the block sizes, chunk sizes and dot dtypes of a CUDA run. The dispatcher keeps its flag:
     CPU tensors still go to the (interpreted) Triton kernels."""
-    from kernels.common import dispatch
+    from refrag_kernels.common import dispatch
 
     patched = [module for name, module in list(sys.modules.items())
-               if (name == "kernels" or name.startswith("kernels.")) and module is not dispatch
+               if (name == "refrag_kernels" or name.startswith("refrag_kernels.")) and module is not dispatch
                and getattr(module, "INTERPRET", None) is True]
     for module in patched:
         module.INTERPRET = False

@@ -27,22 +27,22 @@ from pathlib import Path
 import torch
 
 if __package__ in (None, ""):  # run as `python profiles/sm90_compile.py`: the repo root holds `profiles`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / ".pythonpath")]
 
 from profiles.aot import cuda_launchers, occupancy, record_launches, save_launches, unique_launches
-from kernels.conv1d import CONV1D_CONFIGS, causal_conv1d
-from kernels.cross_entropy import CROSS_ENTROPY_CONFIGS, fused_linear_cross_entropy
-from kernels.doc_attention import BWD_CONFIGS as ATTENTION_BWD_CONFIGS
-from kernels.doc_attention import FWD_CONFIGS as ATTENTION_FWD_CONFIGS
-from kernels.doc_attention import _doc_attention
-from kernels.gated_rms_norm import GATED_RMS_NORM_CONFIGS, gated_rms_norm
-from kernels.layout import DocLayout
-from kernels.selective_scan import BWD_CONFIGS as SCAN_BWD_CONFIGS
-from kernels.selective_scan import FWD_CONFIGS as SCAN_FWD_CONFIGS
-from kernels.selective_scan import selective_scan_bwd, selective_scan_fwd
-from kernels.ssd import CONFIGS as SSD_CONFIGS
-from kernels.ssd import ssd_scan_triton
-from kernels.state_update import CONV_UPDATE_CONFIGS, SSD_UPDATE_CONFIGS, causal_conv1d_update, ssd_state_update
+from refrag_kernels.conv1d import CONV1D_CONFIGS, causal_conv1d
+from refrag_kernels.cross_entropy import CROSS_ENTROPY_CONFIGS, fused_linear_cross_entropy
+from refrag_kernels.doc_attention import BWD_CONFIGS as ATTENTION_BWD_CONFIGS
+from refrag_kernels.doc_attention import FWD_CONFIGS as ATTENTION_FWD_CONFIGS
+from refrag_kernels.doc_attention import _doc_attention
+from refrag_kernels.gated_rms_norm import GATED_RMS_NORM_CONFIGS, gated_rms_norm
+from refrag_kernels.layout import DocLayout
+from refrag_kernels.selective_scan import BWD_CONFIGS as SCAN_BWD_CONFIGS
+from refrag_kernels.selective_scan import FWD_CONFIGS as SCAN_FWD_CONFIGS
+from refrag_kernels.selective_scan import selective_scan_bwd, selective_scan_fwd
+from refrag_kernels.ssd import CONFIGS as SSD_CONFIGS
+from refrag_kernels.ssd import ssd_scan_triton
+from refrag_kernels.state_update import CONV_UPDATE_CONFIGS, SSD_UPDATE_CONFIGS, causal_conv1d_update, ssd_state_update
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MARKDOWN = ROOT / "profiles" / "sm90-resource-usage.md"
@@ -215,6 +215,7 @@ def capture(path: str, dtype_name: str, first_only: bool) -> None:
 def _run_step(args: list, interpret: bool) -> None:
     # "0", not unset: importing `profiles` turns the interpreter on when the flag is absent.
     env = dict(os.environ, TRITON_INTERPRET="1" if interpret else "0")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / ".pythonpath"), env.get("PYTHONPATH")]))
     subprocess.run([sys.executable, *args], env=env, cwd=ROOT, check=True)
 
 
@@ -235,7 +236,7 @@ def compile_all(dtype: str, first_only: bool, jobs: int) -> list:
 
 def _short_kernel(name: str) -> str:
     module, qualname = name.split(":")
-    return f"{module.removeprefix('kernels.')}.{qualname}"
+    return f"{module.removeprefix('refrag_kernels.')}.{qualname}"
 
 
 def _describe(value: dict) -> str:

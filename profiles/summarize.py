@@ -48,11 +48,11 @@ OCCUPANCY_LIMITS = {
 
 def triton_kernel_names() -> List[str]:
     """Names of every Triton function defined in the `kernels` package (kernels and helpers)."""
-    import kernels
+    import refrag_kernels
     from triton.runtime.jit import KernelInterface
 
     names = set()
-    for info in pkgutil.walk_packages(kernels.__path__, prefix="kernels."):
+    for info in pkgutil.walk_packages(refrag_kernels.__path__, prefix="refrag_kernels."):
         for value in vars(importlib.import_module(info.name)).values():
             if isinstance(value, KernelInterface):
                 while not inspect.isfunction(value):

@@ -27,7 +27,7 @@ import torch
 from bench.layouts import rag_examples
 from bench.common import SMOKE_LENGTH
 from bench.train_setup import MODEL_SIZES, REAL_LAYOUT, SMOKE_LAYOUT, TrainStep, block_patterns, build_train_step
-from kernels import DocLayout
+from refrag_kernels import DocLayout
 
 
 @contextlib.contextmanager

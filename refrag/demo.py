@@ -122,7 +122,8 @@ def subprocess_env(threads: int | None = None) -> dict:
     """Environment of the demo's subprocesses: this checkout first on PYTHONPATH, never the
     Triton interpreter (a correctness tool, hundreds of times slower), optionally N threads."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+    root = Path(__file__).resolve().parents[1]  # .pythonpath: `refrag_kernels` from this checkout
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), str(root / ".pythonpath"),
                                                      os.environ.get("PYTHONPATH")]))
     if threads is not None:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))

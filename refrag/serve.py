@@ -8,7 +8,7 @@ Example::
     reply = service.answer("Where was the inventor of the Folding Sextant born?")
     reply.text, reply.status, reply.hops, reply.documents, reply.seconds
     service.answer_many(questions)              # the same, several questions per generate call
-    service.cache_stats()                       # {"hits", "misses", "hit_rate", "entries", "bytes", ...}
+    service.cache_stats()                       # {"hits", "misses", "hit_rate", "document_hit_rate", "entries", ...}
     service.precompute(kb_documents)            # documents first: encode the KB ahead of questions
 
 Every question runs through `refrag.infer.multihop.run_multihop` with greedy decoding: a
@@ -117,10 +117,8 @@ class RagService:
                                     self.max_doc_tokens, self.system)
 
     def cache_stats(self) -> dict:
-        """Counters of the document cache (hit_rate = hits / lookups; None before any lookup)."""
+        """Counters of the document cache (`DocumentCache.summary`: hit_rate = document hits / lookups,
+        None before any lookup; document_hit_rate counts the documents inside resumed states too)."""
         if self.cache is None:
             return {"enabled": False}
-        stats = vars(self.cache.stats)
-        lookups = stats["hits"] + stats["misses"]
-        return {"enabled": True, **stats, "hit_rate": stats["hits"] / lookups if lookups else None,
-                "entries": len(self.cache), "bytes": self.cache.nbytes}
+        return {"enabled": True, **self.cache.summary()}

@@ -24,12 +24,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def reference_ops(device):
-    """Run the ops through kernels.reference on CPU (the pipeline is under test, not the kernels:
+    """Run the ops through refrag_kernels.reference on CPU (the pipeline is under test, not the kernels:
     the interpreter is too slow for whole models). CUDA keeps the Triton kernels."""
-    import kernels
+    import refrag_kernels
 
     if device.type == "cpu":
-        with kernels.use_backend("reference"):
+        with refrag_kernels.use_backend("reference"):
             yield
     else:
         yield

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
+import refrag_kernels
 from refrag.model import HybridLM, MambaConfig, ModelConfig, parse_block_pattern
 
 VOCAB = 97
@@ -54,7 +54,7 @@ def reference_ops_on_cpu(request, device):
     rule): the interpreter is too slow for whole models; kernels have their own tests. Tests that
     request `triton_ops` keep the interpreter as integration checks. CUDA always runs Triton."""
     if device.type == "cpu" and "triton_ops" not in request.fixturenames:
-        with kernels.use_backend("reference"):
+        with refrag_kernels.use_backend("reference"):
             yield
     else:
         yield
@@ -71,7 +71,7 @@ def tiny_train_step(device):
     built on the CPU (as the loader does) before the step. Every matrix is random so every
     gradient is live. Run it as ``model(ids, layout=layout, targets=targets,
     num_loss_tokens=num_loss_tokens)``."""
-    from kernels import DocLayout
+    from refrag_kernels import DocLayout
     from refrag.model import preset
 
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Suites measured against the PyTorch reference (kernels.reference, or the model running it);
+# Suites measured against the PyTorch reference (refrag_kernels.reference, or the model running it);
 # other suites (e.g. the document-cache TTFT) name their own baselines.
 REFERENCE_OPS = {"ssd_scan", "selective_scan", "causal_conv1d", "doc_attention", "fused_linear_cross_entropy",
                  "train_step", "gated_rms_norm"}

@@ -3,11 +3,11 @@ estimate and the attention tile-density measures (checked against the dense mask
 import pytest
 import torch
 
-import kernels
+import refrag_kernels
 import refrag.model.lm as lm
 from bench import scaling_estimate, tile_density
 from bench.train_setup import build_train_step, effective_seq_len
-from kernels import DocLayout
+from refrag_kernels import DocLayout
 
 
 def test_effective_seq_len_weights_examples_by_their_tokens():
@@ -19,7 +19,7 @@ def test_train_step_baseline_computes_the_same_loss():
     step = build_train_step("T,M", 48, torch.device("cpu"), smoke=True)
     with torch.no_grad():
         ours = step.forward()
-        with kernels.use_backend("reference"):
+        with refrag_kernels.use_backend("reference"):
             baseline = step.forward()
     torch.testing.assert_close(ours, baseline, atol=1e-4, rtol=1e-4)
     assert step.flops() == step.model.flops_per_token(effective_seq_len(step.layout)) * 48
@@ -29,7 +29,7 @@ def test_train_step_baseline_computes_the_same_loss():
 def test_train_step_runs_the_optimizer():
     step = build_train_step("T,M", 48, torch.device("cpu"), smoke=True)
     head = step.model.lm_head.weight.detach().clone()
-    with kernels.use_backend("reference"):
+    with refrag_kernels.use_backend("reference"):
         step.run()
     assert not torch.equal(head, step.model.lm_head.weight)
     assert all(p.grad is None for p in step.model.parameters())
@@ -113,9 +113,9 @@ def test_recall_probe_examples_supervise_only_the_values():
 
 def test_recall_probe_runs(capsys):
     from bench.recall_probe import main
-    import kernels
+    import refrag_kernels
 
 
     main(["--steps", "0", "--rows", "2", "--pairs", "4"])
     assert "recall accuracy" in capsys.readouterr().out
-    assert kernels.current_backend() == "auto"  # the probe's reference switch ends with it
+    assert refrag_kernels.current_backend() == "auto"  # the probe's reference switch ends with it

@@ -1,11 +1,11 @@
-"""kernels.compat.mamba_ssm against kernels.reference (per sequence) and transformers' torch
+"""refrag_kernels.compat.mamba_ssm against refrag_kernels.reference (per sequence) and transformers' torch
 fallbacks: packing by seq_idx, initial/final/varlen states, dt_limit, conv windows and decode."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
-from kernels.compat import mamba_ssm as ms
+from refrag_kernels import reference
+from refrag_kernels.compat import mamba_ssm as ms
 
 
 def _scan_inputs(b=2, l=40, h=4, p=16, g=2, n=16, seed=0):
@@ -92,7 +92,7 @@ def _hf_originals():
     transformers = pytest.importorskip("transformers")  # noqa: F841
     from transformers.models.mamba2 import modeling_mamba2 as m
 
-    from kernels.compat import disable_for_transformers
+    from refrag_kernels.compat import disable_for_transformers
     disable_for_transformers()
     return m
 

@@ -1,4 +1,4 @@
-"""transformers' Mamba-2 family on our kernels (kernels.compat): tiny random Mamba2 and Bamba
+"""transformers' Mamba-2 family on our kernels (refrag_kernels.compat): tiny random Mamba2 and Bamba
 (a hybrid with attention) built from configs, no downloads. Reference: the same model on
 transformers' own torch path (mamba-ssm and causal-conv1d are not installed here)."""
 import pytest
@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import (BambaConfig, BambaForCausalLM, DataCollatorWithFlattening,  # noqa: E402
                           Mamba2Config, Mamba2ForCausalLM)
 
-from kernels.compat import disable_for_transformers, enable_for_transformers, enabled_models  # noqa: E402
+from refrag_kernels.compat import disable_for_transformers, enable_for_transformers, enabled_models  # noqa: E402
 
 VOCAB = 64
 
@@ -134,7 +134,7 @@ def test_hf_trainer_example_trains_bamba_on_packed_rag_rows():
     import sys
     from pathlib import Path
 
-    import kernels
+    import refrag_kernels
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     try:
@@ -143,8 +143,38 @@ def test_hf_trainer_example_trains_bamba_on_packed_rag_rows():
         assert len(features) == 4
         for f in features:
             assert len(f["input_ids"]) == len(f["labels"]) and any(t != -100 for t in f["labels"])
-        with kernels.use_backend("reference"):
+        with refrag_kernels.use_backend("reference"):
             loss = example.main(["--steps", "2", "--examples", "8", "--batch-size", "4", "--hidden", "32"])
     finally:
         sys.path.pop(0)
     assert 0 < loss < 20
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_bf16_on_gpu_logits_grads_and_packing(family):
+    """bf16 with the compiled kernels (the interpreter computes bf16 dots wrongly, so only here):
+    logits and gradients within 2x the torch path's bf16 error against its fp64 result, and a packed
+    batch equal to each sequence alone within bf16 rounding."""
+    torch.manual_seed(3)
+    model = FAMILIES[family]().cuda().train()
+    ids = torch.randint(0, VOCAB, (2, 96), device="cuda")
+    ref64_logits, ref64_grads = _logits_and_grads(model.double(), ids)
+    ref_logits, ref_grads = _logits_and_grads(model.bfloat16(), ids)
+    enable_for_transformers([family])
+    logits, grads = _logits_and_grads(model, ids)
+    scale = max(g.abs().max().item() for g in ref64_grads.values())
+    _close(logits.float(), ref_logits.float(), ref64_logits, ref64_logits.abs().max().item() * 100)
+    for name in grads:
+        _close(grads[name].float(), ref_grads[name].float(), ref64_grads[name], scale * 100)
+    seqs = [torch.randint(0, VOCAB, (n,)).tolist() for n in (37, 80, 19)]
+    batch = DataCollatorWithFlattening(return_seq_idx=True)([{"input_ids": s} for s in seqs], return_tensors="pt")
+    run = model.backbone if family == "mamba2" else model.model
+    inputs = {k: v.cuda() for k, v in batch.items() if k != "labels" and (k != "position_ids" or family != "mamba2")}
+    packed = run(**inputs, use_cache=False).last_hidden_state[0].float()
+    start = 0
+    for s in seqs:
+        alone = run(torch.tensor([s], device="cuda"), use_cache=False).last_hidden_state[0].float()
+        torch.testing.assert_close(packed[start:start + len(s)], alone, atol=3e-2, rtol=3e-2)
+        start += len(s)

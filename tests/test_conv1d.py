@@ -1,10 +1,10 @@
-"""causal_conv1d (Triton) against kernels.reference: forward, dx, dweight, dbias, window restarts."""
+"""causal_conv1d (Triton) against refrag_kernels.reference: forward, dx, dweight, dbias, window restarts."""
 import pytest
 import torch
 
-from kernels import causal_conv1d, reference
-from kernels.conv1d import CONV1D_CONFIGS
-from kernels.layout import DocLayout
+from refrag_kernels import causal_conv1d, reference
+from refrag_kernels.conv1d import CONV1D_CONFIGS
+from refrag_kernels.layout import DocLayout
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -161,7 +161,7 @@ def _bad_cases(device):
                   "cu_seqlens": torch.tensor([0, 8], device=device)}, "either layout or cu_seqlens"),
         ((torch.randn(2, 8, 4, device=device), w), {"layout": DocLayout.from_examples([(8, [])], device=device)},
          "batch 1"),
-        ((x, w), {"layout": (0, 8)}, "layout must be a kernels.DocLayout"),
+        ((x, w), {"layout": (0, 8)}, "layout must be a refrag_kernels.DocLayout"),
     ]
 
 

@@ -1,10 +1,10 @@
-"""fused_linear_cross_entropy (chunked, Triton) against kernels.reference: loss and both gradients."""
+"""fused_linear_cross_entropy (chunked, Triton) against refrag_kernels.reference: loss and both gradients."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import fused_linear_cross_entropy, reference
-from kernels.cross_entropy import CROSS_ENTROPY_CONFIGS, LOGITS_BUDGET, logits_chunk_size
+from refrag_kernels import fused_linear_cross_entropy, reference
+from refrag_kernels.cross_entropy import CROSS_ENTROPY_CONFIGS, LOGITS_BUDGET, logits_chunk_size
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
@@ -313,7 +313,7 @@ def test_num_valid_makes_no_host_read(device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cuda_accumulates_grad_weight_inside_the_gemm(device, dtype):
     """On CUDA dW takes the addmm(out_dtype=float32) path, not the fp32-GEMM fallback."""
-    from kernels.cross_entropy import _gemm_has_fp32_out
+    from refrag_kernels.cross_entropy import _gemm_has_fp32_out
 
     assert _gemm_has_fp32_out(device.type, dtype)
 

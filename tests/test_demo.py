@@ -124,7 +124,8 @@ def check_eval_cli_on_any_kb(tmp_path, kb, run_dir):
     source, kb_dir = kb
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                     str(Path(__file__).parents[1] / ".pythonpath")])}
     env.pop("TRITON_INTERPRET", None)
 
     def answers(*args):

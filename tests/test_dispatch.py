@@ -1,11 +1,11 @@
-"""The backend switch (kernels.use_backend): which path an op takes, and that the choice is
+"""The backend switch (refrag_kernels.use_backend): which path an op takes, and that the choice is
 scoped, per op when asked, and restored on errors."""
 import pytest
 import torch
 
-import kernels
-from kernels import reference
-from kernels.common import dispatch
+import refrag_kernels
+from refrag_kernels import reference
+from refrag_kernels.common import dispatch
 
 
 def _conv_inputs():
@@ -15,8 +15,8 @@ def _conv_inputs():
 
 def test_reference_backend_runs_the_oracle_exactly():
     x, w = _conv_inputs()
-    with kernels.use_backend("reference"):
-        y = kernels.causal_conv1d(x, w)
+    with refrag_kernels.use_backend("reference"):
+        y = refrag_kernels.causal_conv1d(x, w)
     assert torch.equal(y, reference.causal_conv1d(x, w))
 
 
@@ -25,46 +25,46 @@ def test_per_op_choice_leaves_the_other_ops_alone(monkeypatch):
     calls = []
     monkeypatch.setattr(reference, "causal_conv1d", lambda *a, **k: calls.append("conv") or a[0])
     x, w = _conv_inputs()
-    with kernels.use_backend("reference", ops="doc_attention"):
-        assert kernels.current_backend("doc_attention") == "reference"
-        assert kernels.current_backend("causal_conv1d") == "auto"
-        kernels.causal_conv1d(x, w)  # still the Triton kernel (interpreter)
+    with refrag_kernels.use_backend("reference", ops="doc_attention"):
+        assert refrag_kernels.current_backend("doc_attention") == "reference"
+        assert refrag_kernels.current_backend("causal_conv1d") == "auto"
+        refrag_kernels.causal_conv1d(x, w)  # still the Triton kernel (interpreter)
     assert calls == []
-    with kernels.use_backend("reference", ops=["causal_conv1d"]):
-        kernels.causal_conv1d(x, w)
+    with refrag_kernels.use_backend("reference", ops=["causal_conv1d"]):
+        refrag_kernels.causal_conv1d(x, w)
     assert calls == ["conv"]
 
 
 def test_choice_is_restored_after_an_error_and_nests():
-    with pytest.raises(RuntimeError, match="boom"), kernels.use_backend("reference"):
-        with kernels.use_backend("auto", ops="ssd_scan"):
-            assert kernels.current_backend("ssd_scan") == "auto"
-            assert kernels.current_backend("doc_attention") == "reference"
-        assert kernels.current_backend("ssd_scan") == "reference"
+    with pytest.raises(RuntimeError, match="boom"), refrag_kernels.use_backend("reference"):
+        with refrag_kernels.use_backend("auto", ops="ssd_scan"):
+            assert refrag_kernels.current_backend("ssd_scan") == "auto"
+            assert refrag_kernels.current_backend("doc_attention") == "reference"
+        assert refrag_kernels.current_backend("ssd_scan") == "reference"
         raise RuntimeError("boom")
-    assert kernels.current_backend() == "auto" and kernels.current_backend("ssd_scan") == "auto"
+    assert refrag_kernels.current_backend() == "auto" and refrag_kernels.current_backend("ssd_scan") == "auto"
 
 
 def test_bad_names_are_refused():
     with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
-        with kernels.use_backend("cuda"):
+        with refrag_kernels.use_backend("cuda"):
             pass
     with pytest.raises(ValueError, match="unknown op"):
-        with kernels.use_backend("reference", ops="ssd"):
+        with refrag_kernels.use_backend("reference", ops="ssd"):
             pass
-    assert kernels.current_backend() == "auto"
+    assert refrag_kernels.current_backend() == "auto"
 
 
 def test_triton_backend_on_cpu_without_interpreter_says_so(monkeypatch):
     monkeypatch.setattr(dispatch, "INTERPRET", False)
     x, w = _conv_inputs()
-    assert torch.equal(kernels.causal_conv1d(x, w), reference.causal_conv1d(x, w))  # auto: the reference
-    with kernels.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        kernels.causal_conv1d(x, w)
+    assert torch.equal(refrag_kernels.causal_conv1d(x, w), reference.causal_conv1d(x, w))  # auto: the reference
+    with refrag_kernels.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        refrag_kernels.causal_conv1d(x, w)
 
 
 def test_every_public_op_is_switchable():
-    public = {name for name in kernels.__all__ if name[0].islower() and name not in
+    public = {name for name in refrag_kernels.__all__ if name[0].islower() and name not in
               ("use_backend", "set_backend", "current_backend")}
     assert public <= set(dispatch.OPS)
 
@@ -76,16 +76,16 @@ def test_interpreter_switched_on_after_import_warns_that_the_reference_runs():
     import sys
 
     code = (
-        "import os, warnings, torch, kernels\n"
+        "import os, warnings, torch, refrag_kernels\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
-        "    kernels.causal_conv1d(torch.randn(1, 8, 4), torch.randn(4, 3))\n"
-        "    kernels.causal_conv1d(torch.randn(1, 8, 4), torch.randn(4, 3))\n"
+        "    refrag_kernels.causal_conv1d(torch.randn(1, 8, 4), torch.randn(4, 3))\n"
+        "    refrag_kernels.causal_conv1d(torch.randn(1, 8, 4), torch.randn(4, 3))\n"
         "print(len(caught), caught[0].message if caught else '')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("1 ") and "set after `import kernels`" in out.stdout
+    assert out.stdout.startswith("1 ") and "set after `import refrag_kernels`" in out.stdout
     assert "reference" in out.stdout

@@ -5,15 +5,15 @@ import random
 import pytest
 import torch
 
-import kernels
-from kernels import reference
-from kernels.doc_attention import (
+import refrag_kernels
+from refrag_kernels import reference
+from refrag_kernels.doc_attention import (
     BWD_CONFIGS,
     FWD_CONFIGS,
     _doc_attention,
     doc_attention,
 )
-from kernels.layout import DocLayout
+from refrag_kernels.layout import DocLayout
 
 # Absolute slack on top of the "2x the reference's own error in this dtype" rule, relative to
 # the magnitude of the compared tensor.
@@ -247,7 +247,7 @@ def test_reference_path_reads_the_layout():
     layout = DocLayout.from_cu_seqlens(cu, docs[: int(cu[-1])])
     q, k, v = (t.float() for t in make_qkv(1, docs.numel(), 2, 1, 32))
     o_kernel, lse_kernel = doc_attention(q, k, v, layout=layout, return_lse=True)
-    with kernels.use_backend("reference", ops="doc_attention"):
+    with refrag_kernels.use_backend("reference", ops="doc_attention"):
         o_ref, lse_ref = doc_attention(q, k, v, layout=layout, return_lse=True)
     torch.testing.assert_close(o_kernel, o_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse_kernel, lse_ref, rtol=1e-5, atol=1e-5)

@@ -144,7 +144,8 @@ def test_cached_prefill_composes_several_retrieval_blocks(doc_positions, device,
     logits, _ = engine.prefill(segments)
     torch.testing.assert_close(logits, expected, **tolerance(device))
     assert_same_generation(model, engine, segments)
-    assert engine.cache.stats.hits == 4  # generate re-ran the four documents from the cache
+    stats = engine.cache.stats  # generate resumed from the second block's entry, which holds the first block
+    assert (stats.hits, stats.state_hits, stats.state_documents) == (2, 1, 2)
 
 
 def test_cached_prefill_matches_on_the_kernel_path(device):
@@ -175,7 +176,7 @@ def test_entries_of_another_model_version_are_never_used(device, reference_ops):
             p.add_(0.05 * torch.randn_like(p))
     expected, _ = full_prefill(model, segments)
     logits, _ = CachedEngine(model, cache, model_version="step-2").prefill(segments)
-    assert cache.stats.stale == 2 and cache.stats.hits == 0
+    assert cache.stats.stale == 3 and cache.stats.hits == 0  # two documents and the state at the block entry
     torch.testing.assert_close(logits, expected, **tolerance(device))
 
 
@@ -191,25 +192,25 @@ def test_default_version_follows_in_place_weight_updates(device, reference_ops):
     assert engine.model_version != version
     expected, _ = full_prefill(model, segments)
     logits, _ = engine.prefill(segments)
-    assert engine.cache.stats.stale == 1
+    assert engine.cache.stats.stale == 2  # the document and the state at the block entry
     torch.testing.assert_close(logits, expected, **tolerance(device))
 
 
 def test_lru_keeps_within_the_memory_budget(device, reference_ops):
     model = tiny_model("M", device)
-    probe = CachedEngine(model, DocumentCache(max_bytes=1 << 30))
+    probe = CachedEngine(model, DocumentCache(max_bytes=1 << 30), keep_states=False)  # documents only
     docs = [tokens(4, 10 + i) for i in range(3)]  # equal lengths: equal entry sizes
     probe.prefill([PREFIX, [docs[0]], SUFFIX])
     one_entry = probe.cache.nbytes
     cache = DocumentCache(max_bytes=2 * one_entry)
-    engine = CachedEngine(model, cache)
+    engine = CachedEngine(model, cache, keep_states=False)
     for doc in docs:
         engine.prefill([PREFIX, [doc], SUFFIX])
     assert len(cache) == 2 and cache.nbytes <= cache.max_bytes and cache.stats.evictions == 1
     engine.prefill([PREFIX, [docs[2]], SUFFIX])
     engine.prefill([PREFIX, [docs[0]], SUFFIX])  # evicted first (least recently used)
     assert (cache.stats.hits, cache.stats.misses) == (1, 4)
-    tiny = CachedEngine(model, DocumentCache(max_bytes=one_entry - 1))
+    tiny = CachedEngine(model, DocumentCache(max_bytes=one_entry - 1), keep_states=False)
     tiny.prefill([PREFIX, [docs[0]], SUFFIX])
     assert len(tiny.cache) == 0 and tiny.cache.stats.too_large == 1
 
@@ -252,3 +253,109 @@ def test_multihop_loop_gives_the_same_traces_with_the_cached_engine(reference_op
         got = run_multihop(engine, tok, retriever, [Q1, Q2], **kwargs)
         assert [t.input_ids for t in got] == [t.input_ids for t in expected]
     assert engine.cache.stats.hits >= 3
+
+
+# equal lengths: encoded together as rows of one forward (DOCS["a"] has 7 tokens too)
+SAME_LENGTH = {"d": tokens(7, 11), "e": tokens(7, 12), "f": tokens(1, 13)}
+
+
+@pytest.mark.parametrize("max_batch", [2, 64])
+@pytest.mark.parametrize("pattern, doc_positions", [("T,M", "block"), ("T,M", "sequential"), ("T,T", "sequential"),
+                                                    ("M,M", "block")])
+def test_documents_encoded_together_equal_full_prefill(pattern, doc_positions, max_batch, device, reference_ops):
+    """A block's missing documents of equal length run as rows of one forward (max_batch rows at
+    most; lengths 7, 7, 7 and 1, 1 here: 2 rows + 1 row, or all at once): the composition still
+    equals the full prefill, each row its own RoPE positions (sequential) and conv tails."""
+    model = tiny_model(pattern, device, doc_positions=doc_positions, key_conv=3 if "T" in pattern else 0)
+    engine = CachedEngine(model, DocumentCache(max_bytes=1 << 30), max_batch=max_batch, keep_states=False)
+    block = [DOCS["a"], SAME_LENGTH["d"], DOCS["b"], SAME_LENGTH["e"], SAME_LENGTH["f"]]
+    segments = [PREFIX, block, SUFFIX, [SAME_LENGTH["e"], SAME_LENGTH["d"]], SUFFIX]
+    assert_cached_prefill_equals_full_prefill(model, engine, segments)
+    assert (engine.cache.stats.hits, engine.cache.stats.misses) == (0, 7)
+    assert_same_generation(model, engine, segments)
+    assert (engine.cache.stats.hits, engine.cache.stats.misses) == (7, 7)
+
+
+@pytest.mark.parametrize("pattern", ["T,M", "M,M"])
+def test_a_later_turn_resumes_from_the_generated_row(pattern, device, reference_ops):
+    """generate keeps each row's state after its turn (prompt + generated tokens but the last);
+    the next turn's prompt (that row, the last token, a new block, shared text) resumes from it,
+    looks up only the new block's documents, and equals the full prefill and Engine's generation."""
+    model = tiny_model(pattern, device, key_conv=3 if "T" in pattern else 0)
+    engine = CachedEngine(model, DocumentCache(max_bytes=1 << 30))
+    first = [PREFIX, [DOCS["a"], DOCS["b"]], SUFFIX]
+    ids, doc_ids = flat(first)
+    [output] = engine.generate([ids], 5, doc_ids=[doc_ids])
+    assert len(output) == 5 and engine.cache.num_states == 2  # the block entry and the row after the turn
+    second = first + [output + tokens(2, 21), [DOCS["c"], SAME_LENGTH["d"]], SUFFIX]
+    before = engine.cache.stats.misses
+    assert_cached_prefill_equals_full_prefill(model, engine, second)
+    stats = engine.cache.stats
+    assert stats.state_hits == 1 and stats.state_tokens == len(ids) + 4 and stats.state_documents == 2
+    assert stats.misses - before == 2
+    assert_same_generation(model, engine, second)
+
+
+def test_batched_generate_keeps_each_row_state_when_it_stops(device, reference_ops):
+    """Rows of one generate call stop at different steps; each row's state is taken when it stops
+    (later steps feed its row more tokens), so its next turn resumes from exactly its own tokens."""
+    model = tiny_model("T,M", device)
+    prompts = [flat([PREFIX, [DOCS["a"]], SUFFIX]), flat([tokens(3, 7), [DOCS["c"]], tokens(9, 8)])]
+    ids, doc_ids = [p[0] for p in prompts], [p[1] for p in prompts]
+    free = Engine(model).generate(ids, 6, doc_ids=doc_ids)
+    stop = free[0][1]  # row 0 stops after 2 tokens, row 1 later (or at the same step)
+    engine = CachedEngine(model, DocumentCache(max_bytes=1 << 30))
+    outputs = engine.generate(ids, 6, doc_ids=doc_ids, stop_token_ids=[stop])
+    assert outputs == Engine(model).generate(ids, 6, doc_ids=doc_ids, stop_token_ids=[stop])
+    for (p, d), out in zip(prompts, outputs):
+        nxt = [p + out + tokens(2, 30), d + [0] * (len(out) + 2)]
+        segments = segments_from_doc_ids(*nxt)
+        hits = engine.cache.stats.state_hits
+        assert_cached_prefill_equals_full_prefill(model, engine, segments)
+        assert engine.cache.stats.state_hits == hits + 1
+        assert_same_generation(model, engine, segments)
+
+
+@pytest.mark.parametrize("pattern", ["T,M", "M,M"])
+def test_added_documents_serve_every_slot_of_a_later_block(pattern, device, reference_ops):
+    """add_documents encodes documents (several per forward) after a shared head without composing
+    them; any later block after that head holding them, in any order, hits every document and
+    equals the full prefill. Sequential positions are refused (a document's keys would depend on
+    its siblings)."""
+    model = tiny_model(pattern, device, key_conv=3 if "T" in pattern else 0)
+    engine = CachedEngine(model, DocumentCache(max_bytes=1 << 30), max_batch=2)
+    docs = [marked(DOCS["a"], 1), marked(SAME_LENGTH["d"], 2), marked(SAME_LENGTH["e"], 1), marked(DOCS["b"], 2)]
+    assert engine.add_documents(PREFIX, docs + docs[:1]) == 4  # the repeat is encoded once
+    assert engine.add_documents(PREFIX, docs) == 0
+    hits = engine.cache.stats.hits
+    for block in ([docs[0], docs[1]], [docs[2], docs[3]], [docs[2], docs[1]]):
+        assert_cached_prefill_equals_full_prefill(model, engine, [PREFIX, block, SUFFIX])
+    assert engine.cache.stats.hits - hits == 6 and engine.cache.stats.misses == 4
+    if pattern == "T,M":
+        sequential = CachedEngine(tiny_model(pattern, device, doc_positions="sequential"), DocumentCache(1 << 20))
+        with pytest.raises(ValueError, match="doc_positions"):
+            sequential.add_documents(PREFIX, docs)
+
+
+def test_states_evict_only_states_and_documents_any_entry():
+    """Per-question states share the memory budget but never push documents (a precomputed KB)
+    out: a state evicts the oldest states, or is not stored; a document evicts in LRU order."""
+    from refrag.infer.doc_cache import AttentionDocState, DocumentEntry, MambaCache, StateEntry
+
+    def document(n):  # 2 n fp32 values: 8 n bytes
+        return DocumentEntry([AttentionDocState(torch.zeros(n), torch.zeros(n))], 1, "v")
+
+    def state(n):
+        return StateEntry([MambaCache(torch.zeros(n), torch.zeros(n))], n, "v")
+
+    cache = DocumentCache(max_bytes=1000)
+    cache.put("d1", document(50))
+    cache.put("s1", state(50))
+    cache.put("s2", state(50))  # full: evicts s1, not the older d1
+    assert list(cache._entries) == ["d1", "s2"] and cache.num_states == 1 and cache.stats.evictions == 1
+    cache.put("s3", state(90))  # 720 B: more than the 600 B the documents leave
+    assert list(cache._entries) == ["d1", "s2"] and cache.stats.too_large == 1
+    assert cache.get("d1", "v") is not None  # d1 is now the most recently used
+    cache.put("d2", document(50))  # a document evicts the least recently used entry: s2
+    assert list(cache._entries) == ["d1", "d2"] and cache.num_states == 0 and cache.nbytes == 800
+    assert cache.state_lengths == []

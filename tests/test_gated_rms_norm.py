@@ -1,4 +1,4 @@
-"""Triton gated RMSNorm (kernels.gated_rms_norm) against kernels.reference.gated_rms_norm:
+"""Triton gated RMSNorm (refrag_kernels.gated_rms_norm) against refrag_kernels.reference.gated_rms_norm:
 forward and every gradient, groups, no gate, strided (projection-slice) inputs, every
 autotune config, and input validation.
 
@@ -8,9 +8,9 @@ of the same reference code run in the kernel's dtype, plus a small dtype-tied at
 import pytest
 import torch
 
-from kernels import gated_rms_norm
-from kernels import reference as R
-from kernels.gated_rms_norm import GATED_RMS_NORM_CONFIGS, ROWS_PER_PROGRAM
+from refrag_kernels import gated_rms_norm
+from refrag_kernels import reference as R
+from refrag_kernels.gated_rms_norm import GATED_RMS_NORM_CONFIGS, ROWS_PER_PROGRAM
 
 F64 = torch.float64
 ATOL = {torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}

@@ -58,7 +58,8 @@ def test_dry_run_writes_every_file_of_a_real_run(dry_run):
     for step in gpu_check.STEPS:
         assert f"| {step.name} | ok |" in text, f"{step.name} did not end ok:\n{text}"
     for goal in ("SSD fwd+bwd vs max(fla, mamba-ssm)", "doc_attention fwd+bwd vs FlexAttention",
-                 "TTFT with the document cache vs full prefill", "hybrid d16 train step peak memory"):
+                 "TTFT with the document cache vs full prefill", "hybrid d16 train step peak memory",
+                 "HF Bamba packed fwd+bwd vs mamba-ssm kernels"):
         assert goal in text
     assert "| gpu_tests | ok |" in text and "[gpu-check] 8 files" in stdout
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import DocLayout
+from refrag_kernels import DocLayout
 from model_utils import VOCAB, reference_ops_on_cpu, tiny_model, tolerance, triton_ops  # noqa: F401
 from refrag.infer import Engine, sample_next_token
 

@@ -7,8 +7,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels.common.index import prepare_lens, prepare_position_ids, prepare_seq_idx
-from kernels.layout import BLOCK_START, IS_DOC, SEG_START, DocLayout, TileSummary
+from refrag_kernels.common.index import prepare_lens, prepare_position_ids, prepare_seq_idx
+from refrag_kernels.layout import DocLayout, TileSummary
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -59,22 +59,30 @@ def loop_positions(lengths, doc_ids, per_document):
 
 
 def loop_chunks(lengths, chunk_size, doc_ids=None):
-    """Chunk rows [bos, eos, flags] and per-example chunk offsets; segments are examples, or
-    with doc_ids (doc_mode) runs of equal doc id inside an example."""
-    rows, offsets, start = [], [0], 0
+    """Chunk rows [bos, eos, enter_doc, entry_chunk] and per-example chunk offsets. Chunks of chunk_size
+    tokens restart at each example and, with doc_ids (doc_mode), at a block opening fewer than
+    chunk_size tokens after a document start of an earlier block of the example; enter_doc is
+    the doc id of the token before the chunk (0 at an example start) and entry_chunk the last
+    chunk so far that holds a block-opening token (0 before any, and without doc_ids)."""
+    rows, offsets, start, entry = [], [0], 0, 0
     for length in lengths:
-        t, end = start, start + length
-        while t < end:
-            seg_end = t + 1
-            while seg_end < end and (doc_ids is None or doc_ids[seg_end] == doc_ids[t]):
-                seg_end += 1
-            is_doc = doc_ids is not None and doc_ids[t] > 0
-            opens_block = is_doc and (t == start or doc_ids[t - 1] == 0)
-            for c, bos in enumerate(range(t, seg_end, chunk_size)):
-                flags = (SEG_START if c == 0 else 0) | (IS_DOC if is_doc else 0)
-                flags |= BLOCK_START if c == 0 and opens_block else 0
-                rows.append([bos, min(bos + chunk_size, seg_end), flags])
-            t = seg_end
+        end = start + length
+        cuts, last_doc_start = [start], None
+        for t in range(start, end):
+            doc = 0 if doc_ids is None else doc_ids[t]
+            if doc and (t == start or doc_ids[t - 1] != doc):
+                opens = t == start or doc_ids[t - 1] == 0
+                if opens and last_doc_start is not None and t - last_doc_start < chunk_size:
+                    cuts.append(t)
+                last_doc_start = t
+        for seg_start, seg_end in zip(cuts, cuts[1:] + [end]):
+            for bos in range(seg_start, seg_end, chunk_size):
+                eos = min(bos + chunk_size, seg_end)
+                enter = doc_ids[bos - 1] if doc_ids is not None and bos > start else 0
+                if doc_ids is not None and any(doc_ids[t] and (t == start or doc_ids[t - 1] == 0)
+                                               for t in range(bos, eos)):
+                    entry = len(rows)  # the chunk holds a block-opening token
+                rows.append([bos, eos, enter, entry])
         offsets.append(len(rows))
         start = end
     return rows, offsets
@@ -235,12 +243,22 @@ def test_index_docstring_example():
 
 def test_chunk_table_docstring_example():
     layout = DocLayout.from_cu_seqlens(torch.tensor([0, 5, 9]), torch.tensor([0, 1, 1, 1, 2, 0, 0, 0, 0]))
-    S, D, B = SEG_START, IS_DOC, BLOCK_START
     table = layout.chunk_table(2, doc_mode=True)
-    assert table.chunks.tolist() == [[0, 1, S], [1, 3, D | S | B], [3, 4, D], [4, 5, D | S], [5, 7, S], [7, 9, 0]]
-    assert table.seq_chunk_offsets.tolist() == [0, 4, 6] and table.num_chunks == 6 and table.chunk_size == 2
+    assert table.chunks.tolist() == [[0, 2, 0, 0], [2, 4, 1, 0], [4, 5, 1, 0], [5, 7, 0, 0], [7, 9, 0, 0]]
+    assert table.seq_chunk_offsets.tolist() == [0, 3, 5] and table.num_chunks == 5 and table.chunk_size == 2
     plain = layout.chunk_table(2)
-    assert plain.chunks.tolist() == [[0, 2, S], [2, 4, 0], [4, 5, 0], [5, 7, S], [7, 9, 0]]
+    assert plain.chunks.tolist() == [[0, 2, 0, 0], [2, 4, 0, 0], [4, 5, 0, 0], [5, 7, 0, 0], [7, 9, 0, 0]]
+
+
+def test_chunk_table_ends_a_chunk_before_a_second_block():
+    """doc_mode: the documents that start in one chunk belong to one retrieval block."""
+    docs = torch.tensor([1, 1, 2, 0, 3, 4, 0, 0, 5, 0])
+    layout = DocLayout.from_cu_seqlens(torch.tensor([0, 10]), docs)
+    assert layout.chunk_table(8, doc_mode=True).chunks.tolist() == [[0, 4, 0, 0], [4, 8, 0, 1], [8, 10, 0, 2]]
+    assert layout.chunk_table(4, doc_mode=True).chunks.tolist() == [[0, 4, 0, 0], [4, 8, 0, 1], [8, 10, 0, 2]]
+    assert layout.chunk_table(3, doc_mode=True).chunks.tolist() == [[0, 3, 0, 0], [3, 4, 2, 0], [4, 7, 0, 2],
+                                                                    [7, 10, 0, 3]]
+    assert layout.chunk_table(8).chunks.tolist() == [[0, 8, 0, 0], [8, 10, 0, 0]]
 
 
 def test_empty_row():
@@ -248,7 +266,7 @@ def test_empty_row():
     assert layout.cu_seqlens.tolist() == [0] and layout.total_tokens == 0 and layout.num_seqs == 0
     assert layout.max_seqlen == 0 and not layout.has_documents
     assert layout.doc_spans() == [] and layout.retrieval_blocks() == []
-    assert layout.chunk_table(4).chunks.shape == (0, 3)
+    assert layout.chunk_table(4).chunks.shape == (0, 4)
     assert layout.chunk_table(4, doc_mode=True).seq_chunk_offsets.tolist() == [0]
     summary = layout.tile_summary(16, 16)
     assert summary.kv_indptr.tolist() == [0] and summary.q_indices.numel() == 0
@@ -347,7 +365,7 @@ def test_chunk_table_matches_loop(seed, chunk_size):
         table = layout.chunk_table(chunk_size, doc_mode=doc_mode)
         rows, offsets = loop_chunks(lengths, chunk_size, doc_ids if doc_mode else None)
         assert table.chunks.tolist() == rows
-        assert table.chunks.shape == (len(rows), 3)
+        assert table.chunks.shape == (len(rows), 4)
         assert table.seq_chunk_offsets.tolist() == offsets
         assert table.chunks.dtype == table.seq_chunk_offsets.dtype == torch.int32
         assert layout.chunk_table(chunk_size, doc_mode=doc_mode) is table

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import DocLayout
-import kernels
+from refrag_kernels import DocLayout
+import refrag_kernels
 from model_utils import (  # noqa: F401
     VOCAB,
     reference_ops_on_cpu,
@@ -86,6 +86,12 @@ def test_config_round_trips_through_dict():
         pytest.param("key_conv", 1, "key_conv must be 0", id="key-conv-width-1"),
         pytest.param("key_conv", 5, "key_conv must be 0", id="key-conv-width-5"),
         pytest.param("key_conv", True, "key_conv must be 0", id="key-conv-bool"),
+        pytest.param("rope_dim", 5, "rope_dim must be even and at most head_dim", id="rope-dim-odd"),
+        pytest.param("rope_dim", 34, "rope_dim must be even and at most head_dim 32", id="rope-dim-wide"),
+        pytest.param("rope_dim", 0, "rope_dim must be a positive int", id="rope-dim-zero"),
+        pytest.param("mlp_dim", -4, "mlp_dim must be a positive int", id="mlp-dim"),
+        pytest.param("mamba", {"mlp": 1}, "mamba.mlp must be true or false", id="mamba-mlp-bool"),
+        pytest.param("mamba", {"conv_bias": "no"}, "mamba.conv_bias must be true or false", id="conv-bias-bool"),
     ],
 )
 def test_config_rejects(key, value, message):
@@ -339,7 +345,7 @@ def test_triton_ops_match_reference_ops(device, triton_ops):
     loss, grads = _loss_and_grads(model, ids, layout, targets)
     model_cpu = model.cpu()
     ids, targets, layout = ids.cpu(), targets.cpu(), layout.to("cpu")
-    with kernels.use_backend("reference"):
+    with refrag_kernels.use_backend("reference"):
         expected_loss, expected_grads = _loss_and_grads(model_cpu, ids, layout, targets)
     torch.testing.assert_close(loss.cpu(), expected_loss, **tolerance(device))
     for name, grad in grads.items():
@@ -463,7 +469,7 @@ STEP_ATEN_OPS = 427
 def test_tiny_train_step_reads_nothing_from_the_device(triton_ops, device):
     """0 host reads and 0 syncing ops per forward + backward given a layout, a bounded number of
     aten ops, and the same Triton launches (interpreter; counted by bench.meter)."""
-    if device.type != "cpu" or not kernels.common.dispatch.INTERPRET:
+    if device.type != "cpu" or not refrag_kernels.common.dispatch.INTERPRET:
         pytest.skip("counts the Triton interpreter's launches")
     from bench.meter import measure
 

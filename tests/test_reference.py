@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import reference as R
+from refrag_kernels import reference as R
 
 F64 = torch.float64
 RTOL = 1e-10

@@ -270,7 +270,7 @@ def test_train_rl_raises_the_reward_only_with_group_baselined_advantages(tok, tm
     loop with every advantage zeroed does not move at all, and without the group baseline
     (advantage = raw reward, all positive) it reinforces whatever it sampled and collapses on a
     wrong answer, so both mutations fail the first assertion."""
-    import kernels.common.dispatch as dispatch
+    import refrag_kernels.common.dispatch as dispatch
 
     monkeypatch.setattr(dispatch, "INTERPRET", False)  # the loop, not the kernels
     retriever = FakeRetriever({QUESTION: [doc("person-116", "Synstyl Merkstesk was born in Pulbys.")]})

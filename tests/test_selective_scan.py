@@ -8,9 +8,9 @@ from functools import partial
 import pytest
 import torch
 
-from kernels import reference
-from kernels.layout import DocLayout
-from kernels.selective_scan import (
+from refrag_kernels import reference
+from refrag_kernels.layout import DocLayout
+from refrag_kernels.selective_scan import (
     BWD_CONFIGS,
     DETERMINISTIC_BWD_CONFIG,
     FWD_CONFIGS,

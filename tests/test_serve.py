@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.common.dispatch as dispatch
+import refrag_kernels.common.dispatch as dispatch
 from refrag.data import load_tokenizer
 from refrag.serve import Answer, RagService
 from refrag.model import HybridLM, MambaConfig, ModelConfig
@@ -66,7 +66,8 @@ def test_cached_answers_equal_uncached_ones(tok, question_first):
 
 
 def test_later_turns_reuse_the_documents_of_earlier_hops(tok):
-    """Every turn prefills the whole row again: hop 1's documents hit on turn 2 (either layout)."""
+    """Turn 2's prompt is turn 1's row plus hop 2: it resumes from the state of turn 1's row, which
+    holds hop 1's documents (served without a lookup); only hop 2's documents are looked up."""
     from refrag.infer.doc_cache import CachedEngine, DocumentCache
     from refrag.infer.multihop import run_multihop
     from test_multihop import ScriptedGenerator
@@ -85,7 +86,9 @@ def test_later_turns_reuse_the_documents_of_earlier_hops(tok):
     gen = Recorder(tok, {QUESTIONS[0]: [("query", follow_up), ("answer", "Pulbys")]})
     [trace] = run_multihop(gen, tok, retriever, [QUESTIONS[0]], max_hops=2, question_first=False)
     assert trace.num_hops == 2
-    assert (engine.cache.stats.hits, engine.cache.stats.misses) == (2, 3)
+    stats = engine.cache.stats
+    assert (stats.hits, stats.misses, stats.state_documents) == (0, 3, 2)
+    assert engine.cache.summary()["document_hit_rate"] == 2 / 5
 
 
 def test_bad_settings_are_named(tok):

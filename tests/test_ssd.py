@@ -1,4 +1,4 @@
-"""Triton SSD (kernels.ssd) against the reference oracles: forward, every gradient, varlen,
+"""Triton SSD (refrag_kernels.ssd) against the reference oracles: forward, every gradient, varlen,
 doc_mode, grouped B/C, padding, every autotune config, and input validation.
 
 Tolerance rule: the kernel's error against the fp64 reference is at most twice the error
@@ -7,11 +7,11 @@ of the same reference code run in the kernel's dtype, plus a small dtype-tied at
 import pytest
 import torch
 
-from kernels import reference as R
-from kernels import ssd_scan
-from kernels.layout import DocLayout
-from kernels.ssd import CONFIGS, ssd_scan_triton
-from kernels.ssd.tuning import SMEM_LIMIT_BYTES, TILES, prune_by_shared_memory, smem_estimate
+from refrag_kernels import reference as R
+from refrag_kernels import ssd_scan
+from refrag_kernels.layout import DocLayout
+from refrag_kernels.ssd import CONFIGS, ssd_scan_triton
+from refrag_kernels.ssd.tuning import SMEM_LIMIT_BYTES, TILES, prune_by_shared_memory, smem_estimate
 
 F64 = torch.float64
 ATOL = {torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}
@@ -168,6 +168,36 @@ def test_all_sequences_empty_pass_initial_states_through(device):
     assert y.abs().max() == 0 and leaves["x"].grad.abs().max() == 0
     assert torch.equal(final, leaves["initial_states"].detach())
     assert torch.equal(leaves["initial_states"].grad, grad_final)
+
+
+# doc_mode chunks are not split at documents (kernels.ssd.chunks): layouts that put every kind
+# of document boundary inside a 16-token chunk. Sequence 1 (70 tokens): shared text, a
+# document longer than a chunk starting mid-chunk, documents ending and starting mid-chunk, a
+# block opening mid-chunk after shared text and a block that ends the sequence. Sequence 2:
+# a block of many tiny (and single-token) documents at the sequence start. Sequence 3: two
+# blocks within one chunk (the chunk ends before the second) and a single-token block.
+DOC_GEOMETRY = doc_row(130, [(5, 30), (30, 34), (34, 53), (60, 61), (61, 70),
+                             (70, 71), (71, 72), (72, 74), (74, 75), (75, 78), (78, 79), (79, 80), (80, 83),
+                             (83, 84), (84, 86), (86, 87), (87, 88), (88, 96),
+                             (100, 102), (102, 103), (104, 107), (110, 111), (112, 129)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_doc_mode_boundaries_inside_chunks(dtype, device):
+    floats, static = make_case(L=132, seqs=[70, 30, 30], h=2, g=2, p=8, n=8, D="h", z=dtype == torch.float32,
+                               dt_bias=True, softplus=True, init=True, docs=torch.nn.functional.pad(DOC_GEOMETRY, (0, 2)))
+    check_against_reference(floats, static, dtype, device)
+
+
+def test_doc_mode_chunks_are_full():
+    """Documents no longer split chunks: only examples (and two blocks in one chunk) do."""
+    layout = DocLayout.from_cu_seqlens(cu(70, 30, 30), DOC_GEOMETRY)
+    table = layout.chunk_table(16, doc_mode=True)
+    plain = [row[:2] for row in layout.chunk_table(16).chunks.tolist()]
+    assert [row[:2] for row in table.chunks.tolist() if row[0] < 100] == [row for row in plain if row[0] < 100]
+    # sequence 3 holds four blocks in 30 tokens: a chunk ends where a second block would start a document
+    assert [row[:3] for row in table.chunks.tolist() if row[0] >= 100] == [
+        [100, 104, 0], [104, 110, 0], [110, 112, 0], [112, 128, 0], [128, 130, 23]]
 
 
 # Under the interpreter num_warps and num_stages change nothing: one config per tile shape there.

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-import kernels
-from kernels import causal_conv1d_update, reference, ssd_state_update
-from kernels.state_update import CONV_UPDATE_CONFIGS, SSD_UPDATE_CONFIGS
+import refrag_kernels
+from refrag_kernels import causal_conv1d_update, reference, ssd_state_update
+from refrag_kernels.state_update import CONV_UPDATE_CONFIGS, SSD_UPDATE_CONFIGS
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -105,12 +105,12 @@ def test_ssd_updates_a_strided_state_in_place(device):
     assert torch.equal(cache[:, 1::2], untouched)
 
 
-@pytest.mark.skipif(kernels.ssd_scan is reference.ssd_scan, reason="kernels.ssd_scan is not the Triton kernel yet")
+@pytest.mark.skipif(refrag_kernels.ssd_scan is reference.ssd_scan, reason="refrag_kernels.ssd_scan is not the Triton kernel yet")
 def test_ssd_steps_equal_triton_scan(device):
     inputs = ssd_inputs(device, 1, 21, 4, 8, 2, 16, torch.float32, ("D", "z", "dt_bias"))
     state = torch.zeros(1, 4, 8, 16, device=device)
     y_steps = step_through(ssd_state_update, inputs, state, True)
-    y_scan, final = kernels.ssd_scan(**inputs, chunk_size=16, dt_softplus=True, return_final_states=True)
+    y_scan, final = refrag_kernels.ssd_scan(**inputs, chunk_size=16, dt_softplus=True, return_final_states=True)
     torch.testing.assert_close(y_steps, y_scan, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(state, final, atol=1e-4, rtol=1e-4)
 

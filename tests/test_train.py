@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import kernels
-from kernels import DocLayout
+import refrag_kernels
+from refrag_kernels import DocLayout
 from refrag.model import HybridLM, MambaConfig, preset
 from refrag.train import checkpoint as ckpt
 from refrag.train.config import GROUPS, TrainConfig, load_config
@@ -255,6 +255,19 @@ def test_corrupt_and_mismatched_checkpoints_refused(tmp_path):
         ckpt.load_checkpoint(path)
 
 
+def test_checkpoint_from_before_a_new_model_key_resumes(tmp_path):
+    """A checkpoint whose model config predates keys added to ModelConfig since (their defaults
+    keep the old behaviour) loads against the current config; a real difference is still refused."""
+    current = tiny_model().config.to_dict()
+    old = {k: v for k, v in current.items() if k not in ("rope_dim", "mlp_dim")}
+    old["mamba"] = {k: v for k, v in current["mamba"].items() if k not in ("conv_bias", "norm_per_group", "mlp")}
+    path = ckpt.save_checkpoint(tmp_path / "ckpts", 1, model_state={"w": torch.zeros(4)}, optimizer_state={},
+                                trainer_state={}, config={"train": {}, "model": old})
+    assert ckpt.load_checkpoint(path, model_config=current)["config"]["model"] == old
+    with pytest.raises(ckpt.CheckpointError, match=r"mamba\.conv_bias: checkpoint True vs current False"):
+        ckpt.load_checkpoint(path, model_config={**current, "mamba": {**current["mamba"], "conv_bias": False}})
+
+
 def test_rng_state_round_trip():
     import random
 
@@ -318,7 +331,7 @@ def _free_port() -> int:
 def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, results, fsdp: bool = False) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    kernels.set_backend("reference")
+    refrag_kernels.set_backend("reference")
     torch.set_num_threads(1)
     env = init_distributed("cpu")
     model = tiny_model()

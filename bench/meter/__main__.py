@@ -104,7 +104,7 @@ def markdown(rows: Sequence[Dict], versions: Dict[str, str]) -> str:
         "again and their grads) and its FLOPs from `bench/costs.py`. fwd is the training forward "
         "(autograd recording); fwd_bwd adds its backward. fp16 throughout (bf16 `tl.dot` is wrong in the "
         "interpreter; byte counts are the same). Under the interpreter every autotuned kernel runs its first "
-        "config (`kernels.common.autotune.launch`), usually the smallest tiles: logical bytes of re-read "
+        "config (`refrag_kernels.common.autotune.launch`), usually the smallest tiles: logical bytes of re-read "
         "operands can be lower with the config a GPU autotuner picks.",
         "",
         "**GPU times below are a roofline MODEL, not measurements**: per Triton kernel max(unique bytes / "

@@ -67,7 +67,7 @@ def _rand(g, *shape, scale=1.0, dtype=DTYPE, grad=True):
 
 def _packed_row(L: int, seed: int = SEED):
     """cu_seqlens, doc ids (int32) and the DocLayout of a synthetic packed RAG row of L tokens."""
-    from kernels import DocLayout
+    from refrag_kernels import DocLayout
 
     examples = rag_examples(L, seed=seed, **LAYOUT)
     cu, docs = examples_to_tensors(examples, "cpu")
@@ -91,7 +91,7 @@ def _ssd_inputs(L: int):
 
 def ssd_setup(L: int, doc_mode: bool, num_seqs: Optional[int] = None, impl=None) -> Setup:
     """ssd_scan with D, z, dt_bias, softplus on a packed row (RAG layout, or num_seqs equal cuts)."""
-    from kernels import ssd_scan
+    from refrag_kernels import ssd_scan
 
     impl = impl or ssd_scan
     x, dt, A, B, C, D, z, dt_bias = _ssd_inputs(L)
@@ -127,7 +127,7 @@ ATTN_HQ, ATTN_HK, ATTN_D = 2, 1, 64
 
 def attention_setup(L: int, impl=None) -> Setup:
     """doc_attention (causal, documents, GQA 2:1) on a packed RAG row, with its DocLayout."""
-    from kernels import doc_attention
+    from refrag_kernels import doc_attention
 
     g = _gen()
     q = _rand(g, 1, L, ATTN_HQ, ATTN_D)
@@ -145,7 +145,7 @@ CONV_CHANNELS, CONV_WIDTH = 128, 4
 
 
 def conv_setup(L: int, impl=None) -> Setup:
-    from kernels import causal_conv1d
+    from refrag_kernels import causal_conv1d
 
     impl = impl or causal_conv1d
     g = _gen()
@@ -163,7 +163,7 @@ SCAN_LENGTHS = (64, 256)  # the interpreter runs this scan's chunk loop slowly; 
 
 def selective_scan_setup(L: int, impl=None) -> Setup:
     """Mamba-1 scan with D, z, delta_bias, softplus, varlen."""
-    from kernels import selective_scan
+    from refrag_kernels import selective_scan
 
     impl = impl or selective_scan
     g = _gen()
@@ -184,7 +184,7 @@ CE_HIDDEN, CE_VOCAB = 256, 2048
 
 def cross_entropy_setup(L: int, valid: float, impl=None) -> Setup:
     """Loss over the first `valid` share of the tokens (the rest ignore_index, as document tokens)."""
-    from kernels import fused_linear_cross_entropy
+    from refrag_kernels import fused_linear_cross_entropy
 
     g = _gen()
     hidden, weight = _rand(g, L, CE_HIDDEN, scale=0.5), _rand(g, CE_VOCAB, CE_HIDDEN, scale=0.05)
@@ -210,7 +210,7 @@ NORM_DIM = 256  # the tiny model's d_inner
 
 def gated_rms_norm_setup(L: int, impl=None) -> Setup:
     """Mamba-2's output norm rmsnorm(y * silu(z)) * weight over d_inner (one group), as the model calls it."""
-    from kernels import gated_rms_norm
+    from refrag_kernels import gated_rms_norm
 
     impl = impl or gated_rms_norm
     g = _gen()
@@ -226,7 +226,7 @@ DECODE_ROWS = 8
 
 def ssd_update_setup(L: int) -> Setup:
     """One SSD decode step for DECODE_ROWS rows (L unused: a step has no length)."""
-    from kernels import ssd_state_update
+    from refrag_kernels import ssd_state_update
 
     g = _gen()
     state = torch.randn(DECODE_ROWS, SSD_HEADS, SSD_P, SSD_N, generator=g)
@@ -241,7 +241,7 @@ def ssd_update_setup(L: int) -> Setup:
 
 
 def conv_update_setup(L: int) -> Setup:
-    from kernels import causal_conv1d_update
+    from refrag_kernels import causal_conv1d_update
 
     g = _gen()
     conv_state = _rand(g, DECODE_ROWS, CONV_CHANNELS, CONV_WIDTH - 1, grad=False)
@@ -318,7 +318,7 @@ def train_step_setup(L: int) -> Setup:
 
 # --------------------------------------------------------------------------------- registry
 def _reference(name: str):
-    from kernels import reference
+    from refrag_kernels import reference
 
     return getattr(reference, name)
 

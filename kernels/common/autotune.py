@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import triton
 
-from kernels.common.dispatch import INTERPRET
+from refrag_kernels.common.dispatch import INTERPRET
 
 
 def launch(tuned: triton.runtime.Autotuner, grid: Callable, config: Optional[triton.Config] = None, **kwargs):

@@ -108,10 +108,10 @@ def check_decay_rates(A: torch.Tensor) -> None:
 def check_layout(layout, b: int, l: int, device: torch.device, name: str, *, given: bool = False) -> None:
     """A `layout=` argument: a DocLayout for one packed row of length >= its tokens, on `device`;
     `given` is True when cu_seqlens/doc_ids were passed too (an error: one or the other)."""
-    from kernels.layout import DocLayout  # layout.py imports this module's siblings
+    from refrag_kernels.layout import DocLayout  # layout.py imports this module's siblings
 
     if not isinstance(layout, DocLayout):
-        raise ValueError(f"layout must be a kernels.DocLayout, got {type(layout).__name__}")
+        raise ValueError(f"layout must be a refrag_kernels.DocLayout, got {type(layout).__name__}")
     if given:
         raise ValueError("pass either layout or cu_seqlens/doc_ids, not both")
     if b != 1:

@@ -7,8 +7,8 @@ pure-PyTorch reference. The reference is never a silent fallback on CUDA.
 ``use_backend("reference")`` (all ops) or ``use_backend("reference", ops="doc_attention")``
 (some ops) selects a path explicitly, for tests, benchmarks and debugging::
 
-    with kernels.use_backend("reference"):
-        loss = model(batch)          # every op runs its kernels.reference oracle
+    with refrag_kernels.use_backend("reference"):
+        loss = model(batch)          # every op runs its refrag_kernels.reference oracle
 
 The choice is process-wide, not per thread: autograd runs backward (and the recompute of
 checkpointed blocks) on its own threads, and they must see the same choice as the forward.
@@ -28,14 +28,14 @@ _warned_late_interpret = False
 
 
 def _warn_late_interpret() -> None:
-    """Triton reads TRITON_INTERPRET when a kernel is defined, i.e. when ``kernels`` is imported:
+    """Triton reads TRITON_INTERPRET when a kernel is defined, i.e. when ``refrag_kernels`` is imported:
     setting it later cannot switch the kernels to the interpreter. Say so, once."""
     global _warned_late_interpret
     if not _warned_late_interpret and not _BUILT_INTERPRETED and os.environ.get("TRITON_INTERPRET", "0") == "1":
         _warned_late_interpret = True
-        warnings.warn("TRITON_INTERPRET=1 was set after `import kernels`: the Triton kernels were built for the "
-                      "GPU, so CPU tensors run the PyTorch reference (kernels.reference), not the interpreted "
-                      "kernels. Set TRITON_INTERPRET=1 before the first import of kernels.", RuntimeWarning,
+        warnings.warn("TRITON_INTERPRET=1 was set after `import refrag_kernels`: the Triton kernels were built for the "
+                      "GPU, so CPU tensors run the PyTorch reference (refrag_kernels.reference), not the interpreted "
+                      "kernels. Set TRITON_INTERPRET=1 before the first import of refrag_kernels.", RuntimeWarning,
                       stacklevel=3)
 
 BACKENDS = ("auto", "triton", "reference")
@@ -85,7 +85,7 @@ def set_backend(backend: str, ops: Union[str, Iterable[str], None] = None) -> No
 def use_backend(backend: str, ops: Union[str, Iterable[str], None] = None) -> Iterator[None]:
     """Run the ops (all, or those named in ``ops``) on ``backend`` inside the block, then restore.
 
-    "reference": the pure-PyTorch oracle of ``kernels.reference`` on any device (autograd gives
+    "reference": the pure-PyTorch oracle of ``refrag_kernels.reference`` on any device (autograd gives
     its gradients). "triton": the Triton kernel; on CPU tensors this needs ``TRITON_INTERPRET=1``
     set before ``kernels`` was imported. "auto": the default dispatch rule.
     """

@@ -3,7 +3,7 @@
 Every function takes ``cu_seqlens``, an integer tensor (N+1,) in the flash-attn / mamba-ssm /
 fla varlen convention: ``cu_seqlens[0] == 0``, non-decreasing, ``cu_seqlens[-1]`` = number of
 tokens L. Zero-length sequences (equal consecutive entries) are allowed. The functions assume
-a valid ``cu_seqlens`` (``kernels.layout.DocLayout`` validates) and stay on its device.
+a valid ``cu_seqlens`` (``refrag_kernels.layout.DocLayout`` validates) and stay on its device.
 
 Chunk tables are per-row metadata: ``DocLayout.chunk_table``.
 

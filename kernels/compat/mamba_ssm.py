@@ -17,7 +17,7 @@ Packed rows. mamba-ssm keeps sequences apart with ``seq_idx`` (b, l) int32 (what
 =True``) are accepted too when ``seq_idx`` is absent and the batch is one row. Our ops take
 ``cu_seqlens`` on one row, so the batch is flattened to (1, b*l) with a boundary at every row start and
 every change of ``seq_idx``. Finding the changes reads the device once (``nonzero``): mamba-ssm masks
-inside its kernels instead; for a sync-free path call our ops with a ``kernels.DocLayout``.
+inside its kernels instead; for a sync-free path call our ops with a ``refrag_kernels.DocLayout``.
 
 ``initial_states`` (b, h, p, n) start the first sequence of each row (mamba-ssm's rule: the state is
 reset wherever ``seq_idx`` changes); ``final_states`` are those of the last sequence of each row;
@@ -36,11 +36,11 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from kernels.conv1d import causal_conv1d as _conv
-from kernels.gated_rms_norm import gated_rms_norm
-from kernels.ssd import ssd_scan
-from kernels.state_update import causal_conv1d_update as _conv_update
-from kernels.state_update import ssd_state_update
+from refrag_kernels.conv1d import causal_conv1d as _conv
+from refrag_kernels.gated_rms_norm import gated_rms_norm
+from refrag_kernels.ssd import ssd_scan
+from refrag_kernels.state_update import causal_conv1d_update as _conv_update
+from refrag_kernels.state_update import ssd_state_update
 
 __all__ = ["mamba_chunk_scan_combined", "mamba_split_conv1d_scan_combined", "selective_state_update",
            "causal_conv1d_fn", "causal_conv1d_update"]
@@ -119,7 +119,7 @@ def _dt_after_limit(dt, dt_bias, dt_softplus, dt_limit):
 def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
                               seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=_NO_LIMIT,
                               return_final_states=False, return_varlen_states=False, **kwargs):
-    """mamba-ssm's ``mamba_chunk_scan_combined`` on ``kernels.ssd_scan``.
+    """mamba-ssm's ``mamba_chunk_scan_combined`` on ``refrag_kernels.ssd_scan``.
 
     x (b, l, h, p), dt (b, l, h), A (h,), B, C (b, l, g, n), D (h,) or (h, p), z (b, l, h, p),
     dt_bias (h,), initial_states (b, h, p, n), seq_idx (b, l) int32, cu_seqlens (N+1,).
@@ -169,7 +169,7 @@ def _check_activation(activation) -> Optional[str]:
 
 def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
                      final_states_out=None, activation=None, **kwargs):
-    """causal-conv1d's ``causal_conv1d_fn`` on ``kernels.causal_conv1d``.
+    """causal-conv1d's ``causal_conv1d_fn`` on ``refrag_kernels.causal_conv1d``.
 
     x (b, d, l) channel-first (usually a transposed view of (b, l, d): no copy then), weight (d, w),
     bias (d,), seq_idx (b, l) restarts the window per sequence, initial_states (b, d, w-1) continue a
@@ -212,7 +212,7 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, re
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None,
                          conv_state_indices=None, **kwargs):
-    """causal-conv1d's ``causal_conv1d_update`` on ``kernels.causal_conv1d_update``.
+    """causal-conv1d's ``causal_conv1d_update`` on ``refrag_kernels.causal_conv1d_update``.
 
     x (b, d) or (b, d, 1); conv_state (b, d, s) with s >= w - 1, updated in place (shifted left, x
     appended); weight (d, w). Returns out shaped like x.

@@ -4,7 +4,7 @@ Each family's modeling module defines five module-level functions (torch fallbac
 ``use_kernel_func_from_hub_with_fallback``) that its mixer calls by global name:
 ``mamba2_chunk_scan``, ``mamba2_split_conv1d_scan_combined``, ``mamba2_selective_state_update``,
 ``causal_conv1d_fn`` and ``causal_conv1d_update``. ``enable_for_transformers()`` rebinds those
-names to ``kernels.compat.mamba_ssm``; ``disable_for_transformers()`` puts the originals back.
+names to ``refrag_kernels.compat.mamba_ssm``; ``disable_for_transformers()`` puts the originals back.
 Rebinding (not transformers' hub-kernel mapping) because that mapping needs Hugging Face's own
 ``kernels`` package and a hub repository, and because the fallback wrapper filters keyword
 arguments by signature, dropping ``cu_seq_lens_q`` that packed batches carry.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import Dict, Iterable, List, Optional
 
-from kernels.compat import mamba_ssm
+from refrag_kernels.compat import mamba_ssm
 
 FAMILIES = ("mamba2", "bamba", "falcon_h1", "granitemoehybrid", "nemotron_h", "zamba2")
 # transformers' global name -> our function

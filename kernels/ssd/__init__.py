@@ -3,10 +3,11 @@
 Mapping onto a chunked linear-attention scan (as flash-linear-attention's simple GLA):
 q = C, k = B, v = x * dt, per-token log-decay dt * A (scalar per head). Stages:
 
-1. `DocLayout.chunk_table`: chunks that never straddle a sequence (or, in doc_mode,
-   a document) boundary; `cumsum.chunk_dt_cumsum`: dt_bias + softplus and the chunk-local
-   cumsum g of dt * A.
-2. `chunk_h.chunk_fwd_h`: state entering every chunk (two states in doc_mode).
+1. `DocLayout.chunk_table`: chunks that never straddle a sequence boundary (documents do
+   not split them: doc_mode masks inside a chunk, see `refrag_kernels.ssd.chunks`);
+   `cumsum.chunk_dt_cumsum`: dt_bias + softplus and the chunk-local cumsum g of dt * A.
+2. `chunk_h.chunk_fwd_h`: state entering every chunk (in doc_mode also the document and
+   block-entry states its document tokens read).
 3. `chunk_o.chunk_fwd_o`: outputs from the entering state plus the causal intra-chunk part,
    with the D skip term, the z gate, zeros on padding and the cast to the input dtype.
 4. Backward: the states are recomputed (`chunk_fwd_h`), then `chunk_bwd_dh` (reverse
@@ -26,8 +27,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernels import reference
-from kernels.common.checks import (
+from refrag_kernels import reference
+from refrag_kernels.common.checks import (
     check_cu_seqlens,
     check_decay_rates,
     check_doc_ids,
@@ -36,12 +37,12 @@ from kernels.common.checks import (
     check_same_device,
     check_shape,
 )
-from kernels.common.dispatch import use_triton
-from kernels.layout import ChunkTable, DocLayout
-from kernels.ssd.chunk_h import chunk_bwd_dh, chunk_fwd_h
-from kernels.ssd.chunk_o import chunk_bwd_dqk, chunk_bwd_dv, chunk_fwd_o
-from kernels.ssd.cumsum import chunk_dt_cumsum, chunk_dt_grad
-from kernels.ssd.tuning import CONFIGS, dot_precision
+from refrag_kernels.common.dispatch import use_triton
+from refrag_kernels.layout import ChunkTable, DocLayout
+from refrag_kernels.ssd.chunk_h import chunk_bwd_dh, chunk_fwd_h
+from refrag_kernels.ssd.chunk_o import chunk_bwd_dqk, chunk_bwd_dv, chunk_fwd_o
+from refrag_kernels.ssd.cumsum import chunk_dt_cumsum, chunk_dt_grad
+from refrag_kernels.ssd.tuning import CONFIGS, dot_precision
 
 __all__ = ["ssd_scan", "ssd_scan_triton", "CONFIGS"]
 
@@ -59,30 +60,31 @@ class ChunkScanFunction(torch.autograd.Function):
     """The whole Triton SSD on packed tokens: x, z (T, H, P); dt (T, H) raw; B, C (T, G, N)."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_states, table: ChunkTable, total: int,
-                softplus: bool, doc_mode: bool, want_final: bool, config: Optional[triton.Config]):
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_states, table: ChunkTable, docs, total: int,
+                softplus: bool, want_final: bool, config: Optional[triton.Config]):
         ctx.set_materialize_grads(False)  # an unused final state costs no zeros and no reads
         precision = dot_precision(x.dtype)
         dtp, g = chunk_dt_cumsum(dt, dt_bias, A, softplus, table)
-        h, _, final = chunk_fwd_h(x, dtp, g, B, initial_states, table, doc_mode, precision, config, want_final)
-        y = chunk_fwd_o(x, z, dtp, g, C, B, h, D, table, total, precision, config)
+        states, final = chunk_fwd_h(x, dtp, g, B, initial_states, table, docs, precision, config, want_final)
+        y = chunk_fwd_o(x, z, dtp, g, C, B, states, D, table, docs, total, precision, config)
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, dtp, g)
-        ctx.table, ctx.total, ctx.softplus, ctx.doc_mode, ctx.config = table, total, softplus, doc_mode, config
+        ctx.table, ctx.docs, ctx.total, ctx.softplus, ctx.config = table, docs, total, softplus, config
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
         x, dt, A, B, C, D, z, dt_bias, initial_states, dtp, g = ctx.saved_tensors
-        table, total, config = ctx.table, ctx.total, ctx.config
+        table, docs, total, config = ctx.table, ctx.docs, ctx.total, ctx.config
         precision = dot_precision(x.dtype)
         dy = torch.zeros_like(x) if dy is None else _rows(dy, *dy.shape[1:])
         dfinal = None if dfinal is None else dfinal.contiguous()
-        h, hc, _ = chunk_fwd_h(x, dtp, g, B, initial_states, table, ctx.doc_mode, precision, config, False)
-        dh, dh0, dg_last = chunk_bwd_dh(C, g, dy, z, h, hc, dfinal, table, ctx.doc_mode, precision, config,
-                                        initial_states is not None)
-        dC, dB, dg = chunk_bwd_dqk(x, dy, z, dtp, g, C, B, h, dh, table, total, ctx.doc_mode, precision, config)
-        dx, dz, ddt_v, dD = chunk_bwd_dv(x, dy, z, dtp, g, C, B, h, dh, D, table, total, precision, config)
-        ddt, dA, ddt_bias = chunk_dt_grad(dt, dt_bias, A, ctx.softplus, dtp, dg, dg_last, ddt_v, table, total)
+        states, _ = chunk_fwd_h(x, dtp, g, B, initial_states, table, docs, precision, config, False, True)
+        dstates, dh0, dg_last = chunk_bwd_dh(C, g, dy, z, states, dfinal, table, docs, precision, config,
+                                             initial_states is not None)
+        dC, dB, dg = chunk_bwd_dqk(x, dy, z, dtp, g, C, B, states, dstates, table, docs, total, precision, config)
+        dx, dz, ddt_v, dD = chunk_bwd_dv(x, dy, z, dtp, g, C, B, states, dstates, D, table, docs, total, precision,
+                                         config)
+        ddt, dA, ddt_bias = chunk_dt_grad(dt, dt_bias, A, ctx.softplus, dtp, dg, dg_last, ddt_v, table, docs, total)
         dD = None if dD is None else dD.to(D.dtype)
         ddt_bias = None if ddt_bias is None else ddt_bias.to(dt_bias.dtype)
         return dx, ddt, dA.to(A.dtype), dB, dC, dD, dz, ddt_bias, dh0, None, None, None, None, None, None
@@ -100,12 +102,14 @@ def ssd_scan_triton(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=No
     if layout is None:
         layout = DocLayout.from_batch(b, l, cu_seqlens, doc_ids if doc_mode else None, x.device)
     total = layout.total_tokens
+    doc_mode = doc_mode and layout.has_documents  # without documents doc_mode is the plain scan
     table = layout.chunk_table(chunk_size, doc_mode)
+    docs = layout.doc_ids if doc_mode else None
     h0 = None if initial_states is None else initial_states.float().contiguous()
     y, final = ChunkScanFunction.apply(_rows(x, h, p), _rows(dt, h), A.contiguous(), _rows(B, g, n),
                                        _rows(C, g, n), None if D is None else D.contiguous(), _rows(z, h, p),
-                                       None if dt_bias is None else dt_bias.contiguous(), h0, table, total,
-                                       dt_softplus, doc_mode, return_final_states, config)
+                                       None if dt_bias is None else dt_bias.contiguous(), h0, table, docs, total,
+                                       dt_softplus, return_final_states, config)
     y = y.view(b, l, h, p)
     return (y, final) if return_final_states else y
 
@@ -199,7 +203,7 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_
         return reference.ssd_scan(x, dt, A, B, C, cu_seqlens=cu_seqlens, doc_ids=doc_ids, **kwargs)
     if x.dtype == torch.float64:
         raise ValueError("the Triton ssd_scan computes in fp32: pass fp16, bf16 or fp32 inputs (fp64 runs only "
-                         "through kernels.reference.ssd_scan)")
+                         "through refrag_kernels.reference.ssd_scan)")
     if layout is None:  # validates the doc ids (one span per document) once
         layout = DocLayout.from_batch(x.shape[0], x.shape[1], cu_seqlens, doc_ids, x.device)
     return ssd_scan_triton(x, dt, A, B, C, layout=layout, **kwargs)

@@ -2,7 +2,7 @@
 
 Every kernel that tiles the state dimensions takes `BK` (state size n) and `BV` (head
 dim p) blocks and is autotuned over `CONFIGS` (launched through
-`kernels.common.autotune.launch`: a forced config for tests, CONFIGS[0] under the
+`refrag_kernels.common.autotune.launch`: a forced config for tests, CONFIGS[0] under the
 interpreter, the autotuner's choice on CUDA).
 
 The space crosses four tile shapes with num_warps 2-8 and num_stages 2-4. Before tuning,

@@ -23,7 +23,7 @@ Public API (all importable from `refrag.data`):
 
     pack_examples(examples, max_len, pad_id) -> list[PackedRow]
         PackedRow: input_ids, targets (-100 = no loss) int64 (max_len,), doc_ids int32, examples, num_tokens,
-        .loss_mask (targets != -100); row.layout(device=None) -> kernels.DocLayout
+        .loss_mask (targets != -100); row.layout(device=None) -> refrag_kernels.DocLayout
     packing_efficiency(rows) -> float
     PackedLoader(rows, batch_size=1, *, rank=0, world_size=1, seed=0, shuffle=True)
         iter -> PackedBatch(input_ids (B,L), targets (B,L), doc_ids (B,L), examples, num_tokens, .loss_mask);

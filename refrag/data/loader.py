@@ -40,7 +40,7 @@ class PackedBatch:
     def layout(self, device=None):
         """DocLayout of the flattened (1, B*L) batch (the varlen convention of the kernels):
         built and validated on the CPU, then copied to `device` without blocking."""
-        from kernels.layout import DocLayout
+        from refrag_kernels.layout import DocLayout
 
         return DocLayout.from_examples(self.examples, device=device)
 

@@ -3,7 +3,7 @@
 Each row of `max_len` tokens holds whole examples (never split) followed by padding.
 targets[i] = input_ids[i + 1] when that next token is in the same example and has loss
 mask 1, else -100 (the last token of every example, and all padding, predict nothing).
-`row.layout()` is the row's `kernels.DocLayout`; padding is one extra document-free example.
+`row.layout()` is the row's `refrag_kernels.DocLayout`; padding is one extra document-free example.
 A packing report on the embedded KB: `python -m bench.packing_report`.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from kernels import IGNORE_INDEX
+from refrag_kernels import IGNORE_INDEX
 from refrag.data.render import RenderedExample
 
 
@@ -36,7 +36,7 @@ class PackedRow:
 
     def layout(self, device=None):
         """The row's DocLayout (cu_seqlens over examples and padding, per-token doc ids)."""
-        from kernels.layout import DocLayout
+        from refrag_kernels.layout import DocLayout
 
         return DocLayout.from_examples(self.examples, device=device)
 

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from refrag.data.schema import MAX_DOCS_PER_BLOCK
 from refrag.fileio import jsonl_lines
@@ -68,6 +68,25 @@ class RagTokenizer:
             return cls(Tokenizer.from_file(str(path)))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise ValueError(f"{path}: not a valid tokenizer file ({e})") from None
+
+    @classmethod
+    def extend(cls, path: str | Path) -> "RagTokenizer":
+        """Any `tokenizers` tokenizer.json (e.g. a transformers checkpoint's) with every missing
+        SPECIAL_TOKENS entry added as a special token (new ids after its vocabulary, in
+        SPECIAL_TOKENS order); its truncation and padding settings are switched off."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"tokenizer file {path} not found")
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise ValueError(f"{path}: not a valid tokenizer file ({e})") from None
+        tok.no_truncation()
+        tok.no_padding()
+        have = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in SPECIAL_TOKENS if t not in have])
+        return cls(tok)
 
     def save(self, path: str | Path) -> None:
         self.tokenizer.save(str(path))

@@ -84,10 +84,9 @@ def evaluate_multihop(generator, tokenizer: RagTokenizer, retriever, records: Se
 
 
 def cache_stats(cache: DocumentCache) -> dict:
-    """hits, misses, hit_rate (hits / lookups), entries and bytes of a document cache."""
-    lookups = cache.stats.hits + cache.stats.misses
-    return {"hits": cache.stats.hits, "misses": cache.stats.misses, "hit_rate": cache.stats.hits / lookups if lookups else None,
-            "entries": len(cache), "bytes": cache.nbytes}
+    """`DocumentCache.summary`: hits, misses, hit_rate (hits / lookups), document_hit_rate, the
+    state and LRU counters, entries, states and bytes."""
+    return cache.summary()
 
 
 def compare_cache(model, tokenizer: RagTokenizer, retriever, records: Sequence[dict], *,
@@ -96,10 +95,12 @@ def compare_cache(model, tokenizer: RagTokenizer, retriever, records: Sequence[d
     with a `CachedEngine` and with the plain `Engine`; returns the cache's counters, both wall
     times, their ratio and the share of questions whose answers agree.
 
-    The cache starts cold, or holds `precompute` (documents, e.g. the whole KB) encoded ahead
-    of the questions for every slot up to top_k (documents first only; the time it took is
-    ``precompute_seconds``, not part of the ratio). kwargs: evaluate_multihop's settings
-    (max_hops, top_k, max_doc_tokens, question_first, ...).
+    Each question is served by both engines back to back (the first one alternating), so a
+    load change on a shared machine hits both sums alike. The cache starts cold, or holds
+    `precompute` (documents, e.g. the whole KB) encoded ahead of the questions for every slot
+    up to top_k (documents first only; the time it took is ``precompute_seconds``, not part of
+    the ratio). kwargs: evaluate_multihop's settings (max_hops, top_k, max_doc_tokens,
+    question_first, ...).
     """
     cache = DocumentCache(max_bytes=cache_bytes)
     extra = {}
@@ -111,16 +112,18 @@ def compare_cache(model, tokenizer: RagTokenizer, retriever, records: Sequence[d
                                                     kwargs.get("top_k", 3), kwargs.get("max_doc_tokens", 256))
         extra["precompute_seconds"] = time.perf_counter() - start
         cache.stats = type(cache.stats)()  # count the questions' lookups only
-    runs = {}
-    for name, generator in (("uncached", Engine(model, tokenizer)), ("cached", CachedEngine(model, cache))):
-        start = time.perf_counter()
-        runs[name] = evaluate_multihop(generator, tokenizer, retriever, records, **{**kwargs, "batch_size": 1})
-        runs[name]["seconds"] = time.perf_counter() - start
-    agree = [a["prediction"] == b["prediction"]
-             for a, b in zip(runs["cached"]["predictions"], runs["uncached"]["predictions"])]
-    return {**cache_stats(cache), "seconds_cached": runs["cached"]["seconds"],
-            "seconds_uncached": runs["uncached"]["seconds"],
-            "latency_ratio": runs["cached"]["seconds"] / runs["uncached"]["seconds"],
+    generators = {"uncached": Engine(model, tokenizer), "cached": CachedEngine(model, cache)}
+    seconds = dict.fromkeys(generators, 0.0)
+    predictions = {name: [] for name in generators}
+    for i, record in enumerate(records):
+        for name in (("uncached", "cached") if i % 2 == 0 else ("cached", "uncached")):
+            start = time.perf_counter()
+            result = evaluate_multihop(generators[name], tokenizer, retriever, [record], **{**kwargs, "batch_size": 1})
+            seconds[name] += time.perf_counter() - start
+            predictions[name] += result["predictions"]
+    agree = [a["prediction"] == b["prediction"] for a, b in zip(predictions["cached"], predictions["uncached"])]
+    return {**cache_stats(cache), "seconds_cached": seconds["cached"], "seconds_uncached": seconds["uncached"],
+            "latency_ratio": seconds["cached"] / seconds["uncached"],
             "same_answers": sum(agree) / len(agree), **extra}
 
 

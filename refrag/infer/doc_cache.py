@@ -35,6 +35,12 @@ prefix, different siblings before it), and for documents given without per-slot 
 Each entry stores the model version it was computed with; an entry from another version is
 never used (dropped, counted in ``stats.stale``).
 
+The same LRU also keeps prompt-head states (`StateEntry`, keyed by the exact tokens and
+document ids of the head): the decode state at each retrieval block's entry and each generated
+row's state after its turn. A prefill resumes from the longest stored head of its prompt (so
+the system prompt runs once, and turn k+1 of the multi-hop loop runs only what turn k's row
+lacks); the missing documents of a block are encoded together, rows of one forward per length.
+
 Example::
 
     cache = DocumentCache(max_bytes=2 << 30)
@@ -45,17 +51,17 @@ Example::
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
 import torch
 
-from kernels import DocLayout
 from refrag.data import SYSTEM_PROMPT, render_for_generation
 from refrag.infer.engine import decode_loop
 from refrag.model import AttentionCache, HybridCache, HybridLM, MambaCache
-from refrag.model.blocks import AttentionBlock, conv_state_after
+from refrag.model.blocks import AttentionBlock, SequenceContext, conv_state_after
+from refrag.model.layers import rotary_cos_sin
 
 Segment = Union[Sequence[int], Sequence[Sequence[int]]]
 
@@ -99,25 +105,68 @@ class DocumentEntry:
 
 
 @dataclass
+class StateEntry:
+    """Decode state of a prompt head (its first num_tokens tokens, ending with shared text):
+    per layer a one-row AttentionCache (k, v holding exactly num_tokens slots) or MambaCache.
+    documents: how many documents the head holds (served with it, never looked up)."""
+
+    layers: list
+    num_tokens: int
+    model_version: str
+    documents: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for layer in self.layers for t in vars(layer).values() if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
 class CacheStats:
-    """Counters of a DocumentCache: hits, misses, stale (other model version) rejections,
-    evictions (LRU, memory budget) and entries too large to store at all."""
+    """Counters of a DocumentCache.
+
+    hits, misses: document lookups; stale: entries of another model version rejected;
+    evictions (LRU, memory budget) and too_large (entries too large to store at all).
+    state_hits: prefills that resumed from a stored prompt-head state, state_tokens: the prompt
+    tokens those states covered, state_documents: the documents inside them (served from the
+    cache without a lookup: documents of earlier hops on a later turn).
+    """
 
     hits: int = 0
     misses: int = 0
     stale: int = 0
     evictions: int = 0
     too_large: int = 0
+    state_hits: int = 0
+    state_tokens: int = 0
+    state_documents: int = 0
+
+    @property
+    def document_hit_rate(self) -> float | None:
+        """Share of the prompts' documents not encoded for the prompt: looked-up hits plus the
+        documents inside restored states, over every document of every prefilled prompt."""
+        served = self.hits + self.state_documents
+        total = served + self.misses
+        return served / total if total else None
 
 
 @dataclass
 class DocumentCache:
-    """LRU map key -> DocumentEntry bounded by `max_bytes` of tensor memory."""
+    """LRU map key -> DocumentEntry (a document's encoding) or StateEntry (a prompt head's
+    decode state), bounded by `max_bytes` of tensor memory shared by both kinds.
+
+    A document may evict any least recently used entry; a state evicts only other states
+    (oldest first) and is not stored when that does not make room (counted in too_large), so
+    per-question states never push documents (e.g. a precomputed KB) out.
+    """
 
     max_bytes: int
     stats: CacheStats = field(default_factory=CacheStats)
     _entries: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _nbytes: int = field(default=0, repr=False)
+    _state_lengths: Counter = field(default_factory=Counter, repr=False)
+    _states: OrderedDict = field(default_factory=OrderedDict, repr=False)  # state keys, LRU order
+    _state_nbytes: int = field(default=0, repr=False)
 
     def __post_init__(self):
         if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int) or self.max_bytes < 0:
@@ -136,40 +185,86 @@ class DocumentCache:
 
         An entry from another model version is removed and counted in `stats.stale`.
         """
+        entry = self._fetch(key, model_version)
+        if entry is None:
+            self.stats.misses += 1
+        else:
+            self.stats.hits += 1
+        return entry
+
+    def get_state(self, key: tuple, model_version: str) -> StateEntry | None:
+        """Like `get` for a StateEntry, without touching the document counters."""
+        return self._fetch(key, model_version)
+
+    def summary(self) -> dict:
+        """The counters (`CacheStats`) plus hit_rate (document hits / lookups, None before any),
+        document_hit_rate (`CacheStats.document_hit_rate`), entries (documents), states
+        (prompt-head states) and bytes."""
+        lookups = self.stats.hits + self.stats.misses
+        return {**vars(self.stats), "hit_rate": self.stats.hits / lookups if lookups else None,
+                "document_hit_rate": self.stats.document_hit_rate, "entries": len(self) - self.num_states,
+                "states": self.num_states, "bytes": self.nbytes}
+
+    @property
+    def num_states(self) -> int:
+        """How many of the entries are prompt-head states (the rest are documents)."""
+        return len(self._states)
+
+    @property
+    def state_lengths(self) -> list[int]:
+        """Token counts of the stored prompt-head states (each once)."""
+        return list(self._state_lengths)
+
+    def _fetch(self, key: tuple, model_version: str):
         entry = self._entries.get(key)
         if entry is not None and entry.model_version != model_version:
             self._remove(key)
             self.stats.stale += 1
             entry = None
-        if entry is None:
-            self.stats.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.stats.hits += 1
+        if entry is not None:
+            self._entries.move_to_end(key)
+            if key in self._states:
+                self._states.move_to_end(key)
         return entry
 
-    def put(self, key: tuple, entry: DocumentEntry) -> None:
-        """Store `entry`, evicting least recently used entries to stay within max_bytes."""
+    def put(self, key: tuple, entry: DocumentEntry | StateEntry) -> None:
+        """Store `entry`, evicting least recently used entries to stay within max_bytes (a
+        state evicts only states, see the class doc)."""
         if key in self._entries:
             self._remove(key)
         size = entry.nbytes
-        if size > self.max_bytes:
+        is_state = isinstance(entry, StateEntry)
+        room = self.max_bytes - (self._nbytes - self._state_nbytes if is_state else 0)  # after every eviction
+        if size > room:
             self.stats.too_large += 1
             return
         while self._nbytes + size > self.max_bytes:
-            oldest = next(iter(self._entries))
-            self._remove(oldest)
+            self._remove(next(iter(self._states if is_state else self._entries)))
             self.stats.evictions += 1
         self._entries[key] = entry
         self._nbytes += size
+        if is_state:
+            self._states[key] = None
+            self._state_nbytes += size
+            self._state_lengths[entry.num_tokens] += 1
 
     def clear(self) -> None:
         """Drop every entry (counters are kept)."""
         self._entries.clear()
+        self._states.clear()
+        self._state_nbytes = 0
+        self._state_lengths.clear()
         self._nbytes = 0
 
     def _remove(self, key: tuple) -> None:
-        self._nbytes -= self._entries.pop(key).nbytes
+        entry = self._entries.pop(key)
+        self._nbytes -= entry.nbytes
+        if isinstance(entry, StateEntry):
+            del self._states[key]
+            self._state_nbytes -= entry.nbytes
+            self._state_lengths[entry.num_tokens] -= 1
+            if not self._state_lengths[entry.num_tokens]:
+                del self._state_lengths[entry.num_tokens]
 
 
 def token_digest(token_ids: Sequence[int], doc_ids: Sequence[int] | None = None) -> str:
@@ -179,6 +274,18 @@ def token_digest(token_ids: Sequence[int], doc_ids: Sequence[int] | None = None)
         h.update(b"|docs|")
         h.update(torch.tensor(list(doc_ids), dtype=torch.int64).numpy().tobytes())
     return h.hexdigest()
+
+
+def prefix_digests(token_ids: Sequence[int], doc_ids: Sequence[int], lengths: Sequence[int]) -> dict[int, str]:
+    """sha256 hex digest of the first n (token id, document id) pairs, for each n in lengths
+    (one pass over the prompt): the keys of prompt-head states."""
+    pairs = torch.tensor([list(token_ids), list(doc_ids)], dtype=torch.int64).t().contiguous().numpy().tobytes()
+    h, digests, done = hashlib.sha256(b"state"), {}, 0
+    for n in sorted(set(lengths)):
+        h.update(pairs[16 * done:16 * n])
+        done = n
+        digests[n] = h.hexdigest()  # hexdigest does not finalize h
+    return digests
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -217,15 +324,29 @@ class CachedEngine:
 
     model_version: a string naming the weights (e.g. checkpoint path + step); default
     `WeightsVersion(model)`, recomputed when the weights change in place.
+    max_batch: documents encoded together (rows of one forward) at most. keep_states: also
+    store and resume from prompt-head states (below); False caches documents only.
+
+    Besides document encodings the cache keeps prompt-head states (`StateEntry`): the decode
+    state at the entry of every retrieval block (documents first, the first one is the system
+    prompt's, shared by every question) and each generated row's state after its turn (the
+    prompt and every generated token but the last). A prefill resumes from the longest stored
+    head of its prompt, so a later turn of the multi-hop loop, whose prompt is the previous
+    turn's row plus a new hop, runs only the new tokens.
     """
 
-    def __init__(self, model: HybridLM, cache: DocumentCache, model_version: str | None = None):
+    def __init__(self, model: HybridLM, cache: DocumentCache, model_version: str | None = None,
+                 max_batch: int = 64, keep_states: bool = True):
         if not isinstance(model, HybridLM):
             raise ValueError(f"model must be a HybridLM, got {type(model).__name__}")
         if not isinstance(cache, DocumentCache):
             raise ValueError(f"cache must be a DocumentCache, got {type(cache).__name__}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.model = model
         self.cache = cache
+        self.max_batch = max_batch
+        self.keep_states = bool(keep_states)
         self._version = (lambda: model_version) if model_version is not None else WeightsVersion(model)
         self._has_attention = any(isinstance(b, AttentionBlock) for b in model.blocks)
 
@@ -249,48 +370,131 @@ class CachedEngine:
         documents numbered 1, 2, ... in order. capacity: KV slots to preallocate (default the
         prompt length).
         """
-        parts = _normalize_segments(segments)
+        return self._prefill(_normalize_segments(segments), capacity, self.model_version)
+
+    def _prefill(self, parts: list, capacity: int | None, version: str) -> tuple[torch.Tensor, HybridCache]:
         ids, doc_ids = _flatten(parts)
         if doc_ids[-1] != 0:
             raise ValueError("the prompt must end with shared text (e.g. [ASST]), not inside a retrieval block")
-        layout = DocLayout.from_cu_seqlens(
-            torch.tensor([0, len(ids)], dtype=torch.int32, device=self.device),
-            torch.tensor(doc_ids, dtype=torch.int32, device=self.device))
         ids_t = torch.tensor(ids, dtype=torch.int64, device=self.device)[None]
-        self.model._check_input(ids_t, layout)
-        rope = self.model._context(ids_t, layout)
-        cache = _empty_cache(self.model, max(len(ids), capacity or 0), self.device)
-        version = self.model_version
+        self.model._check_input(ids_t, None)
+        rope = self._rope(parts)
+        capacity = max(len(ids), capacity or 0)
+        cache, resumed = self._restore(ids, doc_ids, len(ids) - 1, capacity, version)
         start, hidden = 0, None
         for kind, value in parts:
-            if kind == "shared":
-                stop = start + len(value)
-                hidden = _run_shared(self.model, cache, ids_t[:, start:stop], rope.cos[:, start:stop],
-                                     rope.sin[:, start:stop])
-            else:
-                stop = start + sum(len(d) for d in value)
-                entries = self._documents(cache, ids, doc_ids, start, value, rope, version)
-                _compose(cache, entries)
+            stop = start + (len(value) if kind == "shared" else sum(len(d) for d in value))
+            if stop > resumed:
+                if kind == "shared":
+                    begin = max(start, resumed)
+                    hidden = _run_shared(self.model, cache, ids_t[:, begin:stop], rope.cos[:, begin:stop],
+                                         rope.sin[:, begin:stop])
+                else:  # a stored head ends with shared text: a block lies wholly after it
+                    if start > resumed:
+                        self._save_state(cache, 0, ids[:start], doc_ids[:start], version)
+                    _compose(cache, self._documents(cache, ids, doc_ids, start, value, rope, version))
             start = stop
         logits = self.model.lm_head(self.model.norm(hidden[:, -1])).float()
         return logits, cache
 
+    def _rope(self, parts: list) -> SequenceContext:
+        """RoPE positions (1, L) and tables of a one-prompt row, as `HybridLM` gives them with a
+        DocLayout (`DocLayout.position_ids`): shared tokens count every earlier token; with block
+        document positions each document of a block starts at the block's first position."""
+        positions, t = [], 0
+        block = self.model.config.doc_positions == "block"
+        for kind, value in parts:
+            if kind == "shared":
+                positions += range(t, t + len(value))
+                t += len(value)
+            else:
+                for doc in value:
+                    first = len(positions) if not block else t
+                    positions += range(first, first + len(doc))
+                t += sum(len(doc) for doc in value)
+        positions = torch.tensor(positions, dtype=torch.int64, device=self.device)[None]
+        cos, sin = rotary_cos_sin(positions, self.model.config.head_dim, self.model.config.rope_theta)
+        return SequenceContext(None, positions, cos, sin)
+
+    def _restore(self, ids: list, doc_ids: list, limit: int, capacity: int, version: str) -> tuple[HybridCache, int]:
+        """A cache holding the longest stored head of the prompt ids, doc_ids of at most `limit`
+        tokens (empty when none is stored) and that head's length."""
+        cache = _empty_cache(self.model, capacity, self.device)
+        lengths = [n for n in self.cache.state_lengths if n <= limit] if self.keep_states else []
+        if lengths:
+            digests = prefix_digests(ids, doc_ids, lengths)
+            for n in sorted(lengths, reverse=True):
+                entry = self.cache.get_state(("state", digests[n]), version)
+                if entry is not None:
+                    _load_state(cache, entry)
+                    stats = self.cache.stats
+                    stats.state_hits += 1
+                    stats.state_tokens += n
+                    stats.state_documents += entry.documents
+                    return cache, n
+        return cache, 0
+
+    def _save_state(self, cache: HybridCache, row: int, ids: list, doc_ids: list, version: str) -> None:
+        """Store row `row` of the cache, which holds exactly the tokens ids, as a prompt-head state."""
+        if not self.keep_states:
+            return
+        n = len(ids)
+        key = ("state", prefix_digests(ids, doc_ids, [n])[n])
+        if key in self.cache._entries:
+            return
+        layers = []
+        for layer in cache.layers:
+            if isinstance(layer, AttentionCache):
+                keys = None if layer.key_conv_state is None else layer.key_conv_state[row:row + 1].clone()
+                layers.append(AttentionCache(layer.k[row:row + 1, :n].clone(), layer.v[row:row + 1, :n].clone(), keys))
+            else:
+                layers.append(MambaCache(layer.conv_state[row:row + 1].clone(), layer.ssm_state[row:row + 1].clone()))
+        documents = sum(1 for t, d in enumerate(doc_ids) if d != 0 and (t == 0 or doc_ids[t - 1] != d))
+        self.cache.put(key, StateEntry(layers, n, version, documents))
+
     def _documents(self, cache: HybridCache, ids: list, doc_ids: list, start: int, documents: list,
                    rope, version: str) -> list[DocumentEntry]:
-        """Cached or freshly encoded entries of a retrieval block starting at token `start`."""
+        """Cached or freshly encoded entries of a retrieval block starting at token `start`; the
+        missing documents are encoded together (rows of one forward per length)."""
         prefix_key = token_digest(ids[:start], doc_ids[:start])
-        shared = torch.tensor([d == 0 for d in doc_ids[:start]], dtype=torch.bool, device=self.device)
-        entries, offset = [], start
-        for doc in documents:
+        entries, missing, offset = [], {}, start
+        for i, doc in enumerate(documents):
             key = (token_digest(doc), prefix_key, self._position_key(rope, offset))
-            entry = self.cache.get(key, version)
-            if entry is None:
-                stop = offset + len(doc)
-                entry = _encode_document(self.model, cache, shared, torch.tensor(doc, device=self.device)[None],
-                                         rope.cos[:, offset:stop], rope.sin[:, offset:stop], version)
-                self.cache.put(key, entry)
-            entries.append(entry)
+            if key in missing:  # the same document twice in the block: encoded once
+                missing[key][0].append(i)
+                self.cache.stats.hits += 1
+                entries.append(None)
+            else:
+                entry = self.cache.get(key, version)
+                if entry is None:
+                    missing[key] = ([i], doc, offset)
+                entries.append(entry)
             offset += len(doc)
+        if missing:
+            shared = torch.tensor([d == 0 for d in doc_ids[:start]], dtype=torch.bool, device=self.device)
+            todo = [(key, doc, rope.cos[:, o:o + len(doc)], rope.sin[:, o:o + len(doc)])
+                    for key, (_, doc, o) in missing.items()]
+            for key, entry in zip(missing, self._encode(cache, shared, todo, version)):
+                self.cache.put(key, entry)
+                for i in missing[key][0]:
+                    entries[i] = entry
+        return entries
+
+    def _encode(self, cache: HybridCache, shared: torch.Tensor, todo: list, version: str) -> list[DocumentEntry]:
+        """Entries of documents todo [(key, ids, cos, sin)] encoded from the cache's state,
+        documents of equal length together, at most max_batch per forward; in todo's order."""
+        by_length = {}
+        for i, (_, doc, cos, sin) in enumerate(todo):
+            by_length.setdefault(len(doc), []).append(i)
+        entries = [None] * len(todo)
+        for group in by_length.values():
+            for at in range(0, len(group), self.max_batch):
+                rows = group[at:at + self.max_batch]
+                ids = torch.tensor([todo[i][1] for i in rows], dtype=torch.int64, device=self.device)
+                cos = torch.cat([todo[i][2] for i in rows])
+                sin = torch.cat([todo[i][3] for i in rows])
+                for i, entry in zip(rows, _encode_documents(self.model, cache, shared, ids, cos, sin, version)):
+                    entries[i] = entry
         return entries
 
     def _position_key(self, rope, offset: int) -> int | str | None:
@@ -301,6 +505,47 @@ class CachedEngine:
             return "block"
         return int(rope.positions[0, offset])
 
+    @torch.no_grad()
+    def add_documents(self, head: Sequence[int], documents: Sequence[Sequence[int]]) -> int:
+        """Encode documents as the first documents of a retrieval block that follows the shared
+        tokens `head`, into the cache, without composing them (offline indexing: every later
+        prompt that starts with `head` and puts one of them in a block there hits). The documents
+        are encoded together, max_batch at a time. Returns the number encoded (misses).
+
+        Needs block document positions when the model has attention blocks (each document of
+        a block starts at the block's first position, whatever its siblings).
+        """
+        if self._has_attention and self.model.config.doc_positions != "block":
+            raise ValueError("add_documents needs doc_positions='block' (a document's positions must not depend "
+                             "on the documents before it)")
+        head, documents = list(head), [list(d) for d in documents]
+        parts = _normalize_segments([head, documents, head[-1:]])  # validates; the tail token is never run
+        version = self.model_version
+        misses = self.cache.stats.misses
+        longest = max(len(d) for d in parts[1][1])
+        cache, resumed = self._restore(head, [0] * len(head), len(head), len(head), version)
+        if resumed < len(head):
+            ids_t = torch.tensor([head[resumed:]], dtype=torch.int64, device=self.device)
+            positions = torch.arange(resumed, len(head), device=self.device)[None]
+            cos, sin = rotary_cos_sin(positions, self.model.config.head_dim, self.model.config.rope_theta)
+            _run_shared(self.model, cache, ids_t, cos, sin)
+            self._save_state(cache, 0, head, [0] * len(head), version)
+        positions = torch.arange(len(head), len(head) + longest, device=self.device)[None]
+        cos, sin = rotary_cos_sin(positions, self.model.config.head_dim, self.model.config.rope_theta)
+        rope = SequenceContext(None, positions, cos, sin)
+        prefix_key = token_digest(head, [0] * len(head))
+        todo, seen = [], set()
+        for doc in parts[1][1]:
+            key = (token_digest(doc), prefix_key, self._position_key(rope, 0))
+            if key in seen or self.cache.get(key, version) is not None:
+                continue
+            seen.add(key)
+            todo.append((key, doc, cos[:, :len(doc)], sin[:, :len(doc)]))
+        shared = torch.ones(len(head), dtype=torch.bool, device=self.device)
+        for (key, *_), entry in zip(todo, self._encode(cache, shared, todo, version)):
+            self.cache.put(key, entry)
+        return self.cache.stats.misses - misses
+
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
@@ -310,7 +555,8 @@ class CachedEngine:
         """`refrag.infer.Engine.generate` with cached document prefill; same arguments and result.
 
         doc_ids (per prompt, per token; 0 shared, k >= 1 document k) delimit the documents
-        whose encodings are looked up in (and added to) the cache.
+        whose encodings are looked up in (and added to) the cache. Each row's state after its
+        turn (prompt + generated tokens but the last) is stored for the next turn.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
@@ -323,18 +569,27 @@ class CachedEngine:
         outputs = [[] for _ in prompt_ids]
         if max_new_tokens == 0:
             return outputs
-        prefilled = [self.prefill(segments_from_doc_ids(p, d), capacity=len(p) + max_new_tokens)
-                     for p, d in zip(prompt_ids, doc_ids)]
+        version = self.model_version
+        prompts = [(list(p), list(d)) for p, d in zip(prompt_ids, doc_ids)]
+        prefilled = [self._prefill(_normalize_segments(segments_from_doc_ids(p, d)), len(p) + max_new_tokens, version)
+                     for p, d in prompts]
         logits = torch.cat([logit for logit, _ in prefilled])
-        cache = stack_caches([c for _, c in prefilled])
-        return decode_loop(self.model, logits, cache, max_new_tokens, temperature, top_p, seed, stop_token_ids)
+        cache = prefilled[0][1] if len(prefilled) == 1 else stack_caches([c for _, c in prefilled])
+
+        def keep_state(row: int, output: list, cache: HybridCache) -> None:
+            ids, docs = prompts[row]
+            self._save_state(cache, row, ids + output[:-1], docs + [0] * (len(output) - 1), version)
+
+        return decode_loop(self.model, logits, cache, max_new_tokens, temperature, top_p, seed, stop_token_ids,
+                           on_finish=keep_state)
 
 
 # ---------------------------------------------------------------------- segments
 
 
 def _normalize_segments(segments: Sequence[Segment]) -> list[tuple[str, list]]:
-    """[("shared", ids) | ("docs", [ids, ...])], validated; adjacent shared parts stay separate."""
+    """[("shared", ids) | ("docs", [ids, ...])], validated; adjacent shared parts stay separate,
+    adjacent retrieval blocks are one block (as the concatenated prompt's doc ids say)."""
     if not segments:
         raise ValueError("segments is empty; pass at least one shared-text segment")
     parts = []
@@ -349,7 +604,10 @@ def _normalize_segments(segments: Sequence[Segment]) -> list[tuple[str, list]]:
             for j, d in enumerate(docs):
                 if not d or not all(isinstance(t, int) for t in d):
                     raise ValueError(f"segment {i} document {j} must be a non-empty list of token ids")
-            parts.append(("docs", docs))
+            if parts and parts[-1][0] == "docs":  # adjacent documents form one retrieval block
+                parts[-1][1].extend(docs)
+            else:
+                parts.append(("docs", docs))
         else:
             raise ValueError(f"segment {i} must be a list of token ids or a list of documents (lists of ids)")
     return parts
@@ -464,38 +722,59 @@ def _run_shared(model: HybridLM, cache: HybridCache, ids: torch.Tensor, cos: tor
     return x
 
 
-def _encode_document(model: HybridLM, cache: HybridCache, shared: torch.Tensor, ids: torch.Tensor,
-                     cos: torch.Tensor, sin: torch.Tensor, version: str) -> DocumentEntry:
-    """Encode one document ids (1, n) from the cache's state (the block entry), doc_mode semantics:
-    attention sees the cached shared tokens (shared (cached,) bool; documents of earlier blocks
-    are hidden) and the document, the conv window starts at the document, the SSD scan starts
-    from the block-entry state. The cache is not modified: each block runs on a scratch copy of
-    its layer (prefix keys and values, empty conv windows, the block-entry SSD state)."""
-    cached, n = shared.shape[0], ids.shape[1]
-    slots = torch.arange(cached, cached + n, device=ids.device)[None]
+def _load_state(cache: HybridCache, entry: StateEntry) -> None:
+    """Fill an empty one-row cache with a stored prompt-head state (copies: decoding updates in place)."""
+    n = entry.num_tokens
+    for layer, stored in zip(cache.layers, entry.layers):
+        if isinstance(layer, AttentionCache):
+            layer.k[:, :n] = stored.k
+            layer.v[:, :n] = stored.v
+            if stored.key_conv_state is not None:
+                layer.key_conv_state = stored.key_conv_state.clone()
+        else:
+            layer.conv_state = stored.conv_state.clone()
+            layer.ssm_state = stored.ssm_state.clone()
+    cache.lengths.fill_(n)
+
+
+def _encode_documents(model: HybridLM, cache: HybridCache, shared: torch.Tensor, ids: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor, version: str) -> list[DocumentEntry]:
+    """Encode b documents of equal length, ids (b, n), as rows of one forward from the cache's
+    state (the block entry), doc_mode semantics: attention sees the cached shared tokens
+    (shared (cached,) bool; documents of earlier blocks are hidden) and the document, the conv
+    windows start at the document, the SSD scan starts from the block-entry state. cos, sin
+    (b, n, head_dim/2): each row's RoPE tables. The cache is not modified: each block runs on
+    scratch rows (the prefix keys and values, empty conv windows, the block-entry SSD state)."""
+    cached, (b, n) = shared.shape[0], ids.shape
+    slots = torch.arange(cached, cached + n, device=ids.device)[None].expand(b, n)
     visible = _attention_mask(shared, n)
     x = model.embed(ids)
     layers = []
     for block, layer in zip(model.blocks, cache.layers):
         if isinstance(block, AttentionBlock):
-            empty = layer.k.new_zeros(1, n, *layer.k.shape[2:])
-            keys = None if layer.key_conv_state is None else torch.zeros_like(layer.key_conv_state)
-            scratch = AttentionCache(torch.cat([layer.k[:, :cached], empty], dim=1),
-                                     torch.cat([layer.v[:, :cached], empty], dim=1), keys)
+            empty = layer.k.new_zeros(b, n, *layer.k.shape[2:])
+            keys = None if layer.key_conv_state is None else layer.key_conv_state.new_zeros(b, *layer.key_conv_state.shape[1:])
+            scratch = AttentionCache(torch.cat([layer.k[:, :cached].expand(b, -1, -1, -1), empty], dim=1),
+                                     torch.cat([layer.v[:, :cached].expand(b, -1, -1, -1), empty], dim=1), keys)
             x = block.attend_cached(x, cos, sin, scratch, slots, visible)
-            tail = None if keys is None else _tail(scratch.key_conv_state, n)
-            layers.append(AttentionDocState(scratch.k[0, cached:], scratch.v[0, cached:], tail))
+            tails = None if keys is None else _tails(scratch.key_conv_state, n)
+            layers.append([AttentionDocState(scratch.k[r, cached:].clone(), scratch.v[r, cached:].clone(),
+                                             None if tails is None else tails[r].clone()) for r in range(b)])
         else:
-            scratch = MambaCache(torch.zeros_like(layer.conv_state), layer.ssm_state.clone())
+            scratch = MambaCache(layer.conv_state.new_zeros(b, *layer.conv_state.shape[1:]),
+                                 layer.ssm_state.expand(b, -1, -1, -1).clone())
             result = block.mix(x, cache=scratch, return_log_decay=True)
             x = result.out
-            layers.append(MambaDocState(scratch.ssm_state[0], result.log_decay[0], _tail(scratch.conv_state, n)))
-    return DocumentEntry(layers, n, version)
+            tails = _tails(scratch.conv_state, n)
+            layers.append([MambaDocState(scratch.ssm_state[r].clone(), result.log_decay[r].clone(),
+                                         tails[r].clone())
+                           for r in range(b)])
+    return [DocumentEntry([per_layer[r] for per_layer in layers], n, version) for r in range(b)]
 
 
-def _tail(conv_state: torch.Tensor, n: int) -> torch.Tensor:
-    """The last min(n, w) raw inputs (t, C) of a conv state (1, C, w) that began empty n inputs ago."""
-    return conv_state[0, :, -min(n, conv_state.shape[-1]):].t().contiguous()
+def _tails(conv_state: torch.Tensor, n: int) -> torch.Tensor:
+    """Each row's last min(n, w) raw inputs (b, t, C) of a conv state (b, C, w) that began empty n inputs ago."""
+    return conv_state[:, :, -min(n, conv_state.shape[-1]):].transpose(1, 2).contiguous()
 
 
 def _compose(cache: HybridCache, entries: Sequence[DocumentEntry]) -> None:
@@ -528,14 +807,15 @@ def precompute_documents(engine: CachedEngine, tokenizer, documents: Sequence[di
 
     Documents first, a hop-1 document's encoding depends only on the system prompt, so each
     document is encoded once per slot ``[DOC_k]`` (k = 1..slots) and every later question that
-    retrieves it in that slot hits. Returns the number of encodings computed (cache misses).
-    With attention blocks the model needs block document positions (every document of a block
-    starts at the same RoPE position), else ValueError.
+    retrieves it in that slot hits. The encodings run `engine.max_batch` documents per forward
+    from the system prompt's state (stored too: every question resumes from it). Returns the
+    number of encodings computed (cache misses). With attention blocks the model needs block
+    document positions (every document of a block starts at the same RoPE position), else ValueError.
     """
     if engine.model.config.doc_positions != "block" and engine._has_attention:
         raise ValueError("precompute needs doc_positions='block' (a document's positions must not depend on "
                          "the documents before it)")
-    misses = engine.cache.stats.misses
+    head, marked = None, []
     for doc in documents:
         ref = {k: doc[k] for k in ("id", "title", "content", "source") if k in doc}
         for slot in range(1, slots + 1):
@@ -545,7 +825,8 @@ def precompute_documents(engine: CachedEngine, tokenizer, documents: Sequence[di
             ids, doc_ids = rendered.input_ids.tolist(), rendered.doc_ids.tolist()
             first, start = doc_ids.index(1), doc_ids.index(slot)
             stop = len(doc_ids) - doc_ids[::-1].index(slot)
-            # prefix, the slot-k document alone, one shared token: the document's cache key (its
-            # tokens, the tokens before the block, the block position) is the one a real block gives
-            engine.prefill([ids[:first], [ids[start:stop]], [ids[stop]]])
-    return engine.cache.stats.misses - misses
+            head = head or ids[:first]  # the tokens before the block: the same for every document
+            marked.append(ids[start:stop])  # the slot-k document with its [DOC_k] markers
+    if not marked:
+        return 0
+    return engine.add_documents(head, marked)

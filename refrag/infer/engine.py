@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-from kernels import DocLayout
+from refrag_kernels import DocLayout
 from refrag.model import HybridLM
 
 
@@ -94,20 +94,28 @@ class Engine:
 
 
 def decode_loop(model, logits: torch.Tensor, cache, max_new_tokens: int, temperature: float, top_p: float,
-                seed, stop_token_ids) -> list[list[int]]:
+                seed, stop_token_ids, on_finish=None) -> list[list[int]]:
     """Sample from prefill `logits` (b, V), then step `model` on `cache` until every row hit a stop
-    token or `max_new_tokens` were generated; returns the generated ids per row (stop token included)."""
+    token or `max_new_tokens` were generated; returns the generated ids per row (stop token included).
+
+    on_finish(row, output, cache): called once per row when it is done (stop token or last
+    step), before any further step: the cache's row `row` then holds exactly the prompt and
+    output[:-1] (the last sampled token is never fed), e.g. to keep that state for the next turn.
+    """
     generator = None if seed is None else torch.Generator(device=logits.device).manual_seed(seed)
     stops = {int(t) for t in stop_token_ids}
     outputs: list[list[int]] = [[] for _ in range(logits.shape[0])]
     done = [False] * len(outputs)
     for step in range(max_new_tokens):
         tokens = sample_next_token(logits, temperature, top_p, generator)
+        last = step == max_new_tokens - 1
         for row, token in enumerate(tokens.tolist()):
             if not done[row]:
                 outputs[row].append(token)
                 done[row] = token in stops
-        if all(done) or step == max_new_tokens - 1:
+                if on_finish is not None and (done[row] or last):
+                    on_finish(row, outputs[row], cache)
+        if all(done) or last:
             break
         logits = model.step(tokens, cache)
     return outputs

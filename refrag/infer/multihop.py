@@ -8,8 +8,8 @@ Conversation (seed section 3.2, rendered by `refrag.data.render_for_generation`)
 or, documents first (``question_first=False``): system, retrieval(hop 1), user(question),
 assistant(query 2), retrieval(hop 2), ... Documents first, the tokens before hop 1's block
 are the same for every question, so a per-document cache (`refrag.infer.doc_cache`) reuses
-hop 1's document encodings across questions, and (both layouts) across the turns of one
-question, since every turn prefills the whole row again.
+hop 1's document encodings across questions; in both layouts every turn's row starts with the
+previous turn's row, so `CachedEngine` resumes each turn from the state it kept after the last.
 
 Each model turn starts after ``[ASST]``: ``[QUERY] text [/QUERY] [/ASST]`` is a follow-up
 query (the engine retrieves with it and appends the next retrieval message), anything else

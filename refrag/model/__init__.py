@@ -10,7 +10,7 @@ Public API::
     parse_block_pattern("T*8+[T,M]*2+M*8")               # -> ["T", ..., "M"] (20 letters)
 
     model = HybridLM(config)                             # fp32 weights; autocast is the trainer's job
-    loss = model(input_ids, layout=layout, targets=targets)   # (1, L) packed row + kernels.DocLayout
+    loss = model(input_ids, layout=layout, targets=targets)   # (1, L) packed row + refrag_kernels.DocLayout
     loss = model(input_ids, layout=layout, targets=targets, num_loss_tokens=batch.num_loss_tokens)  # no host sync
     loss = model(input_ids, targets=targets)                  # (b, L): each row one example, no docs
     logits = model(input_ids, layout=layout)                  # no targets -> (b, L, V) fp32 logits
@@ -21,6 +21,11 @@ Public API::
     last_logits, cache = model.prefill(input_ids, doc_ids=None)   # (b, L) equal-length prompts
     last_logits, cache = model.prefill_packed(input_ids, layout)  # (1, L) row, one cache row per example
     logits = model.step(tokens, cache)                            # tokens (b,) -> (b, V); cache advances
+
+    # A transformers Mamba2 / Bamba checkpoint directory (refrag.model.hf_import; README "Fine-tune a
+    # transformers Mamba2 checkpoint"): same logits as transformers; unmappable fields raise ValueError.
+    from refrag.model.hf_import import import_transformers
+    model = import_transformers("mamba2-dir", overrides={"grad_checkpoint": True})
 
 HybridCache.layers holds one AttentionCache (k, v: (b, capacity, n_kv_head, head_dim)) or
 MambaCache (conv_state (b, conv_dim, d_conv - 1), ssm_state (b, h, p, n) fp32) per block;

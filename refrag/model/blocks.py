@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import DocLayout, causal_conv1d, causal_conv1d_update, doc_attention, ssd_scan, ssd_state_update
+from refrag_kernels import DocLayout, causal_conv1d, causal_conv1d_update, doc_attention, ssd_scan, ssd_state_update
 from refrag.model.cache import AttentionCache, MambaCache
 from refrag.model.config import ModelConfig
 from refrag.model.layers import (
@@ -41,7 +41,7 @@ class SequenceContext:
     cached on it), or None (then each of the b rows is one example of shared text);
     positions (1|b, L) int64 RoPE positions (with block document positions they repeat across
     the documents of a retrieval block, so they never index the KV cache); cos, sin
-    (1|b, L, head_dim/2) fp32.
+    (1|b, L, rope_dim/2) fp32.
     """
 
     layout: DocLayout | None
@@ -68,6 +68,7 @@ class AttentionBlock(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.qk_norm, self.rope_theta, self.eps = config.qk_norm, config.rope_theta, config.norm_eps
+        self.rope_dim = config.rope_dim
         self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
         self.out = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
@@ -187,7 +188,7 @@ class AttentionBlock(nn.Module):
         lengths, and its RoPE position is its example position, which counts every earlier
         token (= lengths with either doc_positions: documents never shift shared positions).
         """
-        cos, sin = rotary_cos_sin(lengths[:, None], self.head_dim, self.rope_theta)
+        cos, sin = rotary_cos_sin(lengths[:, None], self.rope_dim, self.rope_theta)
         visible = torch.arange(cache.capacity, device=x.device)[None, :] <= lengths[:, None]  # (b, capacity)
         return self.attend_cached(x[:, None], cos, sin, cache, lengths[:, None], visible[:, None])[:, 0]
 
@@ -230,11 +231,12 @@ class MambaMix:
 
 
 class MambaBlock(nn.Module):
-    """x + mamba2(norm(x)): in_proj -> (z, xBC, dt); causal_conv1d(xBC) -> ssd_scan -> gated norm -> out_proj.
+    """x + mamba2(norm(x)): in_proj -> (z, xBC, dt); causal_conv1d(xBC) -> ssd_scan -> gated norm -> out_proj;
+    with `MambaConfig.mlp` then x + mlp(mlp_norm(x)) (part of `mix`, so of every path).
 
     Shapes: d_inner = expand * d_model, h = d_inner / p heads, g groups of B and C with
     state size n, conv over xBC (conv_dim = d_inner + 2 g n channels). The gated norm spans
-    all of d_inner (mamba-ssm normalizes per group when g > 1).
+    all of d_inner unless `MambaConfig.norm_per_group` (then each of the g slices, as mamba-ssm).
     """
 
     def __init__(self, config: ModelConfig):
@@ -246,14 +248,20 @@ class MambaBlock(nn.Module):
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.in_proj = nn.Linear(config.d_model, self.d_inner + self.conv_dim + self.n_heads, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, m.d_conv))
-        self.conv_bias = nn.Parameter(torch.empty(self.conv_dim))
+        self.conv_bias = nn.Parameter(torch.empty(self.conv_dim)) if m.conv_bias else None
         self.A_log = nn.Parameter(torch.empty(self.n_heads))
         self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
         self.D = nn.Parameter(torch.empty(self.n_heads))
         for p in (self.A_log, self.dt_bias, self.D):
             p._no_weight_decay = True
-        self.out_norm = GatedRMSNorm(self.d_inner, eps=config.norm_eps)
+        self.out_norm = GatedRMSNorm(self.d_inner, eps=config.norm_eps,
+                                     group_size=self.d_inner // self.ngroups if m.norm_per_group else None)
         self.out_proj = nn.Linear(self.d_inner, config.d_model, bias=False)
+        if m.mlp:  # Bamba-style: the mixer, then an MLP with its own pre-norm
+            self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+            self.mlp = MLP(config.d_model, config.mlp_hidden, config.mlp)
+        else:
+            self.mlp_norm = self.mlp = None
 
     def reset_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
         """Mamba-2 init: A ~ U[1, 16] (stored as log), softplus(dt_bias) log-uniform in [dt_min, dt_max], D = 1."""
@@ -261,9 +269,14 @@ class MambaBlock(nn.Module):
         nn.init.ones_(self.out_norm.weight)
         init_input_linear(self.in_proj)
         init_output_linear(self.out_proj)
+        if self.mlp is not None:
+            self.mlp_norm.reset_parameters()
+            init_input_linear(self.mlp.up)
+            init_output_linear(self.mlp.down)
         bound = 1.0 / math.sqrt(self.conv_weight.shape[1])
         nn.init.uniform_(self.conv_weight, -bound, bound)
-        nn.init.uniform_(self.conv_bias, -bound, bound)
+        if self.conv_bias is not None:
+            nn.init.uniform_(self.conv_bias, -bound, bound)
         with torch.no_grad():
             self.A_log.copy_(torch.empty(self.n_heads).uniform_(1.0, 16.0).log())
             log_dt = torch.empty(self.n_heads).uniform_(math.log(dt_min), math.log(dt_max))
@@ -311,6 +324,8 @@ class MambaBlock(nn.Module):
         else:
             y, state = self._scan_packed(xBC_raw, dt, A, ctx, return_state)
         out = x + self.out_proj(self.out_norm(y.reshape(b, L, self.d_inner), z))
+        if self.mlp is not None:
+            out = out + self.mlp(self.mlp_norm(out))
         log_decay = (F.softplus(dt.float() + self.dt_bias.float()) * A).sum(1) if return_log_decay else None
         return MambaMix(out, state, log_decay)
 

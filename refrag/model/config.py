@@ -17,7 +17,15 @@ MAX_LAYERS = 1024  # a block pattern expanding past this is a typo, not a model 
 
 @dataclass
 class MambaConfig:
-    """Mamba-2 block settings: state size n, head dim p, expansion, conv width, B/C groups."""
+    """Mamba-2 block settings: state size n, head dim p, expansion, conv width, B/C groups.
+
+    conv_bias: the depthwise conv over xBC has a bias (mamba-ssm's use_conv_bias).
+    norm_per_group: the gated output norm normalizes each of the ngroups slices of d_inner on its
+    own (mamba-ssm / transformers Mamba-2: group_size = d_inner / ngroups); False (default): one
+    norm over all of d_inner. The two agree when ngroups == 1.
+    mlp: each M block also ends with x + mlp(norm(x)), the model's MLP (ModelConfig.mlp,
+    mlp_hidden) as after attention blocks (Bamba's layers); False (default): the mixer alone.
+    """
 
     d_state: int = 64
     headdim: int = 64
@@ -26,10 +34,16 @@ class MambaConfig:
     ngroups: int = 1
     chunk_size: int = 64
     doc_mode: bool = True
+    conv_bias: bool = True
+    norm_per_group: bool = False
+    mlp: bool = False
 
     def __post_init__(self):
         for name in ("d_state", "headdim", "expand", "d_conv", "ngroups", "chunk_size"):
             _require_positive_int(f"mamba.{name}", getattr(self, name))
+        for name in ("doc_mode", "conv_bias", "norm_per_group", "mlp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"mamba.{name} must be true or false, got {getattr(self, name)!r}")
         if self.chunk_size < 16 or self.chunk_size & (self.chunk_size - 1):
             raise ValueError(f"mamba.chunk_size must be a power of two >= 16 (SSD kernel tiles), got {self.chunk_size}")
         if self.d_conv < 2:
@@ -41,8 +55,11 @@ class ModelConfig:
     """HybridLM settings. `block_pattern` has one letter per layer: T attention, M Mamba-2.
 
     head_dim defaults to d_model // n_head; n_kv_head < n_head gives grouped-query attention.
-    MLP (after each attention block): "relu2" (hidden mlp_ratio * d_model) or "swiglu"
-    (hidden 2/3 of that, rounded up to a multiple of 8).
+    MLP (after each attention block, and each Mamba block with mamba.mlp): "relu2" (hidden
+    mlp_ratio * d_model) or "swiglu" (hidden 2/3 of that, rounded up to a multiple of 8);
+    mlp_dim, when set, is the hidden width instead.
+    rope_dim: RoPE rotates the first rope_dim channels of each head (by halves, as over a whole
+    head) and passes the rest unrotated ("partial rotary", Bamba); None: all head_dim channels.
     doc_positions: RoPE positions of document tokens in a packed layout. "block" (default):
     every document of a retrieval block starts at the block's first position
     (`DocLayout.position_ids(per_document=True)`), so a document's keys do not depend on its
@@ -66,7 +83,9 @@ class ModelConfig:
     mamba: MambaConfig = field(default_factory=MambaConfig)
     mlp: str = "relu2"
     mlp_ratio: int = 4
+    mlp_dim: int | None = None
     rope_theta: float = 10000.0
+    rope_dim: int | None = None
     qk_norm: bool = True
     tie_embeddings: bool = False
     grad_checkpoint: bool = False
@@ -91,6 +110,13 @@ class ModelConfig:
             raise ValueError(f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rope_dim is None:
+            self.rope_dim = self.head_dim
+        _require_positive_int("rope_dim", self.rope_dim)
+        if self.rope_dim % 2 or self.rope_dim > self.head_dim:
+            raise ValueError(f"rope_dim must be even and at most head_dim {self.head_dim}, got {self.rope_dim}")
+        if self.mlp_dim is not None:
+            _require_positive_int("mlp_dim", self.mlp_dim)
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
         if isinstance(self.key_conv, bool) or self.key_conv not in (0, 2, 3, 4):
@@ -131,7 +157,9 @@ class ModelConfig:
 
     @property
     def mlp_hidden(self) -> int:
-        """Hidden width of the MLP after each attention block."""
+        """Hidden width of the MLP after each attention block (and Mamba block with mamba.mlp)."""
+        if self.mlp_dim is not None:
+            return self.mlp_dim
         hidden = self.mlp_ratio * self.d_model
         if self.mlp == "swiglu":
             hidden = 8 * math.ceil(2 * hidden / 3 / 8)

@@ -7,21 +7,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import gated_rms_norm
+from refrag_kernels import gated_rms_norm
 
 
 class GatedRMSNorm(nn.Module):
     """Mamba-2's output norm: rmsnorm(y * silu(z)) * weight over the last dim (norm after gate),
-    computed in fp32 and returned in y's dtype (`kernels.gated_rms_norm`, fused fwd + bwd)."""
+    or over each slice of group_size channels of it (None: one group); computed in fp32 and
+    returned in y's dtype (`refrag_kernels.gated_rms_norm`, fused fwd + bwd)."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, group_size: int | None = None):
         super().__init__()
-        self.eps = eps
+        self.eps, self.group_size = eps, group_size
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y, z (..., dim) -> (..., dim)."""
-        return gated_rms_norm(y, z, self.weight, self.eps)
+        return gated_rms_norm(y, z, self.weight, self.eps, self.group_size)
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,11 +33,13 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tupl
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate halves of x (b, l, heads, d) by cos, sin (b|1, l, d/2); computed in fp32."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    """Rotate halves of the first r = 2 * cos.shape[-1] channels of x (b, l, heads, d) by cos, sin
+    (b|1, l, r/2), the other d - r channels unchanged (r == d: the whole head); computed in fp32."""
+    r = 2 * cos.shape[-1]
+    x1, x2 = x[..., :r].float().chunk(2, dim=-1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return rotated.to(x.dtype)
+    rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+    return rotated if r == x.shape[-1] else torch.cat([rotated, x[..., r:]], dim=-1)
 
 
 class MLP(nn.Module):

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import IGNORE_INDEX, DocLayout, fused_linear_cross_entropy
-from kernels.common.checks import assert_on_device
+from refrag_kernels import IGNORE_INDEX, DocLayout, fused_linear_cross_entropy
+from refrag_kernels.common.checks import assert_on_device
 from refrag.model.blocks import AttentionBlock, MambaBlock, SequenceContext
 from refrag.model.cache import HybridCache
 from refrag.model.config import ModelConfig
@@ -17,7 +17,7 @@ from refrag.model.layers import rotary_cos_sin
 class HybridLM(nn.Module):
     """Decoder LM whose blocks follow `config.block_pattern` (T attention + MLP, M Mamba-2).
 
-    Input is either one packed row (1, L) with a `kernels.DocLayout` (examples restart RoPE
+    Input is either one packed row (1, L) with a `refrag_kernels.DocLayout` (examples restart RoPE
     positions, attention and SSM state; documents follow docs/architecture.md's doc semantics and take
     RoPE positions by `config.doc_positions`), or (b, L) without a layout, each row one
     example of shared text. Weights are fp32.
@@ -110,7 +110,7 @@ class HybridLM(nn.Module):
         if layout is None:
             return
         if not isinstance(layout, DocLayout):
-            raise ValueError(f"layout must be a kernels.DocLayout, got {type(layout).__name__}")
+            raise ValueError(f"layout must be a refrag_kernels.DocLayout, got {type(layout).__name__}")
         if input_ids.shape[0] != 1 or input_ids.shape[1] != layout.total_tokens:
             raise ValueError(f"with a layout input_ids must be one packed row (1, {layout.total_tokens}), "
                              f"got {tuple(input_ids.shape)}")
@@ -121,14 +121,14 @@ class HybridLM(nn.Module):
         c = self.config
         if layout is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-            cos, sin = rotary_cos_sin(positions, c.head_dim, c.rope_theta)
+            cos, sin = rotary_cos_sin(positions, c.rope_dim, c.rope_theta)
             return SequenceContext(layout, positions, cos, sin)
 
         def rope(layout: DocLayout):  # once per layout (batch), shared by every layer and call
             positions = layout.position_ids(per_document=c.doc_positions == "block")[None]
-            return (positions, *rotary_cos_sin(positions, c.head_dim, c.rope_theta))
+            return (positions, *rotary_cos_sin(positions, c.rope_dim, c.rope_theta))
 
-        return SequenceContext(layout, *layout.memo(("rope", c.doc_positions, c.head_dim, c.rope_theta), rope))
+        return SequenceContext(layout, *layout.memo(("rope", c.doc_positions, c.rope_dim, c.rope_theta), rope))
 
     # ------------------------------------------------------------------ generation
 

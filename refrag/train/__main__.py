@@ -1,4 +1,5 @@
 """CLI: python -m refrag.train sft --config FILE.json [--key value ...]
+     python -m refrag.train sft --init-from HF_DIR [--key value ...]      (fine-tune a transformers Mamba2 or Bamba)
      python -m refrag.train refrag --config FILE.json [--key value ...]   (multi-hop SFT + RL, refrag.train.refrag)
 
 Every config key (refrag.train.config.TrainConfig) is a flag, grouped below; flags override
@@ -15,8 +16,9 @@ from pathlib import Path
 import torch.distributed as dist
 
 from refrag.model import HybridLM, preset
+from refrag.model.hf_import import import_transformers, transformers_config
 from refrag.train.config import GROUPS, HELP, TrainConfig, load_config
-from refrag.train.data import build_loaders, prepare_tokenizer, retrieval_manager
+from refrag.train.data import build_loaders, init_tokenizer, prepare_tokenizer, retrieval_manager
 from refrag.train.sft import train_sft
 from refrag.train.shims import init_distributed, seed_everything
 
@@ -33,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     for group, keys in GROUPS.items():
         flags = sft.add_argument_group(group)
         for key in keys:
-            flags.add_argument(f"--{key}", default=None, metavar="VALUE",
+            names = [f"--{key}"] + (["--init-from"] if key == "init_from" else [])  # the documented spelling
+            flags.add_argument(*names, dest=key, default=None, metavar="VALUE",
                                help=f"{HELP[key]} (default {defaults[key]!r})")
     return parser
 
@@ -61,11 +64,16 @@ def run_sft(cfg: TrainConfig, resume: bool = True) -> list[dict]:
     env = init_distributed(cfg.device)
     try:
         seed_everything(cfg.seed)
-        tokenizer = prepare_tokenizer(cfg, env)
-        model_config = preset(cfg.preset, vocab_size=tokenizer.vocab_size, **cfg.model)
+        if cfg.init_from:  # a transformers checkpoint: its config and weights, its tokenizer when it has one
+            hf_config = transformers_config(cfg.init_from, cfg.model)
+            tokenizer, cfg = init_tokenizer(cfg, env, hf_config.vocab_size)
+            model = import_transformers(cfg.init_from, cfg.model,
+                                        vocab_size=max(tokenizer.vocab_size, hf_config.vocab_size))
+        else:
+            tokenizer = prepare_tokenizer(cfg, env)
+            model = HybridLM(preset(cfg.preset, vocab_size=tokenizer.vocab_size, **cfg.model))
         train_loader, val_loader = build_loaders(cfg, tokenizer, retrieval_manager(cfg), env)
-        model = HybridLM(model_config)
-        return train_sft(cfg, model, train_loader, val_loader, env=env, model_config=model_config.to_dict(),
+        return train_sft(cfg, model, train_loader, val_loader, env=env, model_config=model.config.to_dict(),
                          resume=resume)
     finally:
         if dist.is_initialized():

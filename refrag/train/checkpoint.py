@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from refrag.data.prompt import FILE_NAME as PROMPT_FORMAT_FILE
+from refrag.model import ModelConfig
 from refrag.fileio import atomic_directory, fsync_path, lock_path, recover_directory, sha256_file
 
 MANIFEST = "manifest.json"
@@ -184,6 +185,16 @@ def config_differences(saved: dict, current: dict) -> list[str]:
             if key not in saved or key not in current or saved[key] != current[key]]
 
 
+def _with_defaults(saved: dict) -> dict:
+    """A saved model config with the keys added to ModelConfig since it was written set to their
+    defaults (which keep the old behaviour), so a run resumes across such an addition; a dict
+    that is no ModelConfig stays as it is."""
+    try:
+        return ModelConfig.from_dict(saved).to_dict()
+    except (ValueError, TypeError):
+        return saved
+
+
 def load_checkpoint(path: str | Path, model_config: dict | None = None, map_location="cpu") -> dict:
     """Verified checkpoint contents: {"model", "optimizer", "trainer", "config", "path"}.
 
@@ -197,7 +208,7 @@ def load_checkpoint(path: str | Path, model_config: dict | None = None, map_loca
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise CheckpointError(f"checkpoint {path}: config.json has no model config (key 'model')")
     if model_config is not None:
-        diffs = config_differences(config["model"], model_config)
+        diffs = config_differences(_with_defaults(config["model"]), model_config)
         if diffs:
             raise CheckpointError(f"checkpoint {path} was saved with a different model config: "
                                   + "; ".join(diffs))

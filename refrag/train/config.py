@@ -19,7 +19,7 @@ from refrag.fileio import check_finite_tree, loads_strict
 from refrag.validate import require
 
 GROUPS = {
-    "model": ("preset", "model"),
+    "model": ("preset", "model", "init_from"),
     "data": ("kb_source", "kb_dir", "tokenizer", "vocab_size", "top_k", "retrieval", "question_first", "retriever", "seq_len",
              "max_doc_tokens", "min_doc_tokens", "doc_cut_keeps_answers", "generated_worlds", "extra_questions", "counterfactual_copies",
              "multihop_copies", "document_loss", "batch_size", "val_rows"),
@@ -32,6 +32,8 @@ GROUPS = {
 HELP = {
     "preset": "model preset: tiny (CPU demo), d12, d16, d20",
     "model": "dict of ModelConfig overrides applied to the preset (e.g. block_pattern)",
+    "init_from": "transformers checkpoint directory (config.json + model.safetensors; Mamba2 or Bamba) to fine-tune "
+                 "instead of a fresh preset model (refrag.model.hf_import; its tokenizer.json when present)",
     "kb_source": "KB source directory with documents.jsonl and queries/ (empty: the embedded KB)",
     "kb_dir": "prepared knowledge base directory (python -m refrag.retrieval prepare-kb)",
     "tokenizer": "tokenizer.json path; trained on kb_source (rank 0) when it does not exist",
@@ -84,6 +86,7 @@ class TrainConfig:
 
     preset: str = "tiny"
     model: dict = field(default_factory=dict)
+    init_from: str = ""
     kb_source: str = ""
     kb_dir: str = "out/kb"
     tokenizer: str = "out/tokenizer.json"
@@ -139,6 +142,8 @@ class TrainConfig:
         if self.min_doc_tokens > self.max_doc_tokens:
             raise ValueError(f"config key min_doc_tokens ({self.min_doc_tokens}) must not exceed "
                              f"max_doc_tokens ({self.max_doc_tokens})")
+        if not isinstance(self.init_from, str):
+            raise ValueError(f"config key init_from must be a directory path string, got {self.init_from!r}")
         if not isinstance(self.model, dict):
             raise ValueError(f"config key model must be a dict of ModelConfig overrides, got {self.model!r}")
         check_finite_tree(self.model, "config key model")
@@ -187,7 +192,7 @@ def apply_overrides(values: dict, overrides: dict[str, str]) -> dict:
             raise ValueError(f"unknown config key {key!r}: only model.<name> keys may be dotted")
         if sub:
             values["model"][sub] = parse_value(raw, key)
-        elif key in ("preset", "kb_source", "kb_dir", "tokenizer", "retriever", "out_dir", "device"):
+        elif key in ("preset", "init_from", "kb_source", "kb_dir", "tokenizer", "retriever", "out_dir", "device"):
             values[key] = raw
         else:
             values[key] = parse_value(raw, key)

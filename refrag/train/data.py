@@ -50,6 +50,32 @@ def prepare_tokenizer(cfg: TrainConfig, env: DistEnv) -> RagTokenizer:
     return RagTokenizer.load(path)
 
 
+def init_tokenizer(cfg: TrainConfig, env: DistEnv, model_vocab: int) -> tuple[RagTokenizer, TrainConfig]:
+    """Tokenizer of a run that starts from the transformers checkpoint cfg.init_from, and the
+    config whose `tokenizer` names it (checkpoints copy that file).
+
+    The checkpoint's own tokenizer.json when it has one: extended with the special tokens
+    (RagTokenizer.extend) and written by rank 0 to <out_dir>/tokenizer.json. Otherwise
+    cfg.tokenizer as for a fresh model (trained on the KB when missing), which must fit the
+    checkpoint's model_vocab embedding rows (its ids then mean nothing to the pretrained embeddings).
+    """
+    source = Path(cfg.init_from) / "tokenizer.json"
+    if not source.is_file():
+        tokenizer = prepare_tokenizer(cfg, env)
+        if tokenizer.vocab_size > model_vocab:
+            raise ValueError(f"init_from {cfg.init_from} has no tokenizer.json and config key tokenizer "
+                             f"{cfg.tokenizer} has {tokenizer.vocab_size} tokens, more than the checkpoint's "
+                             f"{model_vocab} embedding rows; put the checkpoint's tokenizer.json in {cfg.init_from}")
+        return tokenizer, cfg
+    target = Path(cfg.out_dir) / "tokenizer.json"
+    if env.is_main:
+        tmp = target.with_name(f".{target.name}.tmp")
+        RagTokenizer.extend(source).save(tmp)
+        tmp.replace(target)
+    barrier(env)
+    return RagTokenizer.load(target), dataclasses.replace(cfg, tokenizer=str(target))
+
+
 def retrieval_manager(cfg: TrainConfig) -> RetrievalManager:
     """RetrievalManager over the prepared KB cfg.kb_dir (clear error when it is missing)."""
     if not Path(cfg.kb_dir).is_dir():

@@ -128,7 +128,11 @@ def load_refrag_config(path: str | Path | None, overrides: dict[str, str] | None
     train_values = apply_overrides(values, train_overrides)
     if "max_steps" in train_values:
         raise ValueError("config key max_steps is not used by refrag; set sft_steps and rl_steps")
-    valid = sorted({f.name for f in dataclasses.fields(TrainConfig)} - {"max_steps"} | set(REFRAG_HELP))
+    if train_values.get("init_from"):
+        raise ValueError("config key init_from is an sft key; fine-tune the transformers checkpoint with "
+                         "python -m refrag.train sft --init-from DIR, then start refrag from that run "
+                         "(init_checkpoint)")
+    valid = sorted({f.name for f in dataclasses.fields(TrainConfig)} - {"max_steps", "init_from"} | set(REFRAG_HELP))
     unknown = sorted(set(train_values) - set(valid))
     if unknown:
         raise ValueError(f"unknown config key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(valid)}")

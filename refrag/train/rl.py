@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from tqdm import tqdm
 
-from kernels import DocLayout
+from refrag_kernels import DocLayout
 from refrag.data import RagTokenizer, pack_examples, refrag_conversation, render_conversations
 from refrag.data.answers import exact_match, token_f1
 from refrag.data.conversations import gold_documents, with_gold

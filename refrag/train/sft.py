@@ -2,7 +2,7 @@
 
 `train_sft(cfg, model, train_loader, val_loader, env)` runs ``cfg.max_steps`` optimizer
 steps. A loader (`refrag.data.PackedLoader`) yields batches with ``input_ids`` and ``targets``
-(B, L) int64 (-100 = no loss) and ``layout(device)``, the `kernels.DocLayout` of the batch
+(B, L) int64 (-100 = no loss) and ``layout(device)``, the `refrag_kernels.DocLayout` of the batch
 flattened to one (1, B*L) row; each ``iter()`` is one epoch, and ``state_dict()`` /
 ``load_state_dict()`` give its position. Under DDP each rank's loader yields its own shard.
 Each optimizer step consumes ``cfg.grad_accum`` batches per rank; the logged loss is the mean

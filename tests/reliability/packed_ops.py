@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import pytest
 import torch
 
-from kernels import causal_conv1d, doc_attention, fused_linear_cross_entropy, selective_scan, ssd_scan
+from refrag_kernels import causal_conv1d, doc_attention, fused_linear_cross_entropy, selective_scan, ssd_scan
 
 EXAMPLES = [(5, []), (0, []), (1, []), (17, [(3, 4), (4, 9)]), (6, [(0, 1), (1, 3)])]
 PADDING = 3

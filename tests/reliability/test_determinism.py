@@ -12,7 +12,7 @@
 import pytest
 import torch
 
-from kernels import doc_attention, fused_linear_cross_entropy
+from refrag_kernels import doc_attention, fused_linear_cross_entropy
 from packed_ops import (
     CASES, attention_leaves, attention_packed, ce_leaves, ce_packed, ce_targets, conv_call, conv_leaves, conv_packed,
     forward_backward, packed_doc_ids, sequence_bounds, ss_call, ss_leaves, ss_packed, ssd_call, ssd_leaves,

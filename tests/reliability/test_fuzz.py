@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels import DocLayout
+from refrag_kernels import DocLayout
 from refrag.data import load_tokenizer, render_conversation, render_for_generation
 from refrag.data.conversations import load_queries
 from refrag.data.documents import ID_PATTERN, parse_documents, read_documents

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from kernels import causal_conv1d_update, doc_attention, fused_linear_cross_entropy, reference, ssd_state_update
+from refrag_kernels import causal_conv1d_update, doc_attention, fused_linear_cross_entropy, reference, ssd_state_update
 
 # ---------------------------------------------------------------------------------- item 7
 

@@ -1,7 +1,7 @@
 """Mini-model convergence: 30 AdamW steps of a tiny HybridLM ("T,M") on the Triton kernels
-(the interpreter on CPU) and on the kernels.reference ops, from the same seed and data.
+(the interpreter on CPU) and on the refrag_kernels.reference ops, from the same seed and data.
 
-The reference run selects every op's kernels.reference oracle with `kernels.use_backend("reference")`
+The reference run selects every op's refrag_kernels.reference oracle with `refrag_kernels.use_backend("reference")`
 (gated_rms_norm and selective_scan included). Per-step losses and
 the final parameters must agree within fp32 tolerance: a kernel whose gradient is slightly wrong
 passes a one-step check but drifts over 30 optimizer steps.
@@ -9,8 +9,8 @@ passes a one-step check but drifts over 30 optimizer steps.
 import pytest
 import torch
 
-import kernels
-from kernels import DocLayout
+import refrag_kernels
+from refrag_kernels import DocLayout
 from refrag.model import HybridLM, MambaConfig, ModelConfig
 
 VOCAB = 32
@@ -74,7 +74,7 @@ def train(device):
 
 
 def reference_run(device):
-    with kernels.use_backend("reference"):
+    with refrag_kernels.use_backend("reference"):
         return train(device)
 
 

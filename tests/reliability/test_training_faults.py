@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kernels import DocLayout
+from refrag_kernels import DocLayout
 from refrag.model import HybridLM, MambaConfig, preset
 from refrag.train.config import TrainConfig
 from refrag.train.sft import train_sft
