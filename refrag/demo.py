@@ -31,7 +31,7 @@ for the runs ``rag``, ``no_retrieval``, ``rag_2x_docs`` (single-shot) and ``rag_
 loop; adds ``hops`` and the share of each outcome); ``multihop``: per suite, the RAG model's
 single-shot vs loop F1 / EM per question type and overall with their ratio (`multihop_summary`);
 ``f1_kept_at_2x_doc_tokens``; ``targets``: {target: value, threshold, met} (`check_targets`);
-``timings_s``, ``configs``, ``prompt_format``, ``heldout_kb``, ``final_loss``, ``final_val_loss``.
+``timings_s``, ``load_average`` (1/5/15-minute, at start and end), ``configs``, ``prompt_format``, ``heldout_kb``, ``final_loss``, ``final_val_loss``.
 
 The CPU config (`refrag/train/configs/demo.json`: tiny T,M,T,M model with tied embeddings and
 a key convolution, the question placed before the documents, extra questions per retrieved
@@ -317,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     configs = demo_configs(out, args.max_steps)
     timings, started = {}, time.perf_counter()
+    load_average = {"start": _load_average()}  # the machine may be shared: wall times depend on it
 
     def stage(name: str, since: float) -> float:
         timings[name] = round(time.perf_counter() - since, 1)
@@ -359,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
             write_predictions(out / f"{suite}_{run}_predictions.json", result)
             t = stage(f"eval_{suite}_{run}", t)
     timings["total"] = round(time.perf_counter() - started, 1)
+    load_average["end"] = _load_average()
 
     summary = {suite: {run: {k: v for k, v in m.items() if k != "predictions"} for run, m in runs.items()}
                for suite, runs in results.items()}
@@ -366,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     plot_curves(curves, {f"{suite} {run}": m for suite, runs in summary.items() for run, m in runs.items()
                          if run != "rag_2x_docs" and (suite == "embedded" or run != "no_retrieval")}, out)
     robustness = {suite: _ratio(runs["rag_2x_docs"]["f1"], runs["rag"]["f1"]) for suite, runs in summary.items()}
-    report = {"timings_s": timings, "device": device,
+    report = {"timings_s": timings, "load_average": load_average, "device": device,
               "configs": {run: cfg.to_dict() for run, cfg in configs.items()},
               "prompt_format": trained["rag"].prompt.to_dict(),
               "metrics": summary["embedded"], "heldout_metrics": summary["heldout"],
@@ -390,8 +392,17 @@ def main(argv: list[str] | None = None) -> None:
     for name, target in report["targets"].items():
         verdict = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
         print(f"  {name}: {_fmt(target['value'])} ({target['threshold']}) {verdict}")
-    print(f"\n[demo] total {timings['total']:.0f}s; wrote {out / 'report.json'}, {out / 'loss_curves.png'}, "
+    print(f"\n[demo] total {timings['total']:.0f}s (load average at start {load_average['start']}, end "
+          f"{load_average['end']}); wrote {out / 'report.json'}, {out / 'loss_curves.png'}, "
           f"{out / 'metrics.png'}")
+
+
+def _load_average() -> list[float] | None:
+    """1, 5 and 15-minute load averages (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _fmt(value: float | None) -> str:
