@@ -202,6 +202,8 @@ def child_env(dry_run: bool, site: Optional[Path]) -> Dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env["TRITON_CACHE_AUTOTUNING"] = "1"
     env.pop("REFRAG_BENCH_LENGTHS", None)
+    for key in [k for k in env if k.startswith("PYTEST_XDIST_")]:  # started from an xdist worker (make test):
+        del env[key]  # pytest-benchmark would take the step for a worker and disable timing
     if dry_run:
         env.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1", REFRAG_BENCH_SMOKE="1")
     else:

@@ -2,7 +2,9 @@
 `DataCollatorWithFlattening` builds it for padding-free training, with our kernels
 (`refrag_kernels.compat.enable_for_transformers`) against the same model on mamba-ssm's kernels
 when mamba-ssm is installed. transformers' own torch path refuses packed sequences, so without
-mamba-ssm ours is the only packed option (recorded as `torch_path_packed: unsupported`).
+mamba-ssm ours is the only packed option (recorded as `torch_path_packed: unsupported`); the
+`padded` baseline is what remains then: the same sequences right-padded into a batch on
+transformers' default path (its torch path without mamba-ssm), loss on the same tokens.
 
 Model: d_model 1024, 8 layers (attention at layers 3 and 7), 32 Mamba heads of 64, d_state 128,
 one group, chunk 256, vocabulary 32000, bf16; sequences of 256-2048 tokens filling 8192. Smoke
@@ -35,18 +37,34 @@ def _config() -> "BambaConfig":
                        attn_layer_indices=[3, 7], mamba_d_conv=4)
 
 
-def _packed_batch(vocab: int) -> dict:
-    """Sequences of SEQ_RANGE tokens (the last one cut) flattened into one row of TOKENS tokens."""
+def _sequences(vocab: int) -> list:
+    """Token lists of SEQ_RANGE tokens (the last one cut) that fill TOKENS."""
     g = torch.Generator().manual_seed(0)
     lengths, left = [], TOKENS
     while left > 0:
         n = min(left, int(torch.randint(SEQ_RANGE[0], SEQ_RANGE[1] + 1, (1,), generator=g)))
         lengths.append(n)
         left -= n
-    features = [{"input_ids": torch.randint(0, vocab, (n,), generator=g).tolist()} for n in lengths]
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _packed_batch(sequences: list) -> dict:
+    """One row of TOKENS tokens, as DataCollatorWithFlattening builds it (seq_idx and cu_seq_lens)."""
     batch = DataCollatorWithFlattening(return_seq_idx=True, return_flash_attn_kwargs=True)(
-        features, return_tensors="pt")
+        [{"input_ids": s} for s in sequences], return_tensors="pt")
     return {k: (v.to(DEVICE) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _padded_batch(sequences: list) -> dict:
+    """The same sequences right-padded into rows of the longest length, pads masked from the loss."""
+    longest = max(map(len, sequences))
+    ids = torch.zeros(len(sequences), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, s in enumerate(sequences):
+        ids[row, :len(s)] = torch.tensor(s)
+        mask[row, :len(s)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids.to(DEVICE), "attention_mask": mask.to(DEVICE), "labels": labels.to(DEVICE)}
 
 
 def _mamba_ssm_bound() -> bool:
@@ -60,14 +78,16 @@ def test_hf_bamba_packed_fwd_bwd(benchmark):
     config = _config()
     config.use_cache = False  # packed training: transformers builds the packed mask only without a cache
     model = BambaForCausalLM(config).to(DEVICE, DTYPE).train()
-    batch = _packed_batch(config.vocab_size)
+    sequences = _sequences(config.vocab_size)
+    batch, padded = _packed_batch(sequences), _padded_batch(sequences)
 
-    def step():
+    def step(inputs=batch):
         model.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
+        model(**inputs).loss.backward()
 
     disable_for_transformers()
-    baselines = {"mamba_ssm": Case(step) if (_mamba_ssm_bound() and not SMOKE) else None}
+    baselines = {"mamba_ssm": Case(step) if (_mamba_ssm_bound() and not SMOKE) else None,
+                 "padded": Case(lambda: step(padded))}
     if baselines["mamba_ssm"] is not None:
         baselines["mamba_ssm"].fn()  # compile mamba-ssm's kernels before timing, as ours get below
 
@@ -80,7 +100,7 @@ def test_hf_bamba_packed_fwd_bwd(benchmark):
 
     benchmark.group = "hf_bamba-fwd_bwd"
     run_case(benchmark, Case(ours), baselines, tokens=TOKENS, op="hf_bamba", mode="fwd_bwd", L=TOKENS,
-             examples=int(batch["seq_idx"].max()) + 1, dtype=str(DTYPE), d_model=config.hidden_size,
+             examples=len(sequences), padded_tokens=padded["input_ids"].numel(), dtype=str(DTYPE), d_model=config.hidden_size,
              n_layer=config.num_hidden_layers, params=sum(p.numel() for p in model.parameters()),
              transformers=transformers.__version__,
              torch_path_packed="unsupported (transformers refuses packed sequences without mamba-ssm)",

@@ -9,17 +9,29 @@ Steps (all under ``--out``, default ``out/demo``):
    prepare-kb``) -> ``heldout/`` (in the background, while the models train)
 3. train the BPE tokenizer on the embedded documents and training questions -> ``tokenizer.json``
 4. RAG fine-tune a small hybrid model on retrieval conversations (top-k documents per
-   question, gold documents plus retrieved distractors) about the embedded KB and about
-   procedurally generated worlds with fresh names (``generated_worlds``), documents cut at
-   varied lengths -> ``rag/``
-5. train the same model, same steps, on the same conversations without the retrieval
-   message -> ``no_retrieval/``
-6. answer the embedded test split and the held-out KB's test split with both (greedy; each
-   model in the prompt format recorded in its checkpoint), and the RAG model again with
-   documents cut at twice the trained length; print EM, F1, abstention, degenerate abstention,
-   hallucination and the per-type tables
-7. write ``report.json`` (configs, timings, metrics), ``*_predictions.json``,
-   ``loss_curves.png`` and ``metrics.png``
+   question, gold documents plus retrieved distractors) about the embedded KB (and, when the
+   config asks, procedurally generated worlds with fresh names, ``generated_worlds``, and
+   documents cut at varied lengths, ``min_doc_tokens``) and on multi-hop traces of the two-hop
+   questions (``multihop_copies``: the model asks the follow-up query itself, ``[QUERY] ...
+   [/QUERY]``, and answers from the second hop's documents) -> ``rag/``
+5. train the same model, same steps, on the same questions without the retrieval message
+   (no multi-hop traces: they need retrieval) -> ``no_retrieval/``
+6. answer the embedded test split and the held-out KB's test split with both single-shot
+   (greedy; each model in the prompt format recorded in its checkpoint), the RAG model again
+   with documents cut at twice the trained length, and the RAG model through the multi-hop
+   loop (`refrag.eval.multihop.evaluate_multihop`, up to MAX_HOPS retrievals, same prompt
+   format); print EM, F1, abstention, degenerate abstention, hallucination, the per-type
+   tables, hops and loop outcomes, single-shot vs loop two-hop F1, and every target of
+   issues 20 and 22 (TARGETS) as met / missed
+7. write ``report.json`` (configs, timings, metrics, ``multihop``, ``targets``),
+   ``*_predictions.json``, ``loss_curves.png`` and ``metrics.png``
+
+report.json: ``metrics`` / ``heldout_metrics``: {run: `refrag.eval.answers.aggregate` metrics}
+for the runs ``rag``, ``no_retrieval``, ``rag_2x_docs`` (single-shot) and ``rag_multihop`` (the
+loop; adds ``hops`` and the share of each outcome); ``multihop``: per suite, the RAG model's
+single-shot vs loop F1 / EM per question type and overall with their ratio (`multihop_summary`);
+``f1_kept_at_2x_doc_tokens``; ``targets``: {target: value, threshold, met} (`check_targets`);
+``timings_s``, ``load_average`` (1/5/15-minute, at start and end), ``configs``, ``prompt_format``, ``heldout_kb``, ``final_loss``, ``final_val_loss``.
 
 The CPU config (`refrag/train/configs/demo.json`: tiny T,M,T,M model with tied embeddings and
 a key convolution, the question placed before the documents, extra questions per retrieved
@@ -44,7 +56,9 @@ from tqdm import tqdm
 
 from refrag.data import EMBEDDED_KB_DIR, load_queries
 from refrag.data.conversations import check_gold_documents
-from refrag.eval.answers import QUESTION_TYPES, format_table
+from refrag.eval.answers import QUESTION_TYPES
+from refrag.eval.multihop import evaluate_multihop, format_comparison
+from refrag.infer import Engine
 from refrag.fileio import read_jsonl
 from refrag.eval.evaluate import evaluate_model, load_trained_model, write_predictions
 from refrag.retrieval import RetrievalManager, prepare_kb
@@ -218,6 +232,71 @@ def plot_curves(curves: dict[str, list[dict]], results: dict[str, dict], out: Pa
     plt.close(fig)
 
 
+MAX_HOPS = 3  # retrievals per question in the multi-hop loop (the model may ask 2 follow-ups)
+TARGETS = {  # issue 20 (recursive retrieval) and issue 22 (reading new names); checked in report.json
+    "embedded two_hop f1, multi-hop loop": ("embedded", "rag_multihop", "two_hop", "f1", ">=", 0.40),
+    "embedded two_hop f1, loop / single-shot (same model)": ("embedded", "multihop_gain", "two_hop", "f1", ">=", 3.0),
+    "embedded hallucination, multi-hop loop": ("embedded", "rag_multihop", None, "hallucination", "<=", 0.10),
+    "embedded single_hop f1": ("embedded", "rag", "single_hop", "f1", ">=", 0.75),
+    "embedded f1": ("embedded", "rag", None, "f1", ">=", 0.55),
+    "heldout single_hop f1": ("heldout", "rag", "single_hop", "f1", ">=", 0.60),
+    "heldout hallucination": ("heldout", "rag", None, "hallucination", "<=", 0.15),
+    "heldout abstention_accuracy": ("heldout", "rag", None, "abstention_accuracy", ">=", 0.85),
+    "embedded f1 kept at 2x doc tokens": ("embedded", "f1_kept_at_2x_doc_tokens", None, None, ">=", 0.80),
+}
+
+
+def evaluate_suite(trained: dict, manager: RetrievalManager, records: list[dict], top_k: int, batch_size: int,
+                   max_new_tokens: int = 24):
+    """Yield (run, metrics) for one test split: both models single-shot (one retrieval, each in its
+    own prompt format), the RAG model with documents cut at twice its trained length, and the RAG
+    model through the multi-hop loop (`refrag.eval.multihop.evaluate_multihop`: it may ask up to
+    MAX_HOPS - 1 follow-up queries; its follow-ups get 8 more tokens, names can be long)."""
+
+    rag = trained["rag"]
+    runs = {run: (model, model.prompt) for run, model in trained.items()}
+    runs["rag_2x_docs"] = (rag, rag.prompt.replace(max_doc_tokens=2 * rag.prompt.max_doc_tokens))
+    for run, (model, prompt) in runs.items():
+        yield run, evaluate_model(model.model, model.tokenizer, manager, records, prompt, top_k=top_k,
+                                  max_new_tokens=max_new_tokens, batch_size=batch_size)
+    with torch.no_grad():
+        yield "rag_multihop", evaluate_multihop(Engine(rag.model, rag.tokenizer), rag.tokenizer, manager, records,
+                                                max_hops=MAX_HOPS, top_k=top_k, max_new_tokens=max_new_tokens + 8,
+                                                max_doc_tokens=rag.prompt.max_doc_tokens,
+                                                question_first=rag.prompt.question_first, batch_size=batch_size)
+
+
+def multihop_summary(runs: dict[str, dict]) -> dict:
+    """Single-shot vs multi-hop loop of the RAG model, per question type (F1, EM) and overall."""
+    single, loop = runs["rag"], runs["rag_multihop"]
+    out = {"max_hops": MAX_HOPS, "hops": loop["hops"],
+           "outcomes": {k: loop[k] for k in ("answered", "abstained", "max_hops", "truncated", "empty")}}
+    for qtype in (None,) + tuple(QUESTION_TYPES):
+        a = single if qtype is None else single["by_type"].get(qtype, {})
+        b = loop if qtype is None else loop["by_type"].get(qtype, {})
+        out[qtype or "all"] = {"single_shot_f1": a.get("f1"), "multihop_f1": b.get("f1"),
+                               "single_shot_em": a.get("em"), "multihop_em": b.get("em"),
+                               "f1_ratio": _ratio(b.get("f1"), a.get("f1"))}
+    return out
+
+
+def check_targets(report: dict) -> dict:
+    """{target: {"value", "threshold", "met"}} for every entry of TARGETS (value None: not measured)."""
+    out = {}
+    for name, (suite, run, qtype, metric, op, threshold) in TARGETS.items():
+        metrics = report["metrics"] if suite == "embedded" else report["heldout_metrics"]
+        if run == "multihop_gain":
+            value = report["multihop"][suite][qtype]["f1_ratio"]
+        elif run == "f1_kept_at_2x_doc_tokens":
+            value = report[run][suite]
+        else:
+            m = metrics[run] if qtype is None else metrics[run]["by_type"].get(qtype, {})
+            value = m.get(metric)
+        met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
+        out[name] = {"value": value, "threshold": f"{op} {threshold}", "met": met}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m refrag.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="out/demo", help="output directory")
@@ -238,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     configs = demo_configs(out, args.max_steps)
     timings, started = {}, time.perf_counter()
+    load_average = {"start": _load_average()}  # the machine may be shared: wall times depend on it
 
     def stage(name: str, since: float) -> float:
         timings[name] = round(time.perf_counter() - since, 1)
@@ -274,41 +354,59 @@ def main(argv: list[str] | None = None) -> None:
     for suite, (kb_dir, records) in suites.items():
         manager = RetrievalManager(configs["rag"].retriever, knowledge_base=kb_dir)
         check_gold_documents(records, manager.knowledge_base.ids, str(kb_dir))
-        runs = {run: (model, model.prompt) for run, model in trained.items()}
-        rag = trained["rag"]
-        runs["rag_2x_docs"] = (rag, rag.prompt.replace(max_doc_tokens=2 * rag.prompt.max_doc_tokens))
         results[suite] = {}
-        for run, (model, prompt) in runs.items():
-            results[suite][run] = evaluate_model(model.model, model.tokenizer, manager, records, prompt,
-                                                 top_k=configs["rag"].top_k, max_new_tokens=24,
-                                                 batch_size=eval_batch)
-            write_predictions(out / f"{suite}_{run}_predictions.json", results[suite][run])
+        for run, result in evaluate_suite(trained, manager, records, configs["rag"].top_k, eval_batch):
+            results[suite][run] = result
+            write_predictions(out / f"{suite}_{run}_predictions.json", result)
             t = stage(f"eval_{suite}_{run}", t)
     timings["total"] = round(time.perf_counter() - started, 1)
+    load_average["end"] = _load_average()
 
     summary = {suite: {run: {k: v for k, v in m.items() if k != "predictions"} for run, m in runs.items()}
                for suite, runs in results.items()}
     curves = {run: read_metrics(cfg.out_dir) for run, cfg in configs.items()}
     plot_curves(curves, {f"{suite} {run}": m for suite, runs in summary.items() for run, m in runs.items()
-                         if run != "rag_2x_docs"}, out)
+                         if run != "rag_2x_docs" and (suite == "embedded" or run != "no_retrieval")}, out)
     robustness = {suite: _ratio(runs["rag_2x_docs"]["f1"], runs["rag"]["f1"]) for suite, runs in summary.items()}
-    report = {"timings_s": timings, "device": device,
+    report = {"timings_s": timings, "load_average": load_average, "device": device,
               "configs": {run: cfg.to_dict() for run, cfg in configs.items()},
               "prompt_format": trained["rag"].prompt.to_dict(),
               "metrics": summary["embedded"], "heldout_metrics": summary["heldout"],
               "f1_kept_at_2x_doc_tokens": robustness,
+              "multihop": {suite: multihop_summary(runs) for suite, runs in summary.items()},
               "heldout_kb": {"commands": [" ".join(c[1:]) for c in heldout_commands(out / "heldout")],
                              "seed": HELDOUT_SEED, "names": "heldout"},
               "final_loss": {run: c[-1]["loss"] for run, c in curves.items()},
               "final_val_loss": {run: c[-1].get("val_loss") for run, c in curves.items()}}
+    report["targets"] = check_targets(report)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     for suite, title in (("embedded", "embedded KB test split"), ("heldout", "held-out generated KB test split")):
         count = summary[suite]["rag"]["count"]
         print(f"\n[demo] {title} ({count} questions); rag_2x_docs: the RAG model with documents cut at "
               f"{2 * trained['rag'].prompt.max_doc_tokens} tokens (F1 kept: {robustness[suite]})\n")
-        print(format_table(summary[suite]))
-    print(f"\n[demo] total {timings['total']:.0f}s; wrote {out / 'report.json'}, {out / 'loss_curves.png'}, "
+        print(format_comparison(summary[suite]))
+        loop = report["multihop"][suite]["two_hop"]
+        print(f"[demo] two-hop F1: single-shot {_fmt(loop['single_shot_f1'])}, multi-hop loop "
+              f"{_fmt(loop['multihop_f1'])} (x{_fmt(loop['f1_ratio'])}; mean hops {report['multihop'][suite]['hops']:.2f})")
+    print("\n[demo] targets (issues 20 and 22):")
+    for name, target in report["targets"].items():
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
+        print(f"  {name}: {_fmt(target['value'])} ({target['threshold']}) {verdict}")
+    print(f"\n[demo] total {timings['total']:.0f}s (load average at start {load_average['start']}, end "
+          f"{load_average['end']}); wrote {out / 'report.json'}, {out / 'loss_curves.png'}, "
           f"{out / 'metrics.png'}")
+
+
+def _load_average() -> list[float] | None:
+    """1, 5 and 15-minute load averages (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

@@ -134,3 +134,24 @@ def test_cut_documents_turns_answers_the_cut_removed_into_abstentions():
     shown = next(m for m in cut["messages"] if m["role"] == "retrieval")["documents"]
     assert all(len(tok.encode(f"{d['title']}\n{d['content']}")) <= first_sentence + 1 for d in shown)
     assert answers(cut) == ["Dorvik", "I don't know"], shown
+
+
+def test_cut_documents_can_keep_the_answers_instead():
+    from refrag.train.data import cut_documents
+
+    tok = load_tokenizer()
+    conv = rag_conversation("Where was Ana Velk born?", "Dorvik", [ANA, BOR])
+    conv["messages"] += [{"role": "user", "content": "Who employs Ana Velk?"},
+                         {"role": "assistant", "content": "Olm Guild"}]
+    text = f"{ANA['title']}\n{ANA['content']}"
+    first_sentence = len(tok.encode(text.split(".")[0] + "."))
+    through_answer = len(tok.encode(text[:text.index("Olm Guild") + len("Olm Guild")]))
+    assert first_sentence < through_answer < len(tok.encode(text))
+    kept = cut_documents(conv, tok, first_sentence, keep_answers_within=through_answer)
+    ana, bor = next(m for m in kept["messages"] if m["role"] == "retrieval")["documents"]
+    assert [m["content"] for m in kept["messages"] if m["role"] == "assistant"] == ["Dorvik", "Olm Guild"]
+    assert ana["content"].rstrip().endswith("Olm Guild")  # cut right after the last answer it holds
+    assert len(tok.encode(f"{bor['title']}\n{bor['content']}")) <= first_sentence + 1  # no answer: plain cut
+    # an answer beyond keep_answers_within is still cut away and becomes "I don't know"
+    short = cut_documents(conv, tok, first_sentence, keep_answers_within=through_answer - 1)
+    assert [m["content"] for m in short["messages"] if m["role"] == "assistant"] == ["Dorvik", "I don't know"]

@@ -22,10 +22,16 @@ REQUIRED_INFO = ("op", "median_ms", "tokens_per_s")
 TIMEOUT_S = 600
 
 
+def _without_xdist(environ) -> dict:
+    """The child pytest must not look like an xdist worker (make test runs under pytest-xdist):
+    pytest-benchmark would then disable timing and refuse --benchmark-only."""
+    return {k: v for k, v in environ.items() if not k.startswith("PYTEST_XDIST_")}
+
+
 def run_module(args, **env):
     """Run `python -m <args>` from the repo root; fail with its output when it fails."""
     result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=TIMEOUT_S, env={**os.environ, **env})
+                            timeout=TIMEOUT_S, env={**_without_xdist(os.environ), **env})
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
 

@@ -55,7 +55,7 @@ def small_configs(tmp_path, kb, **overrides):
     source, kb_dir = kb
     extra = {"kb_source": str(source), "kb_dir": str(kb_dir), "tokenizer": str(EMBEDDED_KB_DIR / "tokenizer.json"),
              "val_rows": "1", "model.d_model": "64", "model.n_head": "2", "seq_len": "384",
-             "generated_worlds": "0", "min_doc_tokens": "0", **overrides}
+             "generated_worlds": "0", "min_doc_tokens": "0", "multihop_copies": "0", **overrides}
     return {run: load_config(CONFIG_DIR / "demo.json", {**extra, "out_dir": str(tmp_path / run),
                                                         "retrieval": "true" if run == "rag" else "false"})
             for run in RUNS}
@@ -69,6 +69,47 @@ def test_train_in_parallel_runs_both_and_logs_every_step(tmp_path, small_kb):
         assert [r["step"] for r in records] == [1, 2, 3]
         assert (tmp_path / run / "checkpoints").is_dir() and (tmp_path / run / "train.log").is_file()
     check_eval_cli_on_any_kb(tmp_path, small_kb, configs["rag"].out_dir)
+    check_evaluate_suite(small_kb, configs)
+
+
+def check_evaluate_suite(kb, configs):
+    """Every run of a suite is evaluated on the same questions; the multi-hop loop reports hops and
+    outcomes, and its summary pairs it with the single-shot run of the same model."""
+    from refrag.data import load_queries
+    from refrag.demo import evaluate_suite, multihop_summary
+    from refrag.eval.evaluate import load_trained_model
+    from refrag.retrieval import RetrievalManager
+
+    source, kb_dir = kb
+    trained = {run: load_trained_model(cfg.out_dir, "cpu") for run, cfg in configs.items()}
+    records = [r for r in load_queries("test", source) if r["type"] in ("single_hop", "two_hop")][:3]
+    runs = dict(evaluate_suite(trained, RetrievalManager("bm25", knowledge_base=kb_dir), records, 2, 2,
+                               max_new_tokens=2))
+    assert list(runs) == ["rag", "no_retrieval", "rag_2x_docs", "rag_multihop"]
+    assert all(m["count"] == 3 for m in runs.values())
+    assert 1 <= runs["rag_multihop"]["hops"] <= 3
+    summary = multihop_summary(runs)
+    assert summary["all"]["single_shot_f1"] == runs["rag"]["f1"] and summary["all"]["multihop_f1"] == runs["rag_multihop"]["f1"]
+    assert sum(summary["outcomes"].values()) == pytest.approx(1.0)
+
+
+def test_targets_are_checked_against_the_report():
+    from refrag.demo import TARGETS, check_targets
+
+    def metrics(f1, hallucination=0.05):
+        return {"f1": f1, "hallucination": hallucination, "abstention_accuracy": 0.9,
+                "by_type": {"single_hop": {"f1": f1}, "two_hop": {"f1": f1}}}
+
+    report = {"metrics": {"rag": metrics(0.8), "rag_multihop": metrics(0.5, hallucination=0.2)},
+              "heldout_metrics": {"rag": metrics(0.1)},
+              "multihop": {"embedded": {"two_hop": {"f1_ratio": None}}},
+              "f1_kept_at_2x_doc_tokens": {"embedded": 0.9}}
+    targets = check_targets(report)
+    assert set(targets) == set(TARGETS)
+    assert targets["embedded two_hop f1, multi-hop loop"] == {"value": 0.5, "threshold": ">= 0.4", "met": True}
+    assert targets["embedded hallucination, multi-hop loop"]["met"] is False
+    assert targets["heldout single_hop f1"]["met"] is False and targets["embedded single_hop f1"]["met"] is True
+    assert targets["embedded two_hop f1, loop / single-shot (same model)"]["met"] is None  # not measured
 
 
 def check_eval_cli_on_any_kb(tmp_path, kb, run_dir):
@@ -125,3 +166,27 @@ def test_augmented_training_data_only_with_retrieval_and_only_for_train(small_kb
     assert rag[:len(plain)] != rag[len(plain):2 * len(plain)]  # the copies are rewritten
     assert len(sft_conversations("val", configs["rag"], manager)) == len(sft_conversations("val", small_configs(
         tmp_path, small_kb, **unaugmented)["rag"], manager))
+
+
+def test_multihop_traces_only_for_two_hop_questions_with_retrieval(small_kb, tmp_path):
+    from refrag.data import load_queries
+    from refrag.train.data import retrieval_manager, sft_conversations
+
+    source, _ = small_kb
+    configs = small_configs(tmp_path, small_kb, multihop_copies="2")
+    plain = small_configs(tmp_path, small_kb)
+    manager = retrieval_manager(configs["rag"])
+    rag, base = (sft_conversations("train", configs[run], manager) for run in ("rag", "no_retrieval"))
+    two_hop = [r for r in load_queries("train", source) if r["type"] == "two_hop"]
+    assert two_hop
+    traces = rag[len(sft_conversations("train", plain["rag"], manager)):]
+    assert len(traces) == 2 * len(two_hop)
+    for conv, rec in zip(traces, two_hop + two_hop):
+        roles = [m["role"] for m in conv["messages"]]
+        assert roles == ["system", "user", "retrieval", "assistant", "retrieval", "assistant"]
+        assert conv["messages"][3]["query"] == rec["hops"][1]["query"]
+        assert conv["messages"][-1]["content"] == rec["answer"]
+        hop_docs = [[d["id"] for d in conv["messages"][i]["documents"]] for i in (2, 4)]
+        assert rec["hops"][0]["doc_id"] in hop_docs[0] and rec["hops"][1]["doc_id"] in hop_docs[1]
+    assert len(base) == len(sft_conversations("train", plain["no_retrieval"], manager))  # needs retrieval
+    assert len(sft_conversations("val", configs["rag"], manager)) == len(sft_conversations("val", plain["rag"], manager))

@@ -21,8 +21,8 @@ from refrag.validate import require
 GROUPS = {
     "model": ("preset", "model", "init_from"),
     "data": ("kb_source", "kb_dir", "tokenizer", "vocab_size", "top_k", "retrieval", "question_first", "retriever", "seq_len",
-             "max_doc_tokens", "min_doc_tokens", "generated_worlds", "extra_questions", "counterfactual_copies",
-             "document_loss", "batch_size", "val_rows"),
+             "max_doc_tokens", "min_doc_tokens", "doc_cut_keeps_answers", "generated_worlds", "extra_questions", "counterfactual_copies",
+             "multihop_copies", "document_loss", "batch_size", "val_rows"),
     "optimization": ("max_steps", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
                      "beta1", "beta2", "grad_clip"),
     "system": ("device", "seed", "deterministic", "fsdp", "bf16"),
@@ -46,10 +46,15 @@ HELP = {
     "max_doc_tokens": "each retrieved document is cut to this many tokens (recorded in the prompt format)",
     "min_doc_tokens": "train: when > 0, each conversation's documents are cut at a length drawn from "
                       "[min_doc_tokens, max_doc_tokens], and answers the cut removed become \"I don't know\"",
+    "doc_cut_keeps_answers": "train, with min_doc_tokens: a document is cut after the answers it holds "
+                             "(within max_doc_tokens) instead of turning the answers the cut removed into \"I don't know\"",
     "generated_worlds": "train: procedurally generated worlds (make_kb --names training --varied-documents, "
                         "fresh names each) whose questions are added to the training conversations",
     "extra_questions": "train: up to this many further questions about the shown documents per conversation",
     "counterfactual_copies": "train, with retrieval: copies of each conversation with its answers swapped consistently",
+    "multihop_copies": "train, with retrieval: copies of a teacher-forced multi-hop trace (the model asks the "
+                       "follow-up query itself, [QUERY] ... [/QUERY], then reads hop 2's documents) of every two-hop "
+                       "question, generated worlds included (refrag.train.rl.multihop_conversations)",
     "document_loss": "train: also learn next-token prediction on the retrieved documents' tokens",
     "batch_size": "packed rows per micro-step (flattened into one varlen row)",
     "val_rows": "packed rows (per rank) of the validation loss",
@@ -93,9 +98,11 @@ class TrainConfig:
     seq_len: int = 1024
     max_doc_tokens: int = 256
     min_doc_tokens: int = 0
+    doc_cut_keeps_answers: bool = False
     generated_worlds: int = 0
     extra_questions: int = 0
     counterfactual_copies: int = 0
+    multihop_copies: int = 0
     document_loss: bool = False
     batch_size: int = 1
     val_rows: int = 8
@@ -123,14 +130,14 @@ class TrainConfig:
         for name in ("vocab_size", "top_k", "seq_len", "max_doc_tokens", "batch_size", "max_steps", "grad_accum", "log_every",
                      "keep_checkpoints"):
             require(name, getattr(self, name), int, minimum=1)
-        for name in ("min_doc_tokens", "generated_worlds", "extra_questions", "counterfactual_copies", "val_rows", "warmup_steps", "eval_every", "ckpt_every", "seed"):
+        for name in ("min_doc_tokens", "generated_worlds", "extra_questions", "counterfactual_copies", "multihop_copies", "val_rows", "warmup_steps", "eval_every", "ckpt_every", "seed"):
             require(name, getattr(self, name), int, minimum=0)
         for name in ("lr", "weight_decay", "grad_clip"):
             require(name, getattr(self, name), float, minimum=0)
         require("min_lr_ratio", self.min_lr_ratio, float, minimum=0, maximum=1)
         for name in ("beta1", "beta2"):
             require(name, getattr(self, name), float, minimum=0, below=1)
-        for name in ("retrieval", "question_first", "document_loss", "deterministic", "fsdp", "bf16"):
+        for name in ("retrieval", "question_first", "doc_cut_keeps_answers", "document_loss", "deterministic", "fsdp", "bf16"):
             require(name, getattr(self, name), bool)
         if self.min_doc_tokens > self.max_doc_tokens:
             raise ValueError(f"config key min_doc_tokens ({self.min_doc_tokens}) must not exceed "

@@ -8,7 +8,9 @@ The layout (retrieval on/off, question first, document cut) is the run's
 `refrag.data.prompt.PromptFormat` (`TrainConfig.prompt_format()`), the record its checkpoints store.
 The train split can be augmented (`refrag.data.augment`): ``extra_questions`` more turns about
 the shown documents, ``counterfactual_copies`` rewritten copies with swapped answers (with
-retrieval only), and ``document_loss`` adds next-token loss on document tokens.
+retrieval only), and ``document_loss`` adds next-token loss on document tokens. With
+``multihop_copies`` the RAG run also learns the REFRAG multi-hop format (`multihop_traces`): on
+two-hop questions it asks the follow-up query itself and answers from the second hop's documents.
 """
 from __future__ import annotations
 
@@ -111,11 +113,21 @@ def generated_world(cfg: TrainConfig, world: int) -> tuple[list[dict], Retrieval
     return records, RetrievalManager("bm25", knowledge_base=kb)
 
 
-def cut_documents(conversation: dict, tokenizer: RagTokenizer, max_tokens: int, cache: dict | None = None) -> dict:
+def _answer_pattern(answer: str) -> str:
+    return rf"(?<!\w){re.escape(answer)}(?!\w)"
+
+
+def cut_documents(conversation: dict, tokenizer: RagTokenizer, max_tokens: int, cache: dict | None = None,
+                  keep_answers_within: int = 0) -> dict:
     """`conversation` with each document cut to `max_tokens` tokens (title included, as rendered)
     and every answer that no longer occurs in the shown documents replaced by "I don't know".
-    cache: optional {document text: token ids} shared across calls (documents repeat)."""
+    cache: optional {document text: token ids} shared across calls (documents repeat).
+    keep_answers_within: when > 0, a document is instead cut after the last answer of the
+    conversation it contains if that answer ends within this many tokens (the cut varies the
+    documents' length without hiding answers the model is trained to give)."""
     cache = {} if cache is None else cache
+    answers = [m["content"] for m in conversation["messages"]
+               if m["role"] == "assistant" and m.get("content") and m["content"] != IDK]
     messages, shown = [], []
     for m in conversation["messages"]:
         if m["role"] == "retrieval":
@@ -123,8 +135,13 @@ def cut_documents(conversation: dict, tokenizer: RagTokenizer, max_tokens: int, 
             for d in m["documents"]:
                 text = f"{d['title']}\n{d['content']}"
                 ids = cache[text] if text in cache else cache.setdefault(text, tokenizer.encode(text))
-                if len(ids) > max_tokens:
-                    title, _, content = tokenizer.decode(ids[:max_tokens]).partition("\n")
+                cut = max_tokens
+                if keep_answers_within and len(ids) > max_tokens:
+                    ends = [match.end() for a in answers for match in re.finditer(_answer_pattern(a), text)]
+                    needed = [len(tokenizer.encode(text[:end])) for end in ends]
+                    cut = max([max_tokens] + [n for n in needed if n <= keep_answers_within])
+                if len(ids) > cut:
+                    title, _, content = tokenizer.decode(ids[:cut]).partition("\n")
                     d = {**d, "title": title or d["title"], "content": content}
                 docs.append(d)
                 shown.append(f"{d['title']} {d['content']}")
@@ -133,7 +150,7 @@ def cut_documents(conversation: dict, tokenizer: RagTokenizer, max_tokens: int, 
     visible = " ".join(shown)
     for i, m in enumerate(messages):
         answer = m.get("content") if m["role"] == "assistant" else None
-        if answer and answer != IDK and not re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", visible):
+        if answer and answer != IDK and not re.search(_answer_pattern(answer), visible):
             messages[i] = {**m, "content": IDK}
     return {**conversation, "messages": messages}
 
@@ -149,20 +166,37 @@ def rag_conversations(records: list[dict], manager: RetrievalManager, cfg: Train
     return conversations
 
 
+def multihop_traces(records: list[dict], manager: RetrievalManager, cfg: TrainConfig) -> list[dict]:
+    """cfg.multihop_copies teacher-forced multi-hop conversations of every two-hop record (with
+    retrieval only; `refrag.train.rl.multihop_conversations`: hop 1 retrieves with the question, the
+    assistant asks the second hop's query, hop 2's documents, the answer). Copies differ in where
+    the gold documents are inserted among the retrieved ones."""
+    if not (cfg.multihop_copies and cfg.retrieval):
+        return []
+    from refrag.train.rl import multihop_conversations  # the REFRAG module imports the model stack
+
+    two_hop = [r for r in records if r["type"] == "two_hop"]
+    return [conv for copy in range(cfg.multihop_copies)
+            for conv in multihop_conversations(two_hop, manager, cfg.top_k, cfg.seed + copy, cfg.question_first)]
+
+
 def sft_conversations(split: str, cfg: TrainConfig, manager: RetrievalManager,
                       tokenizer: RagTokenizer | None = None) -> list[dict]:
     """Conversations of a query split in the run's prompt format. The train split adds the
     augmentations, cfg.generated_worlds generated worlds and, with cfg.min_doc_tokens and a
     tokenizer, a varied document cut per conversation (`cut_documents`)."""
     train = split == "train"
-    conversations = rag_conversations(load_queries(split, kb_source(cfg)), manager, cfg, train,
-                                      cfg.counterfactual_copies)
+    records = load_queries(split, kb_source(cfg))
+    conversations = rag_conversations(records, manager, cfg, train, cfg.counterfactual_copies)
+    conversations += multihop_traces(records, manager, cfg) if train else []
     for world in range(cfg.generated_worlds if train else 0):
         records, world_manager = generated_world(cfg, world)
         conversations += rag_conversations(records, world_manager, cfg, True, 0)
+        conversations += multihop_traces(records, world_manager, cfg)
     if train and cfg.min_doc_tokens and tokenizer is not None and cfg.retrieval:
         rng, cache = random.Random(f"{cfg.seed}:cut"), {}
-        conversations = [cut_documents(c, tokenizer, rng.randint(cfg.min_doc_tokens, cfg.max_doc_tokens), cache)
+        keep = cfg.max_doc_tokens if cfg.doc_cut_keeps_answers else 0
+        conversations = [cut_documents(c, tokenizer, rng.randint(cfg.min_doc_tokens, cfg.max_doc_tokens), cache, keep)
                          for c in conversations]
     prompt = cfg.prompt_format()
     return [prompt.arrange(c) for c in conversations]
