@@ -506,8 +506,10 @@ class DocLayout:
         total = self.total_tokens
         seq_idx = self.seq_idx.long()
         starts = run_starts_mask(self.seq_idx)
-        if doc_mode and self.has_documents:
-            starts = starts | self._second_block_starts(chunk_size)
+        doc_mode = doc_mode and self.has_documents
+        if doc_mode:
+            opens_block = self._block_opens()
+            starts = starts | self._second_block_starts(chunk_size, opens_block)
         seg_bos = starts.nonzero().flatten()
         seg_eos = _ends_of(seg_bos, total)
         seg_chunks = (seg_eos - seg_bos + chunk_size - 1) // chunk_size
@@ -518,17 +520,15 @@ class DocLayout:
         eos = torch.minimum(bos + chunk_size, seg_eos[seg])
         enter_doc = torch.zeros_like(bos)
         entry_chunk = torch.zeros_like(bos)
-        if doc_mode and bos.numel() and self.has_documents:
+        if doc_mode and bos.numel():
             prev = (bos - 1).clamp_min(0)
             continues = (bos > 0) & (seq_idx[prev] == seq_idx[bos])
             enter_doc = torch.where(continues, self.doc_ids.long()[prev], 0)
             # the chunk where the block of a chunk's starting documents opened: the last chunk
             # at or before it that holds a block-opening token
-            opens = self._block_opens().nonzero().flatten()
-            holds_open = torch.zeros_like(bos, dtype=torch.bool)
-            holds_open[torch.searchsorted(bos, opens, right=True) - 1] = True
-            chunk_index = torch.arange(bos.numel())
-            entry_chunk = torch.where(holds_open, chunk_index, 0).cummax(0).values
+            opened = torch.cat([opens_block.new_zeros(1, dtype=torch.long), opens_block.long().cumsum(0)])
+            holds_open = opened[eos] > opened[bos]
+            entry_chunk = torch.where(holds_open, torch.arange(bos.numel()), 0).cummax(0).values
         seq_of_chunk = seq_idx[bos]
         per_seq = torch.bincount(seq_of_chunk, minlength=self.num_seqs)
         offsets = torch.cat([per_seq.new_zeros(1), torch.cumsum(per_seq, 0)])
@@ -543,13 +543,12 @@ class DocLayout:
         opens_block[1:] &= (docs[:-1] == 0) | (self.seq_idx[1:] != self.seq_idx[:-1])
         return opens_block
 
-    def _second_block_starts(self, chunk_size: int) -> torch.Tensor:
+    def _second_block_starts(self, chunk_size: int, opens_block: torch.Tensor) -> torch.Tensor:
         """bool (L,): retrieval blocks that open fewer than chunk_size tokens after the last
         document start of an earlier block of their example; chunks restart there, so that
         the documents starting in one chunk belong to one block."""
         tokens = torch.arange(self.total_tokens)
         doc_start = run_starts_mask(self.seq_idx, self.doc_ids) & (self.doc_ids != 0)
-        opens_block = self._block_opens()
         last_start = torch.where(doc_start, tokens, -1).cummax(0).values  # last document start <= t
         before = torch.cat([last_start.new_full((1,), -1), last_start[:-1]])
         example_start = self.cu_seqlens.long()[self.seq_idx.long()]
