@@ -5,7 +5,11 @@ dim p) blocks and is autotuned over `CONFIGS` (launched through
 `refrag_kernels.common.autotune.launch`: a forced config for tests, CONFIGS[0] under the
 interpreter, the autotuner's choice on CUDA).
 
-The space crosses four tile shapes with num_warps 2-8 and num_stages 2-4. Before tuning,
+The space crosses four tile shapes with num_warps 4 and 8 and num_stages 2-4, plus 2 warps for the
+smallest tile only: with 2 warps a 64-wide tile leaves each of the 64 threads so many accumulator
+values that ptxas (sm_90, CUDA 13.4) gives up allocating and keeps 32 registers with 10-30 KB of
+spill stores per thread (chunk_fwd_h, chunk_bwd_dh, chunk_bwd_dqk, chunk_bwd_dv;
+profiles/sm90-resource-usage.md), a config that can never win. Before tuning,
 `prune_by_shared_memory` drops the configs whose estimated shared memory (for the launch's
 chunk size and input dtype) exceeds what one block may use on an RTX 4070 (sm_89, 99 KB),
 so every config the autotuner times also runs on that GPU.
@@ -20,7 +24,8 @@ import triton
 
 TILES = [(32, 32), (64, 64), (64, 32), (32, 64)]  # (BK, BV); the first is the interpreter's
 CONFIGS = [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
-           for (bk, bv), w, s in itertools.product(TILES, (4, 2, 8), (2, 3, 4))]
+           for (bk, bv), w, s in itertools.product(TILES, (4, 2, 8), (2, 3, 4))
+           if w > 2 or bk * bv <= 32 * 32]
 TUNE_KEY = ["H", "K", "V", "BT"]
 SMEM_LIMIT_BYTES = 99 * 1024  # per block on sm_89 (RTX 4070); sm_90 allows 227 KB
 
