@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from refrag_kernels.common.autotune import launch
-from refrag_kernels.ssd.chunks import ChunkTable, at, chunk_docs
+from refrag_kernels.ssd.chunks import ChunkTable, at, chunk_docs, chunk_enter_doc, chunk_entry, chunk_span
 from refrag_kernels.ssd.tuning import autotuned, max_blocks
 
 
@@ -85,11 +85,10 @@ def chunk_fwd_h_kernel(x, s_xt, s_xh, dt, g, k, s_kt, s_kg, h, hd, he, h0, ht, d
     c_start = tl.load(seq_chunk_offsets + i_n).to(tl.int64)
     c_end = tl.load(seq_chunk_offsets + i_n + 1).to(tl.int64)
     for i_c in range(c_start, c_end):
-        bos = tl.load(chunks + i_c * 4).to(tl.int64)
-        eos = tl.load(chunks + i_c * 4 + 1).to(tl.int64)
+        bos, eos = chunk_span(chunks, i_c)
         o_state = (i_c * H + i_h) * K * V + p_state
         if DOC_MODE:
-            enter_doc = tl.load(chunks + i_c * 4 + 2)
+            enter_doc = chunk_enter_doc(chunks, i_c)
             d, cls, sd, has_h, has_d, has_e, opens, b, d_L, cls_L, sd_L = chunk_docs(docs, bos, eos, enter_doc, BT)
             if has_h | ALL_H:
                 tl.store(h + o_state, b_carried.to(h.dtype.element_ty), mask=m_kv)
@@ -207,8 +206,7 @@ def chunk_bwd_dh_kernel(q, s_qt, s_qg, g, dy, s_dyt, s_dyh, z, s_zt, s_zh, h, hd
     c_end = tl.load(seq_chunk_offsets + i_n + 1).to(tl.int64)
     for i_r in range(c_start, c_end):
         i_c = c_start + c_end - 1 - i_r
-        bos = tl.load(chunks + i_c * 4).to(tl.int64)
-        eos = tl.load(chunks + i_c * 4 + 1).to(tl.int64)
+        bos, eos = chunk_span(chunks, i_c)
         b_g_last = tl.load(g + (eos - 1) * H + i_h)
         b_E = tl.exp(b_g_last)
         o_state = (i_c * H + i_h) * K * V + p_state
@@ -220,7 +218,7 @@ def chunk_bwd_dh_kernel(q, s_qt, s_qg, g, dy, s_dyt, s_dyh, z, s_zt, s_zh, h, hd
         b_do = _gated_do(dy, s_dyt, s_dyh, z, s_zt, s_zh, o_t, i_h, o_v, m_t[:, None] & (o_v < V)[None, :],
                          HAS_Z).to(b_q.dtype)
         if DOC_MODE:
-            enter_doc = tl.load(chunks + i_c * 4 + 2)
+            enter_doc = chunk_enter_doc(chunks, i_c)
             d, cls, sd, has_h, has_d, has_e, opens, b, d_L, cls_L, sd_L = chunk_docs(docs, bos, eos, enter_doc, BT)
             b_gs = tl.load(g + (bos + sd - 1) * H + i_h, mask=(cls == 2) & (sd > 0), other=0.0)
             b_w = tl.where(m_t, tl.exp(b_g - b_gs), 0.0)
@@ -247,7 +245,7 @@ def chunk_bwd_dh_kernel(q, s_qt, s_qg, g, dy, s_dyt, s_dyh, z, s_zt, s_zh, h, hd
             if cls_L == 2:
                 tl.store(dhd + o_state, b_dD.to(dhd.dtype.element_ty), mask=m_kv)
                 b_wX = tl.exp(b_g_last - at(b_g, o_i, sd_L - 1))
-                e_c = tl.load(chunks + i_c * 4 + 3).to(tl.int64)
+                e_c = chunk_entry(chunks, i_c)
                 b_he = tl.load(he + (e_c * H + i_h) * K * V + p_state, mask=m_kv, other=0.0).to(tl.float32)
                 b_sX = b_wX * tl.sum(b_he * b_dD)
                 b_sL += b_sX

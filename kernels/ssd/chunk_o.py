@@ -27,7 +27,7 @@ import triton.language as tl
 
 from refrag_kernels.common.autotune import launch
 from refrag_kernels.ssd.chunk_h import _gated_do
-from refrag_kernels.ssd.chunks import ChunkTable, at, chunk_docs
+from refrag_kernels.ssd.chunks import ChunkTable, at, chunk_docs, chunk_enter_doc, chunk_entry, chunk_span
 from refrag_kernels.ssd.tuning import autotuned, max_blocks
 
 
@@ -65,8 +65,7 @@ def chunk_fwd_o_kernel(x, s_xt, s_xh, z, s_zt, s_zh, dt, g, q, s_qt, s_qg, k, s_
                        DOC_MODE: tl.constexpr, PRECISION: tl.constexpr):
     """out[chunk tokens, heads of the group, V-block], D term and z gate included."""
     i_v, i_c, i_g = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    bos = tl.load(chunks + i_c * 4).to(tl.int64)
-    eos = tl.load(chunks + i_c * 4 + 1).to(tl.int64)
+    bos, eos = chunk_span(chunks, i_c)
     o_i = tl.arange(0, BT)
     o_t = bos + o_i
     m_t = o_t < eos
@@ -74,9 +73,9 @@ def chunk_fwd_o_kernel(x, s_xt, s_xh, z, s_zt, s_zh, dt, g, q, s_qt, s_qg, k, s_
     m_v = o_v < V
     m_tv = m_t[:, None] & m_v[None, :]
     if DOC_MODE:
-        enter_doc = tl.load(chunks + i_c * 4 + 2)
+        enter_doc = chunk_enter_doc(chunks, i_c)
         d, cls, sd, has_h, has_d, has_e, opens, b, d_L, cls_L, sd_L = chunk_docs(docs, bos, eos, enter_doc, BT)
-        e_c = tl.load(chunks + i_c * 4 + 3).to(tl.int64)  # the chunk holding the block-entry state
+        e_c = chunk_entry(chunks, i_c)
         m_A = _doc_visible(d, o_i, m_t)
     else:
         m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
@@ -191,8 +190,7 @@ def chunk_bwd_dqk_kernel(x, s_xt, s_xh, dy, s_dyt, s_dyh, z, s_zt, s_zh, dt, g, 
     the source terms of a block opening at b add at b - 1 instead, and a class-2 token's state
     read subtracts at sd_t - 1."""
     i_k, i_c, i_g = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    bos = tl.load(chunks + i_c * 4).to(tl.int64)
-    eos = tl.load(chunks + i_c * 4 + 1).to(tl.int64)
+    bos, eos = chunk_span(chunks, i_c)
     o_i = tl.arange(0, BT)
     o_t = bos + o_i
     m_t = o_t < eos
@@ -201,9 +199,9 @@ def chunk_bwd_dqk_kernel(x, s_xt, s_xh, dy, s_dyt, s_dyh, z, s_zt, s_zh, dt, g, 
     b_q = _load_tk(q, s_qt, s_qg, o_t, i_g, o_k, m_tk)
     b_k = _load_tk(k, s_kt, s_kg, o_t, i_g, o_k, m_tk)
     if DOC_MODE:
-        enter_doc = tl.load(chunks + i_c * 4 + 2)
+        enter_doc = chunk_enter_doc(chunks, i_c)
         d, cls, sd, has_h, has_d, has_e, opens, b, d_L, cls_L, sd_L = chunk_docs(docs, bos, eos, enter_doc, BT)
-        e_c = tl.load(chunks + i_c * 4 + 3).to(tl.int64)  # the chunk holding the block-entry state
+        e_c = chunk_entry(chunks, i_c)
         m_A = _doc_visible(d, o_i, m_t)
     else:
         m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
@@ -319,8 +317,7 @@ def chunk_bwd_dv_kernel(x, s_xt, s_xh, dy, s_dyt, s_dyh, z, s_zt, s_zh, dt, g, q
     (+ D * do), this V-block's share of the gradient w.r.t. dt through v = x * dt, the
     chunk's share of dD and, with a gate, dz (the pre-gate output is recomputed here)."""
     i_v, i_c, i_g = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    bos = tl.load(chunks + i_c * 4).to(tl.int64)
-    eos = tl.load(chunks + i_c * 4 + 1).to(tl.int64)
+    bos, eos = chunk_span(chunks, i_c)
     o_i = tl.arange(0, BT)
     o_t = bos + o_i
     m_t = o_t < eos
@@ -329,9 +326,9 @@ def chunk_bwd_dv_kernel(x, s_xt, s_xh, dy, s_dyt, s_dyh, z, s_zt, s_zh, dt, g, q
     m_tv = m_t[:, None] & m_v[None, :]
     # b_At[s, t] = k_s . q_t, used where the query t sees the key s
     if DOC_MODE:
-        enter_doc = tl.load(chunks + i_c * 4 + 2)
+        enter_doc = chunk_enter_doc(chunks, i_c)
         d, cls, sd, has_h, has_d, has_e, opens, b, d_L, cls_L, sd_L = chunk_docs(docs, bos, eos, enter_doc, BT)
-        e_c = tl.load(chunks + i_c * 4 + 3).to(tl.int64)  # the chunk holding the block-entry state
+        e_c = chunk_entry(chunks, i_c)
         m_At = tl.trans(_doc_visible(d, o_i, m_t))
     else:
         m_At = (o_i[:, None] <= o_i[None, :]) & m_t[:, None] & m_t[None, :]

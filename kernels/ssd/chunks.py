@@ -26,7 +26,26 @@ import triton.language as tl
 
 from refrag_kernels.layout import ChunkTable
 
-__all__ = ["ChunkTable", "chunk_docs", "at"]
+__all__ = ["ChunkTable", "chunk_docs", "at", "chunk_span", "chunk_enter_doc", "chunk_entry"]
+
+
+# Chunk table rows (`ChunkTable`, kernels/layout.py): int32 (bos, eos, enter_doc, entry_chunk).
+@triton.jit
+def chunk_span(chunks, i_c):
+    """[bos, eos) of chunk i_c, as int64 token offsets."""
+    return tl.load(chunks + i_c * 4).to(tl.int64), tl.load(chunks + i_c * 4 + 1).to(tl.int64)
+
+
+@triton.jit
+def chunk_enter_doc(chunks, i_c):
+    """The doc id chunk i_c continues from the previous chunk (0: none)."""
+    return tl.load(chunks + i_c * 4 + 2)
+
+
+@triton.jit
+def chunk_entry(chunks, i_c):
+    """The chunk holding the block-entry state of the block whose documents start in chunk i_c."""
+    return tl.load(chunks + i_c * 4 + 3).to(tl.int64)
 
 
 @triton.jit

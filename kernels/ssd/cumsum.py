@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from refrag_kernels.ssd.chunks import ChunkTable, chunk_docs
+from refrag_kernels.ssd.chunks import ChunkTable, chunk_docs, chunk_enter_doc, chunk_span
 
 
 @triton.jit
@@ -30,8 +30,7 @@ def chunk_dt_cumsum_kernel(dt_raw, s_dt, dt_bias, A, dt, g, chunks, H, BT: tl.co
     """dt[t, h] = softplus(dt_raw[t, h] + dt_bias[h]); g[t, h] = sum of dt[s, h] * A[h] over
     the tokens s <= t of t's chunk."""
     i_c, i_hb = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    bos = tl.load(chunks + i_c * 4).to(tl.int64)
-    eos = tl.load(chunks + i_c * 4 + 1).to(tl.int64)
+    bos, eos = chunk_span(chunks, i_c)
     o_t = bos + tl.arange(0, BT)
     o_h = i_hb * BH + tl.arange(0, BH)
     m_h = o_h < H
@@ -73,8 +72,7 @@ def chunk_dt_grad_kernel(dt_raw, s_dt, dt_bias, A, dt, dg, NDG, dg_last, NDL, NT
     dt' = ddt_v + da * A, then through softplus to the raw dt; per-chunk sums of da * dt'
     (for A) and of the raw-dt gradient (for dt_bias)."""
     i_c, i_hb = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    bos = tl.load(chunks + i_c * 4).to(tl.int64)
-    eos = tl.load(chunks + i_c * 4 + 1).to(tl.int64)
+    bos, eos = chunk_span(chunks, i_c)
     o_i = tl.arange(0, BT)
     o_t = bos + o_i
     o_h = i_hb * BH + tl.arange(0, BH)
@@ -85,7 +83,7 @@ def chunk_dt_grad_kernel(dt_raw, s_dt, dt_bias, A, dt, dg, NDG, dg_last, NDL, NT
     for i in range(NDG):
         b_dg += tl.load(dg + i * T * H + p_th, mask=m_th, other=0.0)
     if DOC_MODE:
-        enter_doc = tl.load(chunks + i_c * 4 + 2)
+        enter_doc = chunk_enter_doc(chunks, i_c)
         d, cls, sd, has_h, has_d, has_e, opens, b, d_L, cls_L, sd_L = chunk_docs(docs, bos, eos, enter_doc, BT)
         b_sL = tl.zeros([BH], dtype=tl.float32)
         b_ssd = tl.zeros([BH], dtype=tl.float32)
