@@ -41,7 +41,7 @@ import shutil
 import threading
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 # ------------------------------------------------------------------------------------ hashing
 
@@ -104,17 +104,22 @@ def read_jsonl(path: str | Path, *, allow_nan: bool = False, torn_tail: bool = F
     lines = jsonl_lines(text)
     if torn_tail and text and not text.endswith("\n"):
         lines = lines[:-1]
-    out = []
+    return list(parse_jsonl(lines, path, allow_nan=allow_nan))
+
+
+def parse_jsonl(lines: Iterable[str], name, *, allow_nan: bool = False) -> Iterator[tuple[int, object]]:
+    """(line number, value) of every non-blank line, parsed with `loads_strict` as it is reached;
+    a malformed line is a ValueError naming `name` (a file) and the line."""
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            out.append((lineno, loads_strict(line, allow_nan=allow_nan)))
+            value = loads_strict(line, allow_nan=allow_nan)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            raise ValueError(f"{name}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
         except ValueError as e:
-            raise ValueError(f"{path}:{lineno}: {e}") from None
-    return out
+            raise ValueError(f"{name}:{lineno}: {e}") from None
+        yield lineno, value
 
 
 def write_jsonl(path: str | Path, records, *, append: bool = False, allow_nan: bool = False) -> None:

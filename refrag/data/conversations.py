@@ -5,13 +5,12 @@ contradictory | unanswerable), gold_doc_ids (hop order), hops [{query, doc_id, a
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Sequence
 
 from refrag.data.answers import QUESTION_TYPES
-from refrag.fileio import jsonl_lines, loads_strict
+from refrag.fileio import jsonl_lines, parse_jsonl
 from refrag.data.documents import read_text_utf8
 
 EMBEDDED_KB_DIR = Path(__file__).parent / "kb"
@@ -59,17 +58,8 @@ def query_file(location: str | Path = EMBEDDED_KB_DIR, split: str = "train") -> 
 def load_queries(split: str = "train", kb_dir: str | Path = EMBEDDED_KB_DIR) -> list[dict]:
     """Validated query records of `query_file(kb_dir, split)` (default: the embedded KB's split)."""
     path = query_file(kb_dir, split)
-    records = []
-    for lineno, line in enumerate(jsonl_lines(read_text_utf8(path)), start=1):
-        if line.strip():
-            try:
-                record = loads_strict(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from None
-            records.append(validate_query(record, f"{path}:{lineno}"))
-    return records
+    return [validate_query(record, f"{path}:{lineno}")
+            for lineno, record in parse_jsonl(jsonl_lines(read_text_utf8(path)), path)]
 
 
 def check_gold_documents(records: Sequence[dict], doc_ids, where: str = "the knowledge base") -> None:

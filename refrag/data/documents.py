@@ -9,12 +9,11 @@ friends inside a string are content); NaN/Infinity and duplicate keys are refuse
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Iterable
 
-from refrag.fileio import check_finite_tree, jsonl_lines, loads_strict, write_jsonl
+from refrag.fileio import check_finite_tree, jsonl_lines, parse_jsonl, write_jsonl
 
 ID_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
 REQUIRED_FIELDS = ("id", "title", "content", "source")
@@ -57,16 +56,8 @@ def parse_documents(lines: Iterable[str], name: str) -> list[dict]:
     Split text into lines with `refrag.fileio.jsonl_lines` (`\n` only)."""
     docs: list[dict] = []
     first_line: dict[str, int] = {}
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for lineno, record in parse_jsonl(lines, name):
         where = f"{name}:{lineno}"
-        try:
-            record = loads_strict(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
         doc = validate_document(record, where)
         if doc["id"] in first_line:
             raise ValueError(f"{where}: duplicate document id {doc['id']!r} (first on line {first_line[doc['id']]})")
