@@ -25,8 +25,13 @@ def save_mamba2(path, seed=0, **overrides):
     (norm weights 1, D 1, zero biases would hide a mapping error)."""
     values = dict(vocab_size=VOCAB, hidden_size=32, num_heads=4, head_dim=16, expand=2, state_size=8, n_groups=1,
                   num_hidden_layers=2, conv_kernel=4, chunk_size=16)
+    return _save_random(path, seed, lambda: Mamba2ForCausalLM(Mamba2Config(**{**values, **overrides})))
+
+
+def _save_random(path, seed, build):
+    """build() seeded, in fp32 eval mode, every weight perturbed from its init, saved to path."""
     torch.manual_seed(seed)
-    model = Mamba2ForCausalLM(Mamba2Config(**{**values, **overrides})).float().eval()
+    model = build().float().eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -128,13 +133,7 @@ def save_bamba(path, seed=0, **overrides):
     values = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2,
                   num_key_value_heads=1, mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=2,
                   mamba_chunk_size=16, attn_layer_indices=[1])
-    torch.manual_seed(seed)
-    model = BambaForCausalLM(BambaConfig(**{**values, **overrides})).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    model.save_pretrained(path)
-    return model
+    return _save_random(path, seed, lambda: BambaForCausalLM(BambaConfig(**{**values, **overrides})))
 
 
 @pytest.mark.parametrize("backend", ["reference"])
