@@ -155,3 +155,74 @@ def test_cut_documents_can_keep_the_answers_instead():
     # an answer beyond keep_answers_within is still cut away and becomes "I don't know"
     short = cut_documents(conv, tok, first_sentence, keep_answers_within=through_answer - 1)
     assert [m["content"] for m in short["messages"] if m["role"] == "assistant"] == ["Dorvik", "I don't know"]
+
+
+# Documents of the embedded KB, whose names come from make_kb's generator.
+LERDROV = doc("person-000", "Lerdrov Stastrav",
+              "Lerdrov Stastrav is an engineer who was born in Kavstav in 1973. Lerdrov Stastrav works for Korknys "
+              "Industries, where colleagues know Stastrav for careful, patient work. Outside work, Lerdrov spends "
+              "most weekends rowing on the lake. Local historians describe the period as one of rapid change.")
+CENSUS = doc("city-003-census-b", "Gindvrask population (2020 survey)",
+             "A 2020 survey reported by the Vesmark Ledger counts 413,000 residents in Gindvrask. Visitors often "
+             "mention the surrounding countryside and its long winters.")
+
+
+def test_generated_names_finds_every_name_and_no_template_word():
+    from refrag.data.make_kb import generated_names
+
+    assert generated_names(f"{LERDROV['title']} {LERDROV['content']}") == [
+        "Lerdrov", "Stastrav", "Lerdrov", "Stastrav", "Kavstav", "Lerdrov", "Stastrav", "Korknys", "Stastrav", "Lerdrov"]
+    assert generated_names(f"{CENSUS['title']} {CENSUS['content']}") == ["Gindvrask", "Vesmark", "Gindvrask"]
+    # training-style names: several syllables, hyphens, digits
+    assert generated_names("Kwoaft-Zhaa Pfeirn27 met The Ferro River in Tavoria.") == [
+        "Kwoaft-Zhaa", "Pfeirn27", "Ferro", "Tavoria"]
+
+
+def renamed_conversation(seed):
+    from refrag.data.augment import fresh_names
+
+    conv = rag_conversation("Where was Lerdrov Stastrav born?", "Kavstav", [LERDROV, CENSUS])
+    conv["messages"] += [{"role": "user", "content": "Who employs Lerdrov Stastrav?"},
+                         {"role": "assistant", "content": "Korknys Industries"}]
+    return conv, fresh_names(conv, random.Random(seed))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_fresh_names_renames_every_name_consistently(seed):
+    from refrag.data.make_kb import generated_names
+
+    conv, renamed = renamed_conversation(seed)
+    before, after = texts(conv), texts(renamed)
+    assert not set(generated_names(before)) & set(after.replace("-", " ").split())  # no old name survives
+    person, census = renamed["messages"][1]["documents"]
+    question = renamed["messages"][2]["content"]
+    born, employer = [m["content"] for m in renamed["messages"] if m["role"] == "assistant"]
+    assert question == f"Where was {person['title']} born?"  # the question names the renamed person
+    assert f"{person['title']} is an engineer who was born in {born} in 1973." in person["content"]
+    assert employer.endswith(" Industries") and f"works for {employer}," in person["content"]  # template word kept
+    assert "Vesmark" not in census["content"] and " Ledger counts 413,000" in census["content"]
+    assert conv["messages"][-1]["content"] == "Korknys Industries"  # the input is not modified
+    assert renamed == renamed_conversation(seed)[1]  # deterministic for a seed
+
+
+def test_fresh_names_differ_between_seeds_and_leave_nameless_conversations_alone():
+    from refrag.data.augment import fresh_names
+
+    assert renamed_conversation(0)[1] != renamed_conversation(1)[1]
+    plain = rag_conversation("What is the profession of nobody?", "I don't know", [])
+    assert fresh_names(plain, random.Random(0)) == plain
+
+
+def test_augmented_copies_get_fresh_names_only_when_asked():
+    from refrag.train.config import TrainConfig
+    from refrag.train.data import augmented
+
+    conv = rag_conversation("Where was Lerdrov Stastrav born?", "Kavstav", [LERDROV])
+    rec = record("q1", "Where was Lerdrov Stastrav born?", "Kavstav", ["person-000"])
+    cfg = TrainConfig(counterfactual_copies=2)
+    plain = augmented([conv], [rec], cfg)
+    fresh = augmented([conv], [rec], TrainConfig(counterfactual_copies=2, fresh_names=True))
+    assert plain[0] == fresh[0] == conv  # the original is kept as it is
+    assert all("Lerdrov" in texts(c) for c in plain)  # a lone answer pool: nothing to swap, names stay
+    assert all("Lerdrov" not in texts(c) and "Kavstav" not in texts(c) for c in fresh[1:])
+    assert fresh[1] != fresh[2]  # every copy its own names

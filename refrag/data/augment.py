@@ -13,6 +13,12 @@ teaches it only a few answer tokens. Two augmentations target exactly that:
   documents, questions and answers alike, by another answer of the same kind drawn from the
   training answers. Memorised facts are then wrong; only copying from the documents is right
   (the entity-substitution idea of Longpre et al., 2021, "Entity-based knowledge conflicts").
+* `fresh_names`: every generated name of the conversation (people, companies, cities, countries,
+  rivers: `refrag.data.make_kb.generated_names`) replaced, consistently, by a name never seen before,
+  drawn from the "training" name style (1-3 syllables, hyphens, digits, two-word names: 1-20 BPE
+  pieces where the KB's own names are 1-2). Names a model has seen as whole tokens can be matched
+  and copied by token identity; fresh ones only by reading piece by piece, which is what a KB the
+  model never saw asks for.
 
 Neither touches the validation or test questions, whose facts stay unseen in training.
 """
@@ -23,6 +29,7 @@ import re
 from collections import Counter, defaultdict
 
 from refrag.data.answers import IDK
+from refrag.data.make_kb import NameGenerator, generated_names
 
 ANSWERABLE = ("single_hop", "two_hop", "contradictory")
 # A kind keeps its own suffix word ("River", "Guild", ...) once this many answers share it.
@@ -121,6 +128,17 @@ def counterfactual(conv: dict, records: list[dict], pools: AnswerPools, rng: ran
         if new is not None:
             mapping[value] = new
     return _rewrite(conv, mapping) if mapping else conv
+
+
+def fresh_names(conv: dict, rng: random.Random, style: str = "training") -> dict:
+    """`conv` with every generated name word of its documents, questions, queries and answers replaced
+    by a fresh name of `style`, the same word by the same name everywhere in the conversation."""
+    words = list(dict.fromkeys(w for text in _texts(conv) for w in generated_names(text)))
+    if not words:
+        return conv
+    names = NameGenerator(rng, style)
+    names.used.update(words)
+    return _rewrite(conv, {w: names.styled_word(short=False) for w in words})
 
 
 class QuestionIndex:

@@ -195,6 +195,32 @@ class NameGenerator:
                 return w
 
 
+# Capitalised words of the templates and fixed lists that are not names (what `generated_names` skips).
+TEMPLATE_WORDS = frozenset(w for text in [*COMPANY_SUFFIXES, *INVENTION_ADJS, *INVENTION_NOUNS, *NEWS_SOURCES, *FILLERS,
+                                          "The River Innovation Fair"]
+                           for w in re.findall(r"[A-Z][a-z]+", text)) - set(COUNTRIES) - set(RIVERS)
+
+
+def _name_pattern(style: NameStyle) -> re.Pattern:
+    def alt(parts):
+        return "(?:" + "|".join(sorted((re.escape(p) for p in parts if p), key=len, reverse=True)) + ")"
+    syllable = f"{alt(style.onsets)}{alt(style.vowels)}{alt(style.codas)}?"
+    word = rf"(?=[A-Z])(?i:(?:{syllable}){{1,6}})"
+    fixed = "|".join(COUNTRIES + RIVERS)
+    return re.compile(rf"(?<![\w-])(?:{fixed}|{word}(?:-{word})?\d*)(?![\w-])")
+
+
+# Embedded-style names are training-style names too (its syllable parts are a subset).
+_GENERATED_NAME = _name_pattern(NAME_STYLES["training"])
+
+
+def generated_names(text: str) -> list[str]:
+    """The words of `text` a NameGenerator of the embedded or training style (or the fixed country and
+    river lists) could have drawn, in order, without template words ("Industries", "The", ...).
+    Template-free English words that happen to parse as syllables are rare and harmless to rename."""
+    return [m.group(0) for m in _GENERATED_NAME.finditer(text) if m.group(0) not in TEMPLATE_WORDS]
+
+
 class World:
     """All fictional entities, drawn deterministically from one seed."""
 

@@ -22,7 +22,7 @@ GROUPS = {
     "model": ("preset", "model", "init_from"),
     "data": ("kb_source", "kb_dir", "tokenizer", "vocab_size", "top_k", "retrieval", "question_first", "retriever", "seq_len",
              "max_doc_tokens", "min_doc_tokens", "doc_cut_keeps_answers", "generated_worlds", "extra_questions", "counterfactual_copies",
-             "multihop_copies", "document_loss", "batch_size", "val_rows"),
+             "fresh_names", "multihop_copies", "document_loss", "batch_size", "val_rows"),
     "optimization": ("max_steps", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
                      "beta1", "beta2", "grad_clip"),
     "system": ("device", "seed", "deterministic", "fsdp", "bf16"),
@@ -52,6 +52,8 @@ HELP = {
                         "fresh names each) whose questions are added to the training conversations",
     "extra_questions": "train: up to this many further questions about the shown documents per conversation",
     "counterfactual_copies": "train, with retrieval: copies of each conversation with its answers swapped consistently",
+    "fresh_names": "train: counterfactual copies (and multi-hop trace copies after the first) also replace every "
+                   "generated name with a fresh, never-seen one (refrag.data.augment.fresh_names)",
     "multihop_copies": "train, with retrieval: copies of a teacher-forced multi-hop trace (the model asks the "
                        "follow-up query itself, [QUERY] ... [/QUERY], then reads hop 2's documents) of every two-hop "
                        "question, generated worlds included (refrag.train.rl.multihop_conversations)",
@@ -102,6 +104,7 @@ class TrainConfig:
     generated_worlds: int = 0
     extra_questions: int = 0
     counterfactual_copies: int = 0
+    fresh_names: bool = False
     multihop_copies: int = 0
     document_loss: bool = False
     batch_size: int = 1
@@ -137,7 +140,7 @@ class TrainConfig:
         require("min_lr_ratio", self.min_lr_ratio, float, minimum=0, maximum=1)
         for name in ("beta1", "beta2"):
             require(name, getattr(self, name), float, minimum=0, below=1)
-        for name in ("retrieval", "question_first", "doc_cut_keeps_answers", "document_loss", "deterministic", "fsdp", "bf16"):
+        for name in ("retrieval", "question_first", "doc_cut_keeps_answers", "fresh_names", "document_loss", "deterministic", "fsdp", "bf16"):
             require(name, getattr(self, name), bool)
         if self.min_doc_tokens > self.max_doc_tokens:
             raise ValueError(f"config key min_doc_tokens ({self.min_doc_tokens}) must not exceed "

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from refrag.data import (EMBEDDED_KB_DIR, PackedLoader, RagTokenizer, build_conversations, load_queries,
                          pack_examples, render_conversations)
-from refrag.data.augment import IDK, AnswerPools, QuestionIndex, add_questions, counterfactual
+from refrag.data.augment import IDK, AnswerPools, QuestionIndex, add_questions, counterfactual, fresh_names
 from refrag.data.make_kb import build_kb
 from refrag.data.tokenizer import corpus_texts
 from refrag.retrieval import KnowledgeBase, RetrievalManager
@@ -86,7 +86,8 @@ def retrieval_manager(cfg: TrainConfig) -> RetrievalManager:
 
 def augmented(conversations: list[dict], records: list[dict], cfg: TrainConfig) -> list[dict]:
     """Training conversations with cfg.extra_questions further turns each and, with retrieval,
-    cfg.counterfactual_copies rewritten copies of every conversation (refrag.data.augment)."""
+    cfg.counterfactual_copies rewritten copies of every conversation (refrag.data.augment), with
+    cfg.fresh_names their names also replaced by fresh ones."""
     if not cfg.extra_questions and not (cfg.counterfactual_copies and cfg.retrieval):
         return conversations
     index, pools = QuestionIndex(records), AnswerPools(records)
@@ -95,7 +96,10 @@ def augmented(conversations: list[dict], records: list[dict], cfg: TrainConfig) 
         for conv, rec in zip(conversations, records):
             rng = random.Random(f"{cfg.seed}:{copy}:{rec['id']}")
             conv, asked = add_questions(conv, rec, index, cfg.extra_questions, rng)
-            out.append(counterfactual(conv, asked, pools, rng) if copy else conv)
+            if copy:
+                conv = counterfactual(conv, asked, pools, rng)
+                conv = fresh_names(conv, rng) if cfg.fresh_names else conv
+            out.append(conv)
     return out
 
 
@@ -170,14 +174,20 @@ def multihop_traces(records: list[dict], manager: RetrievalManager, cfg: TrainCo
     """cfg.multihop_copies teacher-forced multi-hop conversations of every two-hop record (with
     retrieval only; `refrag.train.rl.multihop_conversations`: hop 1 retrieves with the question, the
     assistant asks the second hop's query, hop 2's documents, the answer). Copies differ in where
-    the gold documents are inserted among the retrieved ones."""
+    the gold documents are inserted among the retrieved ones; with cfg.fresh_names every copy after
+    the first has fresh names (`refrag.data.augment.fresh_names`)."""
     if not (cfg.multihop_copies and cfg.retrieval):
         return []
     from refrag.train.rl import multihop_conversations  # the REFRAG module imports the model stack
 
     two_hop = [r for r in records if r["type"] == "two_hop"]
-    return [conv for copy in range(cfg.multihop_copies)
-            for conv in multihop_conversations(two_hop, manager, cfg.top_k, cfg.seed + copy, cfg.question_first)]
+    out = []
+    for copy in range(cfg.multihop_copies):
+        for conv in multihop_conversations(two_hop, manager, cfg.top_k, cfg.seed + copy, cfg.question_first):
+            fresh = cfg.fresh_names and copy > 0
+            out.append(fresh_names(conv, random.Random(f"{cfg.seed}:{copy}:trace:{conv.get('id', len(out))}"))
+                       if fresh else conv)
+    return out
 
 
 def sft_conversations(split: str, cfg: TrainConfig, manager: RetrievalManager,
