@@ -28,7 +28,7 @@ import triton.language as tl
 
 from refrag_kernels import reference
 from refrag_kernels.common.checks import check_cu_seqlens, check_doc_ids, check_layout, check_same_device
-from refrag_kernels.common.dispatch import INTERPRET, use_triton
+from refrag_kernels.common.dispatch import INTERPRET, use_torch_path, use_triton
 from refrag_kernels.layout import DocLayout
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -517,6 +517,47 @@ def _doc_attention(q, k, v, layout: DocLayout, causal: bool, scale: float,
     return _DocAttentionFn.apply(q, k, v, layout, causal, scale, fwd_config, bwd_config)
 
 
+# ----------------------------------------------------------------------------- "torch" path (CPU)
+# CPU training without the interpreter (the 2-core demo) spends most of a step in attention: the
+# oracle builds the O(L^2) mask in every call and isolates non-finite values with where() over
+# every score. This path keeps the oracle's mask rule but builds the mask once per layout (cached:
+# every layer of a step shares it) and hands it to torch's fused scaled_dot_product_attention.
+# It takes only finite fp32/fp64 inputs (anything else runs the oracle, which isolates non-finite
+# values) and has no lse output (the oracle serves return_lse).
+
+
+def _sdpa_applies(q, k, v) -> bool:
+    return (q.dtype in (torch.float32, torch.float64)
+            and all(bool(torch.isfinite(t).all()) for t in (q, k, v)))
+
+
+def _dense_mask(length: int, cu_seqlens, doc_ids, causal: bool, device) -> tuple:
+    """(mask (b, 1, L, L) bool with each dead row (padding: sees nothing) seeing itself only,
+    live (b, L, 1, 1) bool) for `scaled_dot_product_attention`; doc_ids (b, L) or None."""
+    rows = 1 if doc_ids is None else doc_ids.shape[0]
+    mask = torch.stack([reference.doc_attention_mask(length, cu_seqlens, None if doc_ids is None else doc_ids[r],
+                                                     causal, device) for r in range(rows)])
+    live = mask.any(-1)  # (b, L)
+    mask |= torch.diag_embed(~live)  # a dead row attends to itself (no NaN); its output is zeroed below
+    return mask[:, None], live[:, :, None, None]
+
+
+def _sdpa_doc_attention(q, k, v, cu_seqlens, doc_ids, causal: bool, scale: float,
+                        layout: Optional[DocLayout]) -> torch.Tensor:
+    b, l, hq, _ = q.shape
+    docs = None if doc_ids is None else doc_ids.reshape(-1, l)
+    if layout is not None:  # every layer of the step asks for the same mask
+        mask, live = layout.memo(("dense_attention_mask", l, causal),
+                                 lambda lay: _dense_mask(l, cu_seqlens, docs, causal, q.device))
+    else:
+        mask, live = _dense_mask(l, cu_seqlens, docs, causal, q.device)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
+        enable_gqa=hq != k.shape[2]).transpose(1, 2)
+    # the oracle's backward zeroes non-finite output gradients; so does this path
+    return torch.where(live, reference._ZeroNonFiniteGrad.apply(o), 0.0)
+
+
 def doc_attention(q, k, v, *, cu_seqlens=None, doc_ids=None, causal=True, softmax_scale=None,
                   return_lse=False, layout=None, deterministic=False):
     """Document-boundary attention: token i sees key j iff same example, j <= i (causal), and
@@ -562,6 +603,8 @@ def doc_attention(q, k, v, *, cu_seqlens=None, doc_ids=None, causal=True, softma
         if layout is not None:
             cu_seqlens = layout.cu_seqlens
             doc_ids = torch.nn.functional.pad(layout.doc_ids, (0, l - layout.total_tokens))
+        if not return_lse and use_torch_path(q, op="doc_attention") and _sdpa_applies(q, k, v):
+            return _sdpa_doc_attention(q, k, v, cu_seqlens, doc_ids, causal, scale, layout)
         return reference.doc_attention(q, k, v, cu_seqlens=cu_seqlens, doc_ids=doc_ids, causal=causal,
                                        softmax_scale=scale, return_lse=return_lse)
     o, lse = _doc_attention(q.reshape(b * l, hq, d), k.reshape(b * l, -1, d), v.reshape(b * l, -1, d),

@@ -89,3 +89,37 @@ def test_interpreter_switched_on_after_import_warns_that_the_reference_runs():
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("1 ") and "set after `import refrag_kernels`" in out.stdout
     assert "reference" in out.stdout
+
+
+def _attention_inputs(nonfinite=False):
+    from refrag_kernels import DocLayout
+
+    layout = DocLayout.from_examples([(9, [(2, 5), (5, 7)]), (6, [])])
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 15, 2, 32, generator=gen) for _ in range(3))
+    if nonfinite:
+        v[0, 3, 1, 4] = float("nan")
+    return q, k, v, layout
+
+
+def test_auto_on_cpu_without_interpreter_takes_the_torch_path(monkeypatch):
+    """doc_attention's fast path (dense-mask SDPA) is what CPU training without the interpreter runs;
+    its answers are the oracle's (tests/test_doc_attention.py checks them in detail)."""
+    import importlib
+
+    attention_module = importlib.import_module("refrag_kernels.doc_attention")  # the name is also the function's
+    monkeypatch.setattr(dispatch, "INTERPRET", False)
+    calls = []
+    real = attention_module._sdpa_doc_attention
+    monkeypatch.setattr(attention_module, "_sdpa_doc_attention", lambda *a: calls.append(1) or real(*a))
+    q, k, v, layout = _attention_inputs()
+    o = refrag_kernels.doc_attention(q, k, v, layout=layout)
+    assert calls == [1]
+    with refrag_kernels.use_backend("reference"):
+        torch.testing.assert_close(o, refrag_kernels.doc_attention(q, k, v, layout=layout), rtol=1e-5, atol=1e-6)
+    assert refrag_kernels.causal_conv1d(*_conv_inputs()) is not None  # ops without a torch path: the reference
+    # the oracle serves what the torch path does not: lse, non-finite inputs (isolated there), fp16
+    refrag_kernels.doc_attention(q, k, v, layout=layout, return_lse=True)
+    refrag_kernels.doc_attention(*_attention_inputs(nonfinite=True)[:3], layout=layout)
+    refrag_kernels.doc_attention(q.half(), k.half(), v.half(), layout=layout)
+    assert calls == [1]

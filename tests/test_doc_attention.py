@@ -364,3 +364,64 @@ def test_offsets_past_int32_gpu():
     torch.testing.assert_close(o[:, s:].float(), ref, rtol=2e-2, atol=2e-2)
     for leaf, ref_leaf in zip((q, k, v), tail):
         torch.testing.assert_close(leaf.grad[:, s:].float(), ref_leaf.grad, rtol=5e-2, atol=5e-2)
+
+
+# ---------------------------------------------------------------- the "torch" path (CPU without the interpreter)
+
+
+def torch_path_forward_backward(fn, q, k, v, w_o, **kwargs):
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    o = fn(*leaves, **kwargs)
+    (o.double() * w_o).sum().backward()
+    return {"o": o, "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
+
+
+@pytest.mark.parametrize("case, hq, hk, extra", [
+    pytest.param("dense-T63", 2, 2, {}, id="dense"),
+    pytest.param("handmade", 4, 2, {}, id="handmade-GQA2"),
+    pytest.param("many-tiny", 8, 1, {}, id="16-examples-GQA8"),
+    pytest.param("padding", 2, 1, {}, id="padding"),
+    pytest.param("batch3", 2, 1, {}, id="b3-rows"),
+    pytest.param("varlen-random", 2, 2, {"causal": False}, id="noncausal"),
+    pytest.param("varlen-random", 2, 2, {"softmax_scale": 0.3}, id="scale0.3"),
+])
+@pytest.mark.parametrize("with_layout", [False, True], ids=["ids", "layout"])
+def test_torch_path_matches_reference(case, hq, hk, extra, with_layout):
+    """fp32 output and gradients within 2x the oracle's own fp32 error of the fp64 oracle."""
+    b, l, cu, docs = case_inputs(case)
+    if with_layout and b > 1:
+        pytest.skip("a layout describes one packed row")
+    q, k, v = make_qkv(b, l, hq, hk, 32)
+    w_o = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ids = {"cu_seqlens": cu, "doc_ids": docs}
+    if with_layout:
+        total = l if cu is None else int(cu[-1])
+        layout_args = {"layout": DocLayout.from_cu_seqlens(cu if cu is not None else torch.tensor([0, l]),
+                                                           (docs if docs is not None else torch.zeros(l, dtype=torch.int64))[:total])}
+    with refrag_kernels.use_backend("torch", ops="doc_attention"):
+        got = torch_path_forward_backward(doc_attention, q, k, v, w_o, **(layout_args if with_layout else ids), **extra)
+    low = torch_path_forward_backward(reference.doc_attention, q, k, v, w_o, **ids, **extra)
+    exact = forward_backward(reference.doc_attention, q, k, v, torch.float64, (w_o, torch.zeros(b, hq, l)),
+                             **ids, **extra)
+    for name in ("o", "dq", "dk", "dv"):
+        g, lo, ex = (t[name].double() for t in (got, low, exact))
+        err, base = (g - ex).abs().max().item(), (lo - ex).abs().max().item()
+        bound = 2 * base + ATOL[torch.float32] * max(1.0, ex.abs().max().item())
+        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (reference error {base:.3g})"
+    if case == "padding":  # padding tokens: output 0 and no gradient
+        assert got["o"][0, int(cu[-1]):].abs().max() == 0 and got["dq"][0, int(cu[-1]):].abs().max() == 0
+
+
+def test_torch_path_zeroes_non_finite_output_gradients_like_the_oracle():
+    cu, docs = packed(HANDMADE)
+    q, k, v = (t.float().requires_grad_() for t in make_qkv(1, docs.numel(), 2, 2, 32))
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(2))
+    do[0, 3, 0, 5] = float("inf")
+    grads = []
+    for backend in ("torch", "reference"):
+        with refrag_kernels.use_backend(backend, ops="doc_attention"):
+            o = doc_attention(q, k, v, cu_seqlens=cu, doc_ids=docs)
+        grads.append(torch.autograd.grad(o, (q, k, v), do))
+    for got, want in zip(*grads):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
