@@ -337,3 +337,43 @@ def test_layout_equals_keyword_form(doc_mode, device):
 def test_positive_A_is_rejected():
     with pytest.raises(ValueError, match="A must be <= 0"):
         ssd_scan(**_bad(A=torch.tensor([-0.5, 0.25])))
+
+
+# ---------------------------------------------------------------- the "torch" path (CPU without the interpreter)
+TORCH_PATH_CASES = CASES + [pytest.param(
+    dict(L=132, seqs=[70, 30, 30], h=2, g=2, p=8, n=8, D="h", z=True, dt_bias=True, softplus=True, init=True,
+         docs=torch.nn.functional.pad(DOC_GEOMETRY, (0, 2))), id="docmode-geometry-g2")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", TORCH_PATH_CASES)
+def test_torch_path_forward_and_gradients(case, dtype):
+    from refrag_kernels.ssd import torch_path
+
+    check_against_reference(*make_case(**case), dtype, "cpu", fn=torch_path.ssd_scan)
+
+
+@pytest.mark.parametrize("case", TORCH_PATH_CASES)
+def test_torch_path_matches_the_recurrence_in_fp64(case):
+    """In fp64 the vectorised path and the token-by-token recurrence agree to rounding, every gradient too."""
+    from refrag_kernels.ssd import torch_path
+
+    floats, static = make_case(**case)
+    got = run(torch_path.ssd_scan, floats, static, F64, "cpu")
+    static.pop("chunk_size")
+    want = run(R.ssd_scan_sequential, floats, static, F64, "cpu")
+    for name, ref in want.items():
+        assert rel_err(got[name], ref) < 1e-10, name
+
+
+def test_torch_path_empty_sequences_and_the_backend_switch():
+    from refrag_kernels import use_backend
+    from refrag_kernels.ssd import torch_path
+
+    floats, static = make_case(L=5, seqs=[0, 0], init=True, D="h")
+    y, final = torch_path.ssd_scan(**floats, **static, return_final_states=True)
+    assert y.abs().max() == 0 and torch.equal(final, floats["initial_states"])
+    floats, static = make_case(**CASES[4].values[0])
+    with use_backend("torch", ops="ssd_scan"):
+        y = ssd_scan(**{k: v.float() for k, v in floats.items()}, **static)
+    assert torch.equal(y, torch_path.ssd_scan(**{k: v.float() for k, v in floats.items()}, **static))

@@ -3,8 +3,8 @@
 Default ("auto"): CUDA tensors run the Triton kernel. CPU tensors run the Triton kernel when
 the interpreter is on (``TRITON_INTERPRET=1`` set before ``kernels`` is imported), otherwise the
 "torch" path: an op's fast PyTorch implementation where it has one (``doc_attention``: torch's
-``scaled_dot_product_attention`` under the dense mask, 5x faster than the oracle on a CPU training
-step), else the pure-PyTorch reference. The reference is never a silent fallback on CUDA.
+``scaled_dot_product_attention`` under the dense mask; ``ssd_scan``: every chunk of every run in
+one batch, ``refrag_kernels/ssd/torch_path.py``), else the pure-PyTorch reference. The reference is never a silent fallback on CUDA.
 
 ``use_backend("reference")`` (all ops) or ``use_backend("reference", ops="doc_attention")``
 (some ops) selects a path explicitly, for tests, benchmarks and debugging::
@@ -42,7 +42,7 @@ def _warn_late_interpret() -> None:
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 # Ops with a "torch" path of their own; the others run their reference under "torch".
-TORCH_PATH_OPS = ("doc_attention",)
+TORCH_PATH_OPS = ("doc_attention", "ssd_scan")
 # Every public op that dispatches; `use_backend(..., ops=...)` accepts only these names.
 OPS = ("ssd_scan", "selective_scan", "causal_conv1d", "doc_attention", "ssd_state_update",
        "causal_conv1d_update", "fused_linear_cross_entropy", "gated_rms_norm")

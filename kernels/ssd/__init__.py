@@ -37,8 +37,9 @@ from refrag_kernels.common.checks import (
     check_same_device,
     check_shape,
 )
-from refrag_kernels.common.dispatch import use_triton
+from refrag_kernels.common.dispatch import use_torch_path, use_triton
 from refrag_kernels.layout import ChunkTable, DocLayout
+from refrag_kernels.ssd import torch_path
 from refrag_kernels.ssd.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from refrag_kernels.ssd.chunk_o import chunk_bwd_dqk, chunk_bwd_dv, chunk_fwd_o
 from refrag_kernels.ssd.cumsum import chunk_dt_cumsum, chunk_dt_grad
@@ -200,7 +201,8 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_
         if layout is not None:
             cu_seqlens = layout.cu_seqlens
             doc_ids = F.pad(layout.doc_ids, (0, x.shape[1] - layout.total_tokens)) if doc_mode else None
-        return reference.ssd_scan(x, dt, A, B, C, cu_seqlens=cu_seqlens, doc_ids=doc_ids, **kwargs)
+        oracle = torch_path.ssd_scan if use_torch_path(x, op="ssd_scan") else reference.ssd_scan
+        return oracle(x, dt, A, B, C, cu_seqlens=cu_seqlens, doc_ids=doc_ids, **kwargs)
     if x.dtype == torch.float64:
         raise ValueError("the Triton ssd_scan computes in fp32: pass fp16, bf16 or fp32 inputs (fp64 runs only "
                          "through refrag_kernels.reference.ssd_scan)")
