@@ -4,7 +4,8 @@ Default ("auto"): CUDA tensors run the Triton kernel. CPU tensors run the Triton
 the interpreter is on (``TRITON_INTERPRET=1`` set before ``kernels`` is imported), otherwise the
 "torch" path: an op's fast PyTorch implementation where it has one (``doc_attention``: torch's
 ``scaled_dot_product_attention`` under the dense mask; ``ssd_scan``: every chunk of every run in
-one batch, ``refrag_kernels/ssd/torch_path.py``), else the pure-PyTorch reference. The reference is never a silent fallback on CUDA.
+one batch, ``kernels/ssd/torch_path.py``), else the pure-PyTorch reference. The reference is never
+a silent fallback on CUDA.
 
 ``use_backend("reference")`` (all ops) or ``use_backend("reference", ops="doc_attention")``
 (some ops) selects a path explicitly, for tests, benchmarks and debugging::
@@ -41,8 +42,6 @@ def _warn_late_interpret() -> None:
                       stacklevel=3)
 
 BACKENDS = ("auto", "triton", "torch", "reference")
-# Ops with a "torch" path of their own; the others run their reference under "torch".
-TORCH_PATH_OPS = ("doc_attention", "ssd_scan")
 # Every public op that dispatches; `use_backend(..., ops=...)` accepts only these names.
 OPS = ("ssd_scan", "selective_scan", "causal_conv1d", "doc_attention", "ssd_state_update",
        "causal_conv1d_update", "fused_linear_cross_entropy", "gated_rms_norm")
@@ -90,9 +89,10 @@ def use_backend(backend: str, ops: Union[str, Iterable[str], None] = None) -> It
     """Run the ops (all, or those named in ``ops``) on ``backend`` inside the block, then restore.
 
     "reference": the pure-PyTorch oracle of ``refrag_kernels.reference`` on any device (autograd gives
-    its gradients). "torch": the op's fast PyTorch path (``TORCH_PATH_OPS``; the reference for the
-    others), what "auto" runs on CPU without the interpreter. "triton": the Triton kernel; on CPU tensors this needs ``TRITON_INTERPRET=1``
-    set before ``kernels`` was imported. "auto": the default dispatch rule.
+    its gradients). "torch": the op's fast PyTorch path (``doc_attention``, ``ssd_scan``; the
+    reference for the other ops), what "auto" runs on CPU without the interpreter. "triton": the
+    Triton kernel; on CPU tensors this needs ``TRITON_INTERPRET=1`` set before ``kernels`` was
+    imported. "auto": the default dispatch rule.
     """
     global _default
     _check_backend(backend)

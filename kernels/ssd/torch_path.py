@@ -85,10 +85,9 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_
     if runs:
         Q = chunk_size
         # padded slots of every run's chunks -> token index (b * l = a zero row: dt 0, an identity step)
-        slots, chunk_run, first_chunk, last_chunk = [], [], [], []
+        slots, chunk_run, last_chunk = [], [], []
         for r, (s, e, _, _) in enumerate(runs):
             count = -(-(e - s) // Q)
-            first_chunk.append(len(chunk_run))
             chunk_run += [r] * count
             last_chunk.append(len(chunk_run) - 1)
             slots += list(range(s, e)) + [b * l] * (count * Q - (e - s))
