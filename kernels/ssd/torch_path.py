@@ -48,17 +48,23 @@ def _runs(cu: list[int], docs: list[int] | None) -> tuple[list[tuple[int, int, i
     return runs, last
 
 
-def _exclusive_decay(log_decay: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """(m, m, h) exp(sum_{j<k<i} log_decay[k]) for j < i in the same group, else 0.
+def _before_in_group(group: torch.Tensor) -> torch.Tensor:
+    """(m, m) bool: [i, j] is True when j < i and both are in the same group (group (m,) int,
+    equal values contiguous)."""
+    idx = torch.arange(group.shape[0], device=group.device)
+    return (idx[:, None] > idx[None, :]) & (group[:, None] == group[None, :])
 
-    log_decay (m, h) <= 0; group (m,) int with equal values contiguous. The sums add terms of
-    one sign (a masked cumsum), so they are as exact as the terms."""
-    m = log_decay.shape[0]
-    idx = torch.arange(m, device=log_decay.device)
+
+def _exclusive_decay(log_decay: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """(m, m, h) exp(sum_{j<k<i} log_decay[k]) where `before` (`_before_in_group`) holds, else 0.
+
+    log_decay (m, h) <= 0. The sums add terms of one sign (a masked cumsum), so they are as
+    exact as the terms."""
+    idx = torch.arange(log_decay.shape[0], device=log_decay.device)
     above = (idx[:, None] > idx[None, :])[:, :, None]  # [k, j]: k > j
     partial = torch.where(above, log_decay[:, None, :], 0.0).cumsum(0)  # [i, j] = sum_{j<k<=i}
     exponent = torch.cat([torch.zeros_like(partial[:1]), partial[:-1]])  # [i, j] = sum_{j<k<i}
-    keep = (above & (group[:, None] == group[None, :])[:, :, None])
+    keep = before[:, :, None]
     return torch.where(keep, torch.exp(torch.where(keep, exponent, 0.0)), 0.0)
 
 
@@ -105,22 +111,17 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_
         a = cs[:, -1]  # (nc, h)
         # 3. chunks of a run, from zero at the run start
         run_of_chunk = torch.tensor(chunk_run, device=device)
-        w_chunks = _exclusive_decay(a, run_of_chunk)
-        from_zero = torch.einsum("cjh,jhpn->chpn", w_chunks, u)
-        same_run_before = ((run_of_chunk[:, None] == run_of_chunk[None, :])
-                           & (torch.arange(nc, device=device)[:, None] > torch.arange(nc, device=device)[None, :]))
+        same_run_before = _before_in_group(run_of_chunk)
+        from_zero = torch.einsum("cjh,jhpn->chpn", _exclusive_decay(a, same_run_before), u)
         to_chunk = torch.einsum("cj,jh->ch", same_run_before.to(cdt), a)  # log-decay run start -> chunk start
         # 4. runs of a sequence: the carried state at each run's start
         lastc = torch.tensor(last_chunk, device=device)
         run_final = torch.exp(a[lastc])[:, :, None, None] * from_zero[lastc] + u[lastc]  # (nr, h, p, n)
         run_decay = to_chunk[lastc] + a[lastc]  # (nr, h)
         seq_of_run = torch.tensor([r[2] for r in runs], device=device)
-        w_runs = _exclusive_decay(run_decay, seq_of_run)
-        nr = len(runs)
-        same_seq_before = ((seq_of_run[:, None] == seq_of_run[None, :])
-                           & (torch.arange(nr, device=device)[:, None] > torch.arange(nr, device=device)[None, :]))
+        same_seq_before = _before_in_group(seq_of_run)
         to_run = torch.einsum("rj,jh->rh", same_seq_before.to(cdt), run_decay)
-        carried = (torch.einsum("rjh,jhpn->rhpn", w_runs, run_final)
+        carried = (torch.einsum("rjh,jhpn->rhpn", _exclusive_decay(run_decay, same_seq_before), run_final)
                    + torch.exp(to_run)[:, :, None, None] * init[seq_of_run])
         start = carried[torch.tensor([r[3] for r in runs], device=device)]  # documents: the block's entry
         # 5. every chunk's entering state, the output term, back to token order

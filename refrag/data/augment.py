@@ -81,8 +81,13 @@ class AnswerPools:
         return None
 
 
+def whole_word(value: str) -> str:
+    """Regex matching `value` where it is not part of a longer word."""
+    return rf"(?<!\w){re.escape(value)}(?!\w)"
+
+
 def _mentions(text: str, value: str) -> bool:
-    return re.search(rf"(?<!\w){re.escape(value)}(?!\w)", text) is not None
+    return re.search(whole_word(value), text) is not None
 
 
 def _texts(conv: dict) -> list[str]:
@@ -96,7 +101,7 @@ def _texts(conv: dict) -> list[str]:
 
 def _rewrite(conv: dict, mapping: dict[str, str]) -> dict:
     """Copy of `conv` with every whole-word occurrence of a mapping key replaced (longest first)."""
-    pattern = re.compile("|".join(rf"(?<!\w){re.escape(k)}(?!\w)" for k in sorted(mapping, key=len, reverse=True)))
+    pattern = re.compile("|".join(whole_word(k) for k in sorted(mapping, key=len, reverse=True)))
 
     def sub(text: str) -> str:
         return pattern.sub(lambda m: mapping[m.group(0)], text)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from refrag.data import (EMBEDDED_KB_DIR, PackedLoader, RagTokenizer, build_conversations, load_queries,
                          pack_examples, render_conversations)
-from refrag.data.augment import IDK, AnswerPools, QuestionIndex, add_questions, counterfactual, fresh_names
+from refrag.data.augment import (IDK, AnswerPools, QuestionIndex, add_questions, counterfactual, fresh_names,
+                                 whole_word)
 from refrag.data.make_kb import build_kb
 from refrag.data.tokenizer import corpus_texts
 from refrag.retrieval import KnowledgeBase, RetrievalManager
@@ -117,10 +118,6 @@ def generated_world(cfg: TrainConfig, world: int) -> tuple[list[dict], Retrieval
     return records, RetrievalManager("bm25", knowledge_base=kb)
 
 
-def _answer_pattern(answer: str) -> str:
-    return rf"(?<!\w){re.escape(answer)}(?!\w)"
-
-
 def cut_documents(conversation: dict, tokenizer: RagTokenizer, max_tokens: int, cache: dict | None = None,
                   keep_answers_within: int = 0) -> dict:
     """`conversation` with each document cut to `max_tokens` tokens (title included, as rendered)
@@ -141,7 +138,7 @@ def cut_documents(conversation: dict, tokenizer: RagTokenizer, max_tokens: int, 
                 ids = cache[text] if text in cache else cache.setdefault(text, tokenizer.encode(text))
                 cut = max_tokens
                 if keep_answers_within and len(ids) > max_tokens:
-                    ends = [match.end() for a in answers for match in re.finditer(_answer_pattern(a), text)]
+                    ends = [match.end() for a in answers for match in re.finditer(whole_word(a), text)]
                     needed = [len(tokenizer.encode(text[:end])) for end in ends]
                     cut = max([max_tokens] + [n for n in needed if n <= keep_answers_within])
                 if len(ids) > cut:
@@ -154,7 +151,7 @@ def cut_documents(conversation: dict, tokenizer: RagTokenizer, max_tokens: int, 
     visible = " ".join(shown)
     for i, m in enumerate(messages):
         answer = m.get("content") if m["role"] == "assistant" else None
-        if answer and answer != IDK and not re.search(_answer_pattern(answer), visible):
+        if answer and answer != IDK and not re.search(whole_word(answer), visible):
             messages[i] = {**m, "content": IDK}
     return {**conversation, "messages": messages}
 
@@ -184,9 +181,8 @@ def multihop_traces(records: list[dict], manager: RetrievalManager, cfg: TrainCo
     out = []
     for copy in range(cfg.multihop_copies):
         for conv in multihop_conversations(two_hop, manager, cfg.top_k, cfg.seed + copy, cfg.question_first):
-            fresh = cfg.fresh_names and copy > 0
-            out.append(fresh_names(conv, random.Random(f"{cfg.seed}:{copy}:trace:{conv.get('id', len(out))}"))
-                       if fresh else conv)
+            fresh = cfg.fresh_names and copy > 0  # seeded by the trace's position in the list
+            out.append(fresh_names(conv, random.Random(f"{cfg.seed}:{copy}:trace:{len(out)}")) if fresh else conv)
     return out
 
 
