@@ -342,7 +342,13 @@ def test_positive_A_is_rejected():
 # ---------------------------------------------------------------- the "torch" path (CPU without the interpreter)
 TORCH_PATH_CASES = CASES + [pytest.param(
     dict(L=132, seqs=[70, 30, 30], h=2, g=2, p=8, n=8, D="h", z=True, dt_bias=True, softplus=True, init=True,
-         docs=torch.nn.functional.pad(DOC_GEOMETRY, (0, 2))), id="docmode-geometry-g2")]
+         docs=torch.nn.functional.pad(DOC_GEOMETRY, (0, 2))), id="docmode-geometry-g2"),
+    # rows that are whole sequences (no cu_seqlens, no documents) take the path's row branch
+    pytest.param(dict(b=3, L=7, h=2, g=2, D="hp", z=True, dt_bias=True, softplus=True, init=True),
+                 id="rows-shorter-than-a-chunk"),
+    pytest.param(dict(b=2, L=1, D="h", init=True), id="rows-one-token"),
+    pytest.param(dict(b=1, L=48, init=True, z=True), id="rows-three-full-chunks"),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

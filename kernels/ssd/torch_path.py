@@ -21,6 +21,11 @@ batch, and the two sequential recurrences become masked matrix products:
 5. Each chunk's entering state = its run's start state decayed + step 3's state; the output
    term reads it as in the oracle. D, z and padding as in the oracle.
 
+Rows that are whole sequences without documents (no cu_seqlens, no doc_mode: a cache's
+decode-time continuation, documents encoded as rows) skip steps 1, 3 and 4: their chunks are a
+reshape and the state passes chunk to chunk in a loop over a row's few chunks, a row shorter
+than the chunk size being one chunk (a 15-token continuation: a few dozen ops, not ~150).
+
 The run/chunk index tables are built on the host from cu_seqlens and the doc ids (this path
 only runs on CPU tensors, where reading them costs nothing). Autograd gives the gradients.
 """
@@ -68,6 +73,49 @@ def _exclusive_decay(log_decay: torch.Tensor, before: torch.Tensor) -> torch.Ten
     return torch.where(keep, torch.exp(torch.where(keep, exponent, 0.0)), 0.0)
 
 
+def _chunk_terms(xc, dtc, A, Bc, Cc):
+    """What each chunk computes from a zero entering state, as the oracle: chunks xc (c, Q, h, p),
+    dtc (c, Q, h), Bc, Cc (c, Q, h, n) -> cs (c, Q, h) the log-decay from the chunk start,
+    y_diag (c, Q, h, p) the quadratic (intra-chunk) output, u (c, h, p, n) the chunk's final state."""
+    Q = xc.shape[1]
+    cs = (dtc * A).cumsum(1)
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=xc.device).tril()
+    seg = (cs[:, :, None, :] - cs[:, None, :, :]).masked_fill(~causal[None, :, :, None], -math.inf)
+    scores = torch.einsum("cthn,cshn->ctsh", Cc, Bc) * torch.exp(seg)
+    y_diag = torch.einsum("ctsh,csh,cshp->cthp", scores, dtc, xc)
+    u = torch.einsum("cshn,csh,cshp->chpn", Bc, torch.exp(cs[:, -1:, :] - cs) * dtc, xc)
+    return cs, y_diag, u
+
+
+def _state_term(Cc, entering, cs):
+    """The output each chunk token reads from the chunk's entering state (c, h, p, n) -> (c, Q, h, p)."""
+    return torch.einsum("cthn,chpn,cth->cthp", Cc, entering, torch.exp(cs))
+
+
+def _rows_scan(x, dt, A, B, C, init, chunk_size):
+    """Every row one sequence, no documents (the decode-time continuations of a cache, documents
+    encoded as rows): the rows' chunks are a reshape, and the state passes chunk to chunk in a
+    loop over a row's few chunks. A row shorter than the chunk size is one chunk of its length.
+    x (b, l, h, p) ... in the compute dtype, init (b, h, p, n) -> y (b, l, h, p), final (b, h, p, n)."""
+    b, l, h, p = x.shape
+    Q = min(chunk_size, l)
+    nc = -(-l // Q)
+    pad = nc * Q - l  # zero-dt padding steps are identities
+    chunks = [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)).reshape(b * nc, Q, *t.shape[2:])
+              for t in (x, dt, B, C)]
+    xc, dtc, Bc, Cc = chunks
+    cs, y_diag, u = _chunk_terms(xc, dtc, A, Bc, Cc)
+    decay = torch.exp(cs[:, -1]).reshape(b, nc, h)[:, :, :, None, None]
+    u = u.reshape(b, nc, h, p, -1)
+    state, entering = init, []
+    for c in range(nc):
+        entering.append(state)
+        state = decay[:, c] * state + u[:, c]
+    entering = torch.stack(entering, 1).reshape(b * nc, h, p, -1)
+    y = (y_diag + _state_term(Cc, entering, cs)).reshape(b, nc * Q, h, p)[:, :l]
+    return y, state
+
+
 def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_softplus=False,
              initial_states=None, cu_seqlens=None, doc_ids=None, doc_mode=False, return_final_states=False):
     """`refrag_kernels.reference.ssd_scan` (same signature and results up to rounding), vectorised."""
@@ -86,6 +134,12 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_
     else:
         init = initial_states.to(cdt)
 
+    if not varlen and docs is None and l > 0:
+        y, after = _rows_scan(x, dt, A, B, C, init, chunk_size)
+        y = reference._ssd_output(y, x, D, z, out_dtype, reference.live_tokens(None, b, l, device))
+        if not return_final_states:
+            return y
+        return y, after.float() if cdt != torch.float64 else after
     flat = [t.reshape(b * l, *t.shape[2:]) for t in (x, dt, B, C)]
     y_tokens = torch.zeros(b * l, h, p, dtype=cdt, device=device)
     if runs:
@@ -102,12 +156,7 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_
         xc, dtc, Bc, Cc = (torch.cat([t, t.new_zeros(1, *t.shape[1:])])[slot_index].reshape(nc, Q, *t.shape[1:])
                            for t in flat)
         # 2. inside each chunk (as the oracle)
-        cs = (dtc * A).cumsum(1)  # (nc, Q, h) log-decay from the chunk start
-        causal = torch.ones(Q, Q, dtype=torch.bool, device=device).tril()
-        seg = (cs[:, :, None, :] - cs[:, None, :, :]).masked_fill(~causal[None, :, :, None], -math.inf)
-        scores = torch.einsum("cthn,cshn->ctsh", Cc, Bc) * torch.exp(seg)
-        y_diag = torch.einsum("ctsh,csh,cshp->cthp", scores, dtc, xc)
-        u = torch.einsum("cshn,csh,cshp->chpn", Bc, torch.exp(cs[:, -1:, :] - cs) * dtc, xc)
+        cs, y_diag, u = _chunk_terms(xc, dtc, A, Bc, Cc)
         a = cs[:, -1]  # (nc, h)
         # 3. chunks of a run, from zero at the run start
         run_of_chunk = torch.tensor(chunk_run, device=device)
@@ -126,8 +175,7 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_
         start = carried[torch.tensor([r[3] for r in runs], device=device)]  # documents: the block's entry
         # 5. every chunk's entering state, the output term, back to token order
         entering = from_zero + torch.exp(to_chunk)[:, :, None, None] * start[run_of_chunk]
-        y_off = torch.einsum("cthn,chpn,cth->cthp", Cc, entering, torch.exp(cs))
-        y_slots = (y_diag + y_off).reshape(nc * Q, h, p)
+        y_slots = (y_diag + _state_term(Cc, entering, cs)).reshape(nc * Q, h, p)
         real = slot_index < b * l
         y_tokens = y_tokens.index_put((slot_index[real],), y_slots[real])
         after = torch.exp(run_decay)[:, :, None, None] * carried + run_final
