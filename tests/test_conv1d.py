@@ -203,3 +203,45 @@ def test_layout_equals_keyword_form(device):
     for a, b in zip(keyword, with_layout):
         assert torch.equal(a, b)
     assert with_layout[0][:, 40:].abs().sum() == 0
+
+
+# ---------------------------------------------------------------- the "torch" path (rows without a layout)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("b, l, d, w, with_bias", [
+    pytest.param(2, 63, 20, 4, True, id="B2-L63-W4"),
+    pytest.param(1, 1, 5, 2, False, id="L1-W2"),
+    pytest.param(3, 2, 7, 4, True, id="shorter-than-the-window"),
+    pytest.param(1, 17, 9, 3, False, id="W3"),
+])
+def test_torch_path_rows_match_reference(b, l, d, w, with_bias, activation, dtype):
+    """causal_conv1d_rows (what "auto" runs for CPU rows without a layout): y and every gradient
+    within 2x the oracle's own error in the same dtype."""
+    from refrag_kernels.conv1d import causal_conv1d_rows
+
+    x, weight, bias, dy = make_inputs("cpu", b, l, d, w, dtype, with_bias=with_bias, seed=l)
+    out = forward_backward(causal_conv1d_rows, x, weight, bias, dy, activation=activation)
+    ref64 = forward_backward(reference.causal_conv1d, x, weight, bias, dy, dtype=torch.float64, activation=activation)
+    ref_lowp = forward_backward(reference.causal_conv1d, x, weight, bias, dy, activation=activation)
+    for name, o, r64, rlp in zip(("y", "dx", "dweight", "dbias"), out, ref64, ref_lowp):
+        if rlp is None:
+            assert o is None, name
+            continue
+        assert o.dtype == rlp.dtype and o.shape == rlp.shape, name
+        assert_within_rule(o, r64, rlp, ATOL[dtype], name)
+
+
+def test_torch_path_is_what_auto_runs_for_rows_only():
+    """On CPU without the interpreter, rows without a layout take the row path; a layout
+    (or cu_seqlens / doc_ids) still runs the oracle, whose window restarts it needs."""
+    from unittest import mock
+
+    from refrag_kernels import conv1d, use_backend
+
+    x, weight, bias, _ = make_inputs("cpu", 1, 12, 6, 4, torch.float32)
+    with use_backend("torch", ops="causal_conv1d"), mock.patch.object(
+            conv1d, "causal_conv1d_rows", wraps=conv1d.causal_conv1d_rows) as rows:
+        conv1d.causal_conv1d(x, weight, bias)
+        assert rows.call_count == 1
+        conv1d.causal_conv1d(x, weight, bias, cu_seqlens=torch.tensor([0, 5, 12], dtype=torch.int32))
+        assert rows.call_count == 1

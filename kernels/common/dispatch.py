@@ -4,7 +4,8 @@ Default ("auto"): CUDA tensors run the Triton kernel. CPU tensors run the Triton
 the interpreter is on (``TRITON_INTERPRET=1`` set before ``kernels`` is imported), otherwise the
 "torch" path: an op's fast PyTorch implementation where it has one (``doc_attention``: torch's
 ``scaled_dot_product_attention`` under the dense mask; ``ssd_scan``: every chunk of every run in
-one batch, ``kernels/ssd/torch_path.py``), else the pure-PyTorch reference. The reference is never
+one batch, ``kernels/ssd/torch_path.py``; ``causal_conv1d`` on rows without a layout: each
+window a strided view), else the pure-PyTorch reference. The reference is never
 a silent fallback on CUDA.
 
 ``use_backend("reference")`` (all ops) or ``use_backend("reference", ops="doc_attention")``
@@ -89,8 +90,8 @@ def use_backend(backend: str, ops: Union[str, Iterable[str], None] = None) -> It
     """Run the ops (all, or those named in ``ops``) on ``backend`` inside the block, then restore.
 
     "reference": the pure-PyTorch oracle of ``refrag_kernels.reference`` on any device (autograd gives
-    its gradients). "torch": the op's fast PyTorch path (``doc_attention``, ``ssd_scan``; the
-    reference for the other ops), what "auto" runs on CPU without the interpreter. "triton": the
+    its gradients). "torch": the op's fast PyTorch path (``doc_attention``, ``ssd_scan``,
+    ``causal_conv1d`` without a layout; the reference for the other ops), what "auto" runs on CPU without the interpreter. "triton": the
     Triton kernel; on CPU tensors this needs ``TRITON_INTERPRET=1`` set before ``kernels`` was
     imported. "auto": the default dispatch rule.
     """
