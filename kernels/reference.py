@@ -67,7 +67,7 @@ def _expand_groups(t: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
     groups = t.shape[dim]
     if heads % groups:
         raise ValueError(f"number of heads {heads} must be a multiple of the number of groups {groups}")
-    return t.repeat_interleave(heads // groups, dim=dim)
+    return t if heads == groups else t.repeat_interleave(heads // groups, dim=dim)
 
 
 def _prepare_dt(dt: torch.Tensor, dt_bias: Optional[torch.Tensor], dt_softplus: bool) -> torch.Tensor:

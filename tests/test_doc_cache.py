@@ -276,11 +276,7 @@ def test_documents_encoded_together_equal_full_prefill(pattern, doc_positions, m
     assert (engine.cache.stats.hits, engine.cache.stats.misses) == (7, 7)
 
 
-@pytest.mark.parametrize("pattern", ["T,M", "M,M"])
-def test_a_later_turn_resumes_from_the_generated_row(pattern, device, reference_ops):
-    """generate keeps each row's state after its turn (prompt + generated tokens but the last);
-    the next turn's prompt (that row, the last token, a new block, shared text) resumes from it,
-    looks up only the new block's documents, and equals the full prefill and Engine's generation."""
+def check_a_later_turn(pattern, device):
     model = tiny_model(pattern, device, key_conv=3 if "T" in pattern else 0)
     engine = CachedEngine(model, DocumentCache(max_bytes=1 << 30))
     first = [PREFIX, [DOCS["a"], DOCS["b"]], SUFFIX]
@@ -294,6 +290,26 @@ def test_a_later_turn_resumes_from_the_generated_row(pattern, device, reference_
     assert stats.state_hits == 1 and stats.state_tokens == len(ids) + 4 and stats.state_documents == 2
     assert stats.misses - before == 2
     assert_same_generation(model, engine, second)
+
+
+@pytest.mark.parametrize("pattern", ["T,M", "M,M", "T,T"])
+def test_a_later_turn_resumes_from_the_generated_row(pattern, device, reference_ops):
+    """generate keeps each row's state after its turn (prompt + generated tokens but the last);
+    the next turn's prompt (that row, the last token, a new block, shared text) resumes from it,
+    runs everything new (documents included, doc_mode masks, windows and block-entry states) in
+    one forward, counts the new block's documents as misses, and equals the full prefill and
+    Engine's generation."""
+    check_a_later_turn(pattern, device)
+
+
+@pytest.mark.parametrize("pattern", ["T,M", "M,M"])
+def test_a_later_turn_on_the_cpu_torch_paths(pattern):
+    """The same on what CPU inference runs by default (the ops' "torch" paths: the row paths of
+    ssd_scan and causal_conv1d for shared text, their document paths for a later turn's block)."""
+    import refrag_kernels
+
+    with refrag_kernels.use_backend("torch"):
+        check_a_later_turn(pattern, torch.device("cpu"))
 
 
 def test_batched_generate_keeps_each_row_state_when_it_stops(device, reference_ops):

@@ -89,6 +89,10 @@ class AttentionBlock(nn.Module):
                 self.key_conv.zero_()
                 self.key_conv[:, -2:] = 0.5
 
+    def step_rope(self, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables (b, 1, rope_dim/2) of a decode step's tokens at positions lengths (b,)."""
+        return rotary_cos_sin(lengths[:, None], self.rope_dim, self.rope_theta)
+
     @property
     def key_conv_width(self) -> int:
         """Taps of the key convolution (0 without one)."""
@@ -104,11 +108,10 @@ class AttentionBlock(nn.Module):
 
     def _rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q (b, l, n_head, hd), keys (b, l, n_kv_head * hd) after the key conv -> QK-norm, RoPE."""
-        k = k.reshape(*k.shape[:2], self.n_kv_head, self.head_dim)
+        qk = torch.cat([q, k.reshape(*k.shape[:2], self.n_kv_head, self.head_dim)], dim=2)  # per head alike
         if self.qk_norm:
-            q = F.rms_norm(q, (self.head_dim,), eps=self.eps)
-            k = F.rms_norm(k, (self.head_dim,), eps=self.eps)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            qk = F.rms_norm(qk, (self.head_dim,), eps=self.eps)
+        return apply_rotary(qk, cos, sin).split([self.n_head, self.n_kv_head], dim=2)
 
     def _qkv(self, x: torch.Tensor, ctx: SequenceContext):
         """Full sequences x (b, l, d_model) -> q, k, v ready for attention, and the raw keys
@@ -150,7 +153,7 @@ class AttentionBlock(nn.Module):
         return self._attend_and_mlp(x, o), AttentionCache(cache_k, cache_v, key_state)
 
     def attend_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: AttentionCache,
-                      slots: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+                      slots: torch.Tensor, visible: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Cached attention, then the MLP: new tokens x (b, n, d_model) -> block output (b, n, d_model).
 
         The new tokens' keys and values (RoPE tables cos, sin (b|1, n, head_dim/2)) are written
@@ -158,7 +161,8 @@ class AttentionBlock(nn.Module):
         first m = visible.shape[-1] slots where visible (b|1, n, m) bool is set (its own slot
         and those of earlier new tokens included: the caller sets them). With a key conv the
         new raw keys continue the window cache.key_conv_state, which advances past them (in
-        place for one token: the decode update kernel).
+        place for one token: the decode update kernel); doc_ids (b, n), the new tokens' document
+        ids when they hold documents, restarts that window at each document (`conv_continuing`).
         """
         q, raw, v = self._project(x)
         k = raw
@@ -167,38 +171,48 @@ class AttentionBlock(nn.Module):
             if x.shape[1] == 1:
                 k = causal_conv1d_update(history, raw[:, 0], self.key_conv, None, activation=None)[:, None]
             else:
-                k = conv_continuing(history, raw, self.key_conv, None, activation=None)
+                k = conv_continuing(history, raw, self.key_conv, None, activation=None, doc_ids=doc_ids)
                 cache.key_conv_state = conv_state_after(history, raw)
         q, k = self._rotate(q, k, cos, sin)
         rows = torch.arange(x.shape[0], device=x.device)[:, None]
         cache.k[rows, slots] = k.to(cache.k.dtype)
         cache.v[rows, slots] = v.to(cache.v.dtype)
-        m, groups = visible.shape[-1], self.n_head // self.n_kv_head
-        keys = cache.k[:, :m].repeat_interleave(groups, dim=2).transpose(1, 2)  # (b, n_head, m, hd)
-        values = cache.v[:, :m].repeat_interleave(groups, dim=2).transpose(1, 2)
+        m = visible.shape[-1]
+        keys = cache.k[:, :m].transpose(1, 2)  # (b, n_kv_head, m, hd): GQA reads them in place, no copies
+        values = cache.v[:, :m].transpose(1, 2)
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None]
+            q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), attn_mask=visible[:, None],
+            enable_gqa=self.n_head != self.n_kv_head,
         )  # (b, n_head, n, hd)
         return self._attend_and_mlp(x, o.transpose(1, 2))
 
-    def step(self, x: torch.Tensor, cache: AttentionCache, lengths: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, cache: AttentionCache, lengths: torch.Tensor,
+             rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """One token per row: x (b, d_model) after lengths (b,) cached tokens -> (b, d_model).
 
         The token is shared text: it attends to every cached key of its row, is stored in slot
         lengths, and its RoPE position is its example position, which counts every earlier
         token (= lengths with either doc_positions: documents never shift shared positions).
+        rope: that position's tables `step_rope(lengths)` (the model computes them once per
+        step for every attention block), else computed here.
         """
-        cos, sin = rotary_cos_sin(lengths[:, None], self.rope_dim, self.rope_theta)
+        cos, sin = rope if rope is not None else self.step_rope(lengths)
         visible = torch.arange(cache.capacity, device=x.device)[None, :] <= lengths[:, None]  # (b, capacity)
         return self.attend_cached(x[:, None], cos, sin, cache, lengths[:, None], visible[:, None])[:, 0]
 
 
 def conv_continuing(history: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    activation: str | None) -> torch.Tensor:
-    """causal_conv1d of new inputs x (1, n, C) whose window continues from the raw inputs
-    history (1, C, w) before them (oldest first; zeros for a window start) -> (1, n, C)."""
+                    activation: str | None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """causal_conv1d of new inputs x (b, n, C) whose window continues from the raw inputs
+    history (b, C, w) before them (oldest first; zeros for a window start) -> (b, n, C).
+
+    doc_ids (b, n): document ids of the new inputs (0 shared text; the history is shared
+    text): a document's windows restart at its first token (doc_mode), shared text's do not."""
+    w = history.shape[-1]
     window = torch.cat([history.transpose(1, 2).to(x.dtype), x], dim=1)
-    return causal_conv1d(window, weight, bias, activation=activation)[:, history.shape[-1]:]
+    if doc_ids is not None:
+        doc_ids = torch.cat([doc_ids.new_zeros(doc_ids.shape[0], w), doc_ids], dim=1)
+    return causal_conv1d(window, weight, bias, doc_ids=doc_ids, activation=activation)[:, w:]
 
 
 def conv_state_after(history: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
@@ -297,7 +311,8 @@ class MambaBlock(nn.Module):
                 B.reshape(*lead, self.ngroups, self.d_state), C.reshape(*lead, self.ngroups, self.d_state))
 
     def mix(self, x: torch.Tensor, ctx: SequenceContext | None = None, cache: MambaCache | None = None, *,
-            return_state: bool = False, return_log_decay: bool = False) -> MambaMix:
+            return_state: bool = False, return_log_decay: bool = False,
+            doc_ids: torch.Tensor | None = None) -> MambaMix:
         """The Mamba-2 mixer, x (b, L, d_model) -> MambaMix; exactly one of ctx and cache.
 
         ctx (forward, prefill): full sequences laid out by ctx; each example (and in doc_mode
@@ -310,6 +325,10 @@ class MambaBlock(nn.Module):
         tokens (one token: in place by the decode update kernels; more: chunked scan from the
         state, then the cache's tensors are replaced); MambaMix.state is the cache.
 
+        doc_ids (b, L), with cache only: the new tokens' document ids when they hold retrieval
+        blocks (doc_mode as in a forward: conv windows restart at each document, a document
+        reads the state entering its block).
+
         return_log_decay: each row's total log decay (b, h), what composing an SSD state
         started elsewhere needs.
         """
@@ -319,7 +338,7 @@ class MambaBlock(nn.Module):
         z, xBC_raw, dt = self._split(self.in_proj(self.norm(x)))
         A = -torch.exp(self.A_log.float())
         if ctx is None:
-            y = self._continue(cache, xBC_raw, dt, A)
+            y = self._continue(cache, xBC_raw, dt, A, doc_ids)
             state = cache
         else:
             y, state = self._scan_packed(xBC_raw, dt, A, ctx, return_state)
@@ -329,18 +348,24 @@ class MambaBlock(nn.Module):
         log_decay = (F.softplus(dt.float() + self.dt_bias.float()) * A).sum(1) if return_log_decay else None
         return MambaMix(out, state, log_decay)
 
-    def _continue(self, cache: MambaCache, xBC_raw: torch.Tensor, dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        """Conv + SSD of new rows (b, n, .) from cache's state, advancing it -> y (b, n, h, p)."""
-        if xBC_raw.shape[1] == 1:
+    def _continue(self, cache: MambaCache, xBC_raw: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                  doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Conv + SSD of new rows (b, n, .) from cache's state, advancing it -> y (b, n, h, p);
+        doc_ids (b, n) or None: the new tokens' documents (see mix)."""
+        if not self.doc_mode:  # without doc_mode the block ignores documents, as in a forward
+            doc_ids = None
+        if xBC_raw.shape[1] == 1 and doc_ids is None:
             xBC = causal_conv1d_update(cache.conv_state, xBC_raw[:, 0], self.conv_weight, self.conv_bias,
                                        activation="silu")
             xs, B, C = self._split_xbc(xBC)
             return ssd_state_update(cache.ssm_state, xs, dt[:, 0], A, B, C, D=self.D, dt_bias=self.dt_bias,
                                     dt_softplus=True)
-        xBC = conv_continuing(cache.conv_state, xBC_raw, self.conv_weight, self.conv_bias, activation="silu")
+        xBC = conv_continuing(cache.conv_state, xBC_raw, self.conv_weight, self.conv_bias, activation="silu",
+                              doc_ids=doc_ids)
         xs, B, C = self._split_xbc(xBC)
         y, final = ssd_scan(xs, dt, A, B, C, chunk_size=self.chunk_size, D=self.D, dt_bias=self.dt_bias,
-                            dt_softplus=True, initial_states=cache.ssm_state, return_final_states=True)
+                            dt_softplus=True, initial_states=cache.ssm_state, return_final_states=True,
+                            doc_ids=doc_ids, doc_mode=doc_ids is not None)
         cache.conv_state = conv_state_after(cache.conv_state, xBC_raw)
         cache.ssm_state = final.float()
         return y
@@ -376,9 +401,9 @@ class MambaBlock(nn.Module):
         result = self.mix(x, ctx, return_state=True)
         return result.out, result.state
 
-    def step(self, x: torch.Tensor, cache: MambaCache, lengths: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, cache: MambaCache, lengths: torch.Tensor, rope=None) -> torch.Tensor:
         """One token per row: x (b, d_model) -> (b, d_model); updates cache in place.
 
-        lengths is unused (the state carries the position); every block's step takes it.
+        lengths and rope are unused (the state carries the position); every block's step takes them.
         """
         return self.mix(x[:, None], cache=cache).out[:, 0]

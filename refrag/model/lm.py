@@ -183,8 +183,11 @@ class HybridLM(nn.Module):
             raise ValueError(f"cache has {len(cache.layers)} layers but the model has {len(self.blocks)}")
         cache.reserve(1)
         x = self.embed(tokens)
+        rope = None
         for block, entry in zip(self.blocks, cache.layers):
-            x = block.step(x, entry, cache.lengths)
+            if rope is None and isinstance(block, AttentionBlock):  # one position per row: shared by every block
+                rope = block.step_rope(cache.lengths)
+            x = block.step(x, entry, cache.lengths, rope)
         cache.lengths += 1
         return self.lm_head(self.norm(x)).float()
 
