@@ -98,10 +98,14 @@ def _ssd_inputs(x, dt, A, B, C, D, z, dt_bias, dt_softplus):
 
 
 def _ssd_output(y, x, D, z, out_dtype, live):
-    y = y + _skip_term(x, D)
+    """y + D x, gated by silu(z); zero where live (b, l) is False (padding; None: no padding)."""
+    if D is not None:
+        y = y + _skip_term(x, D)
     if z is not None:
         y = y * F.silu(z)
-    return torch.where(live[:, :, None, None], y, torch.zeros_like(y)).to(out_dtype)
+    if live is not None:
+        y = torch.where(live[:, :, None, None], y, torch.zeros_like(y))
+    return y.to(out_dtype)
 
 
 def _initial_state(initial_states, row: int, seq: int, shape, cdt, device, varlen: bool):

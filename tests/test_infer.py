@@ -178,3 +178,14 @@ def test_step_rejects_a_token_count_that_does_not_match_the_cache(device):
     _, cache = model.prefill(torch.tensor([[1, 2, 3], [4, 5, 6]], device=device))
     with pytest.raises(ValueError, match="one per cache row"):
         model.step(torch.tensor([1], device=device), cache)
+
+
+def test_timings_add_prefill_and_decode_seconds(device):
+    """generate(timings=...) adds each call's prefill (time to first token) and decode seconds."""
+    model = tiny_model("T,M", device)
+    timings = {"decode_seconds": 1.0}
+    Engine(model).generate([[1, 2, 3]], 4, timings=timings)
+    first = dict(timings)
+    assert first["prefill_seconds"] > 0 and first["decode_seconds"] > 1.0
+    Engine(model).generate([[1, 2]], 1, timings=timings)  # one token: sampled from the prefill logits
+    assert timings["prefill_seconds"] > first["prefill_seconds"]

@@ -120,3 +120,7 @@ def test_compare_cache_counts_lookups_and_agrees_with_the_plain_engine(tok, prec
     assert (report["hits"], report["misses"]) == ((6, 0) if precompute else (3, 3))
     assert report["same_answers"] == 1.0 and report["latency_ratio"] > 0
     assert ("precompute_seconds" in report) == precompute
+    for name in ("cached", "uncached"):  # the prefill and decode parts lie inside the wall time
+        parts = report[f"prefill_seconds_{name}"] + report[f"decode_seconds_{name}"]
+        assert 0 < report[f"prefill_seconds_{name}"] and parts <= report[f"seconds_{name}"]
+    assert report["prefill_ratio"] == report["prefill_seconds_cached"] / report["prefill_seconds_uncached"]

@@ -221,3 +221,44 @@ def test_ssd_steps_bf16(device, b, l, h, p, g, n, options, softplus):
     y64 = reference.ssd_scan(**{k: v.double() for k, v in inputs.items()}, dt_softplus=softplus,
                              initial_states=h0.double())
     assert_within_rule(y, y64, y_lowp, ATOL[torch.bfloat16], "y")
+
+
+# ---------------------------------------------------------------- the "torch" path (CPU decode without the interpreter)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("b, l, h, p, g, n, options, softplus", SSD_CASES)
+def test_ssd_torch_path_steps_equal_scan(b, l, h, p, g, n, options, softplus, dtype):
+    """ssd_state_update_torch stepped token by token: y and the final state within 2x the
+    oracle's own error (same dtype) against the fp64 chunked scan."""
+    from refrag_kernels.state_update import ssd_state_update_torch
+
+    inputs = ssd_inputs("cpu", b, l, h, p, g, n, dtype, options)
+    h0 = torch.randn(b, h, p, n, generator=torch.Generator().manual_seed(1))
+    state = h0.clone()
+    y = step_through(ssd_state_update_torch, inputs, state, softplus)
+    y64, final64 = reference.ssd_scan(**{k: v.double() for k, v in inputs.items()}, chunk_size=8,
+                                      dt_softplus=softplus, initial_states=h0.double(), return_final_states=True)
+    state_lowp = h0.clone()
+    y_lowp = step_through(reference.ssd_state_update, inputs, state_lowp, softplus)
+    assert y.dtype == dtype and y.shape == (b, l, h, p)
+    assert_within_rule(y, y64, y_lowp, ATOL[dtype], "y")
+    assert_within_rule(state, final64, state_lowp, ATOL[torch.float32], "state")
+
+
+def test_ssd_torch_path_updates_a_strided_state_in_place_and_is_what_auto_runs():
+    from unittest import mock
+
+    from refrag_kernels import state_update
+
+    inputs = ssd_inputs("cpu", 1, 1, 4, 4, 2, 8, torch.float32, ("D", "z", "dt_bias"))
+    token = {k: (v[:, 0] if v.dim() >= 3 else v) for k, v in inputs.items()}
+    cache = torch.randn(1, 8, 4, 8)
+    untouched = cache[:, 1::2].clone()
+    expected_state = cache[:, ::2].clone()
+    expected_y = reference.ssd_state_update(expected_state, **token, dt_softplus=True)
+    with refrag_kernels.use_backend("torch", ops="ssd_state_update"), mock.patch.object(
+            state_update, "ssd_state_update_torch", wraps=state_update.ssd_state_update_torch) as torch_path:
+        y = ssd_state_update(cache[:, ::2], **token, dt_softplus=True)
+    assert torch_path.call_count == 1
+    torch.testing.assert_close(y, expected_y, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(cache[:, ::2], expected_state, atol=1e-6, rtol=1e-6)
+    assert torch.equal(cache[:, 1::2], untouched)

@@ -101,19 +101,22 @@ def _rows_scan(x, dt, A, B, C, init, chunk_size):
     Q = min(chunk_size, l)
     nc = -(-l // Q)
     pad = nc * Q - l  # zero-dt padding steps are identities
-    chunks = [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)).reshape(b * nc, Q, *t.shape[2:])
-              for t in (x, dt, B, C)]
-    xc, dtc, Bc, Cc = chunks
+    if pad:
+        x, dt, B, C = (torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    xc, dtc, Bc, Cc = (t.reshape(b * nc, Q, *t.shape[2:]) for t in (x, dt, B, C))
     cs, y_diag, u = _chunk_terms(xc, dtc, A, Bc, Cc)
-    decay = torch.exp(cs[:, -1]).reshape(b, nc, h)[:, :, :, None, None]
-    u = u.reshape(b, nc, h, p, -1)
-    state, entering = init, []
-    for c in range(nc):
-        entering.append(state)
-        state = decay[:, c] * state + u[:, c]
-    entering = torch.stack(entering, 1).reshape(b * nc, h, p, -1)
-    y = (y_diag + _state_term(Cc, entering, cs)).reshape(b, nc * Q, h, p)[:, :l]
-    return y, state
+    if nc == 1:  # one chunk per row (a short continuation): it enters with the initial state
+        entering, state = init, torch.exp(cs[:, -1])[:, :, None, None] * init + u
+    else:
+        decay = torch.exp(cs[:, -1]).reshape(b, nc, h)[:, :, :, None, None]
+        u = u.reshape(b, nc, h, p, -1)
+        state, entering = init, []
+        for c in range(nc):
+            entering.append(state)
+            state = decay[:, c] * state + u[:, c]
+        entering = torch.stack(entering, 1).reshape(b * nc, h, p, -1)
+    y = y_diag + _state_term(Cc, entering, cs)
+    return (y.reshape(b, nc * Q, h, p)[:, :l] if pad else y.reshape(b, l, h, p)), state
 
 
 def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -136,7 +139,7 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, dt_
 
     if not varlen and docs is None and l > 0:
         y, after = _rows_scan(x, dt, A, B, C, init, chunk_size)
-        y = reference._ssd_output(y, x, D, z, out_dtype, reference.live_tokens(None, b, l, device))
+        y = reference._ssd_output(y, x, D, z, out_dtype, None)
         if not return_final_states:
             return y
         return y, after.float() if cdt != torch.float64 else after

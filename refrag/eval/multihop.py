@@ -93,7 +93,9 @@ def compare_cache(model, tokenizer: RagTokenizer, retriever, records: Sequence[d
                   cache_bytes: int = 1 << 30, precompute: Sequence[dict] | None = None, **kwargs) -> dict:
     """Serve the questions one at a time (batch 1, as a server answers a user) through the loop
     with a `CachedEngine` and with the plain `Engine`; returns the cache's counters, both wall
-    times, their ratio and the share of questions whose answers agree.
+    times and their ratio (latency_ratio), the prefill part of each (every turn's time to first
+    token: what the cache shortens; decoding is the same work in both) with its ratio, and the
+    share of questions whose answers agree.
 
     Each question is served by both engines back to back (the first one alternating), so a
     load change on a shared machine hits both sums alike. The cache starts cold, or holds
@@ -112,7 +114,7 @@ def compare_cache(model, tokenizer: RagTokenizer, retriever, records: Sequence[d
                                                     kwargs.get("top_k", 3), kwargs.get("max_doc_tokens", 256))
         extra["precompute_seconds"] = time.perf_counter() - start
         cache.stats = type(cache.stats)()  # count the questions' lookups only
-    generators = {"uncached": Engine(model, tokenizer), "cached": CachedEngine(model, cache)}
+    generators = {"uncached": _Timed(Engine(model, tokenizer)), "cached": _Timed(CachedEngine(model, cache))}
     seconds = dict.fromkeys(generators, 0.0)
     predictions = {name: [] for name in generators}
     for i, record in enumerate(records):
@@ -122,9 +124,26 @@ def compare_cache(model, tokenizer: RagTokenizer, retriever, records: Sequence[d
             seconds[name] += time.perf_counter() - start
             predictions[name] += result["predictions"]
     agree = [a["prediction"] == b["prediction"] for a, b in zip(predictions["cached"], predictions["uncached"])]
+    prefill = {name: g.timings["prefill_seconds"] for name, g in generators.items()}
     return {**cache_stats(cache), "seconds_cached": seconds["cached"], "seconds_uncached": seconds["uncached"],
             "latency_ratio": seconds["cached"] / seconds["uncached"],
+            "prefill_seconds_cached": prefill["cached"], "prefill_seconds_uncached": prefill["uncached"],
+            "prefill_ratio": prefill["cached"] / prefill["uncached"],
+            "decode_seconds_cached": generators["cached"].timings["decode_seconds"],
+            "decode_seconds_uncached": generators["uncached"].timings["decode_seconds"],
             "same_answers": sum(agree) / len(agree), **extra}
+
+
+class _Timed:
+    """A generator whose generate calls add their prefill (time to first token) and decode wall
+    seconds to `timings` (see `refrag.infer.Engine.generate`)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.timings = {"prefill_seconds": 0.0, "decode_seconds": 0.0}
+
+    def generate(self, *args, **kwargs):
+        return self.engine.generate(*args, timings=self.timings, **kwargs)
 
 
 def format_comparison(results: dict[str, dict]) -> str:

@@ -58,7 +58,7 @@ from typing import Sequence, Union
 import torch
 
 from refrag.data import SYSTEM_PROMPT, render_for_generation
-from refrag.infer.engine import decode_loop
+from refrag.infer.engine import decode_loop, timed
 from refrag.model import AttentionCache, HybridCache, HybridLM, MambaCache
 from refrag.model.blocks import AttentionBlock, SequenceContext, conv_state_after
 from refrag.model.layers import rotary_cos_sin
@@ -566,8 +566,9 @@ class CachedEngine:
     @torch.inference_mode()  # decoding only reads weights: no autograd bookkeeping (~13% per step on CPU)
     def generate(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stop_token_ids: Sequence[int] = (),
-                 doc_ids: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
-        """`refrag.infer.Engine.generate` with cached document prefill; same arguments and result.
+                 doc_ids: Sequence[Sequence[int]] | None = None, timings: dict | None = None) -> list[list[int]]:
+        """`refrag.infer.Engine.generate` with cached document prefill; same arguments and result
+        (timings: "prefill_seconds" covers the cache lookups, restores and compositions too).
 
         doc_ids (per prompt, per token; 0 shared, k >= 1 document k) delimit the documents
         whose encodings are looked up in (and added to) the cache. Each row's state after its
@@ -584,19 +585,21 @@ class CachedEngine:
         outputs = [[] for _ in prompt_ids]
         if max_new_tokens == 0:
             return outputs
-        version = self.model_version
-        prompts = [(list(p), list(d)) for p, d in zip(prompt_ids, doc_ids)]
-        prefilled = [self._prefill(_normalize_segments(segments_from_doc_ids(p, d)), len(p) + max_new_tokens, version)
-                     for p, d in prompts]
-        logits = torch.cat([logit for logit, _ in prefilled])
-        cache = prefilled[0][1] if len(prefilled) == 1 else stack_caches([c for _, c in prefilled])
+        with timed(timings, "prefill_seconds"):
+            version = self.model_version
+            prompts = [(list(p), list(d)) for p, d in zip(prompt_ids, doc_ids)]
+            prefilled = [self._prefill(_normalize_segments(segments_from_doc_ids(p, d)), len(p) + max_new_tokens,
+                                       version) for p, d in prompts]
+            logits = torch.cat([logit for logit, _ in prefilled])
+            cache = prefilled[0][1] if len(prefilled) == 1 else stack_caches([c for _, c in prefilled])
 
         def keep_state(row: int, output: list, cache: HybridCache) -> None:
             ids, docs = prompts[row]
             self._save_state(cache, row, ids + output[:-1], docs + [0] * (len(output) - 1), version)
 
-        return decode_loop(self.model, logits, cache, max_new_tokens, temperature, top_p, seed, stop_token_ids,
-                           on_finish=keep_state)
+        with timed(timings, "decode_seconds"):
+            return decode_loop(self.model, logits, cache, max_new_tokens, temperature, top_p, seed, stop_token_ids,
+                               on_finish=keep_state)
 
 
 # ---------------------------------------------------------------------- segments

@@ -1,6 +1,8 @@
 """Batch generation with a HybridLM: packed prefill, batched decode, greedy and top-p sampling."""
 from __future__ import annotations
 
+import contextlib
+import time
 from typing import Sequence
 
 import torch
@@ -47,7 +49,7 @@ class Engine:
     @torch.inference_mode()  # decoding only reads weights: no autograd bookkeeping (~13% per step on CPU)
     def generate(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stop_token_ids: Sequence[int] = (),
-                 doc_ids: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
+                 doc_ids: Sequence[Sequence[int]] | None = None, timings: dict | None = None) -> list[list[int]]:
         """Generate up to max_new_tokens after each prompt; returns the new ids per prompt.
 
         prompt_ids: list of non-empty token lists (any lengths). doc_ids: optional per-token
@@ -55,6 +57,8 @@ class Engine:
         A prompt stops after emitting a token of stop_token_ids (kept in its output).
         All prompts are prefilled in one packed row and decoded together, each row with its
         own cache length, so a prompt's greedy output does not depend on its batch.
+        timings: a dict to which the call adds its wall seconds under "prefill_seconds" (up to
+        the first tokens' logits: the time to first token) and "decode_seconds" (the rest).
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
@@ -62,8 +66,10 @@ class Engine:
         outputs = [[] for _ in prompt_ids]
         if max_new_tokens == 0:
             return outputs
-        logits, cache = self.model.prefill_packed(input_ids, layout, capacity=layout.max_seqlen + max_new_tokens)
-        return decode_loop(self.model, logits, cache, max_new_tokens, temperature, top_p, seed, stop_token_ids)
+        with timed(timings, "prefill_seconds"):
+            logits, cache = self.model.prefill_packed(input_ids, layout, capacity=layout.max_seqlen + max_new_tokens)
+        with timed(timings, "decode_seconds"):
+            return decode_loop(self.model, logits, cache, max_new_tokens, temperature, top_p, seed, stop_token_ids)
 
     def generate_text(self, prompts: Sequence[str], max_new_tokens: int, **kwargs) -> list[str]:
         """Text in, text out: `generate` on tokenizer.encode(prompt), decoded with tokenizer.decode."""
@@ -91,6 +97,19 @@ class Engine:
                 raise ValueError("doc_ids must give one id per prompt token, for every prompt")
             docs = torch.tensor([d for row in docs_per_prompt for d in row], dtype=torch.int32, device=self.device)
         return flat[None], DocLayout.from_cu_seqlens(cu_seqlens, docs)
+
+
+@contextlib.contextmanager
+def timed(timings: dict | None, key: str):
+    """Add the block's wall seconds to timings[key] (nothing when timings is None)."""
+    if timings is None:
+        yield
+        return
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
 
 
 def decode_loop(model, logits: torch.Tensor, cache, max_new_tokens: int, temperature: float, top_p: float,
