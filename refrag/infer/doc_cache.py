@@ -40,6 +40,11 @@ document ids of the head): the decode state at each retrieval block's entry and 
 row's state after its turn. A prefill resumes from the longest stored head of its prompt (so
 the system prompt runs once, and turn k+1 of the multi-hop loop runs only what turn k's row
 lacks); the missing documents of a block are encoded together, rows of one forward per length.
+A later turn (a prompt that resumes from a stored row and continues it with shared text, e.g.
+the previous turn's row plus a new hop) runs everything it lacks in one forward, its new
+blocks' documents included (doc_mode masks, conv windows and block-entry states, as in a
+forward over the whole prompt): their heads hold this conversation, so no other prompt could
+reuse their encodings, and encoding them apart would only add forwards. They count as misses.
 
 Example::
 
@@ -125,7 +130,8 @@ class StateEntry:
 class CacheStats:
     """Counters of a DocumentCache.
 
-    hits, misses: document lookups; stale: entries of another model version rejected;
+    hits, misses: document lookups (misses also count a later turn's new documents, encoded
+    with it without a lookup, see the module doc); stale: entries of another model version rejected;
     evictions (LRU, memory budget) and too_large (entries too large to store at all).
     state_hits: prefills that resumed from a stored prompt-head state, state_tokens: the prompt
     tokens those states covered, state_documents: the documents inside them (served from the
