@@ -108,10 +108,11 @@ class AttentionBlock(nn.Module):
 
     def _rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q (b, l, n_head, hd), keys (b, l, n_kv_head * hd) after the key conv -> QK-norm, RoPE."""
-        qk = torch.cat([q, k.reshape(*k.shape[:2], self.n_kv_head, self.head_dim)], dim=2)  # per head alike
+        k = k.reshape(*k.shape[:2], self.n_kv_head, self.head_dim)
         if self.qk_norm:
-            qk = F.rms_norm(qk, (self.head_dim,), eps=self.eps)
-        return apply_rotary(qk, cos, sin).split([self.n_head, self.n_kv_head], dim=2)
+            q = F.rms_norm(q, (self.head_dim,), eps=self.eps)
+            k = F.rms_norm(k, (self.head_dim,), eps=self.eps)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def _qkv(self, x: torch.Tensor, ctx: SequenceContext):
         """Full sequences x (b, l, d_model) -> q, k, v ready for attention, and the raw keys
