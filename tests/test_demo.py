@@ -1,7 +1,8 @@
 """refrag.demo helpers: the two runs differ only in retrieval, and the report plots are written."""
 import pytest
 
-from refrag.demo import CONFIG_DIR, RUNS, demo_configs, plot_curves, read_metrics, smoothed, train_in_parallel
+from refrag.demo import (CONFIG_DIR, RUNS, demo_configs, plot_curves, read_metrics, smoothed, subprocess_env,
+                         train_in_parallel)
 from refrag.train.config import load_config
 
 
@@ -116,17 +117,13 @@ def check_eval_cli_on_any_kb(tmp_path, kb, run_dir):
     """`python -m refrag.eval answers` from another folder, pointed at a KB and its questions;
     questions of another KB are refused instead of silently scoring 0."""
     import json
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
     source, kb_dir = kb
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
-                                                     str(Path(__file__).parents[1] / ".pythonpath")])}
-    env.pop("TRITON_INTERPRET", None)
+    env = subprocess_env()  # this checkout on PYTHONPATH, no interpreter: as the demo runs its steps
 
     def answers(*args):
         return subprocess.run([sys.executable, "-m", "refrag.eval", "answers", "--checkpoint", str(run_dir),
