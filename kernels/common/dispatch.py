@@ -5,8 +5,8 @@ the interpreter is on (``TRITON_INTERPRET=1`` set before ``kernels`` is imported
 "torch" path: an op's fast PyTorch implementation where it has one (``doc_attention``: torch's
 ``scaled_dot_product_attention`` under the dense mask; ``ssd_scan``: every chunk of every run in
 one batch, ``kernels/ssd/torch_path.py``; ``causal_conv1d`` on rows without a layout: each
-window a strided view), else the pure-PyTorch reference. The reference is never
-a silent fallback on CUDA.
+window a strided view; ``ssd_state_update``: B and C broadcast per group), else the
+pure-PyTorch reference. The reference is never a silent fallback on CUDA.
 
 ``use_backend("reference")`` (all ops) or ``use_backend("reference", ops="doc_attention")``
 (some ops) selects a path explicitly, for tests, benchmarks and debugging::
@@ -91,9 +91,10 @@ def use_backend(backend: str, ops: Union[str, Iterable[str], None] = None) -> It
 
     "reference": the pure-PyTorch oracle of ``refrag_kernels.reference`` on any device (autograd gives
     its gradients). "torch": the op's fast PyTorch path (``doc_attention``, ``ssd_scan``,
-    ``causal_conv1d`` without a layout; the reference for the other ops), what "auto" runs on CPU without the interpreter. "triton": the
-    Triton kernel; on CPU tensors this needs ``TRITON_INTERPRET=1`` set before ``kernels`` was
-    imported. "auto": the default dispatch rule.
+    ``causal_conv1d`` without a layout, ``ssd_state_update``; the reference for the other ops),
+    what "auto" runs on CPU without the interpreter. "triton": the Triton kernel; on CPU tensors
+    this needs ``TRITON_INTERPRET=1`` set before ``kernels`` was imported. "auto": the default
+    dispatch rule.
     """
     global _default
     _check_backend(backend)
