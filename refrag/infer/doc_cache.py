@@ -399,9 +399,9 @@ class CachedEngine:
             # encoded for this prompt only. Everything new runs in one forward instead of
             # head / documents / tail forwards; the documents count as misses (not looked up).
             self.cache.stats.misses += sum(len(block) for block in new_blocks)
-            tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)  # noqa: E731
+            docs = torch.tensor(doc_ids, dtype=torch.int64, device=self.device)
             hidden = _run_tokens(self.model, cache, ids_t[:, resumed:], rope.cos[:, resumed:], rope.sin[:, resumed:],
-                                 tensor(doc_ids[resumed:], torch.int64), tensor(doc_ids[:resumed], torch.int64) == 0)
+                                 docs[resumed:], docs[:resumed] == 0)
         else:
             hidden = None
             for kind, value, start, stop in spans:
